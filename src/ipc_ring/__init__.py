@@ -1,0 +1,34 @@
+"""ipc_ring: a memory-mapped single-producer / single-consumer ring buffer for
+passing byte messages between two processes on one Unix machine.
+
+    from ipc_ring import RingWriter, RingReader
+
+    with RingWriter.create("/dev/shm/events", 1 << 20) as w:
+        w.push(b"hello")
+
+    with RingReader.open("/dev/shm/events") as r:
+        for msg in r:
+            ...
+"""
+
+from ._api import RingReader, RingWriter
+from ._core import (
+    FORMAT_VERSION,
+    InvalidRing,
+    MessageTooLarge,
+    RingClosed,
+    RingError,
+    RingTimeout,
+)
+
+__all__ = [
+    "FORMAT_VERSION",
+    "InvalidRing",
+    "MessageTooLarge",
+    "RingClosed",
+    "RingError",
+    "RingReader",
+    "RingTimeout",
+    "RingWriter",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,863 @@
+/* ipc_ring._core: CPython glue around the C core in _ring.c.
+ *
+ * Two heap types, Writer and Reader, that own one mapping of a ring file
+ * each; the Python layer (_api.py) subclasses them and adds the file
+ * lifecycle. Everything here holds the GIL except the sleep in wait_*().
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <math.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "_ring.h"
+
+#define DEFAULT_SPIN 2000u
+/* Longest single sleep: a signal that lands just before the sleep starts,
+ * or a closed handle, is noticed within this time. */
+#define SLEEP_SLICE_NS 50000000u
+
+/* ---- module state ---------------------------------------------------- */
+
+typedef struct {
+    PyObject *RingError;
+    PyObject *RingTimeout;
+    PyObject *MessageTooLarge;
+    PyObject *InvalidRing;
+    PyObject *RingClosed;
+    PyTypeObject *WriterType;
+    PyTypeObject *ReaderType;
+} core_state;
+
+static struct PyModuleDef core_module;
+
+static inline core_state *get_state(PyObject *module) {
+    return (core_state *)PyModule_GetState(module);
+}
+
+/* The module state of the type that defines `self`'s methods (works for
+ * Python subclasses too). Only called on error paths. */
+static core_state *state_of(PyObject *self) {
+    PyObject *module = PyType_GetModuleByDef(Py_TYPE(self), &core_module);
+    return module ? get_state(module) : NULL;
+}
+
+/* ---- shared handle state --------------------------------------------- */
+
+enum handle_flags {
+    HANDLE_CLOSED = 1, /* close() was called */
+    HANDLE_BUSY = 2,   /* a thread is sleeping in a blocking call of this handle */
+};
+
+/* Fields common to Writer and Reader, first in both structs. */
+#define HANDLE_HEAD                                                            \
+    PyObject_HEAD                                                              \
+    int flags;          /* handle_flags; 0 on the fast path */                 \
+    int fd;             /* the ring file, -1 once closed */                    \
+    void *map;          /* the mapping, NULL once unmapped */                  \
+    size_t map_size;    /* its length */                                       \
+    PyObject *path;     /* str, as given */                                    \
+    uint32_t spin;      /* spin rounds before sleeping */                      \
+    pid_t owner_pid;    /* process that attached; a forked child is not it */
+
+typedef struct {
+    HANDLE_HEAD
+} HandleObject;
+
+typedef struct {
+    HANDLE_HEAD
+    rb_writer ring;
+} WriterObject;
+
+typedef struct {
+    HANDLE_HEAD
+    rb_reader ring;
+} ReaderObject;
+
+/* Releases the mapping and the descriptor. Never called while a thread
+ * sleeps on the mapping (HANDLE_BUSY). */
+static void handle_release(HandleObject *h) {
+    if (h->map) {
+        munmap(h->map, h->map_size);
+        h->map = NULL;
+    }
+    if (h->fd >= 0) {
+        close(h->fd);
+        h->fd = -1;
+    }
+}
+
+/* Maps the ring file `fd` and validates it. Returns 0, or -1 with
+ * InvalidRing or OSError set. With `capacity` > 0 the file is fresh (all
+ * zeros, exactly rb_file_size(capacity) bytes) and gets a new header. */
+static int handle_map(core_state *st, HandleObject *h, int fd, uint64_t capacity) {
+    struct stat sb;
+    if (fstat(fd, &sb) != 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    if (!S_ISREG(sb.st_mode)) {
+        PyErr_Format(st->InvalidRing, "%R is not a regular file", h->path);
+        return -1;
+    }
+    uint64_t file_size = (uint64_t)sb.st_size;
+    if (capacity) {
+        if (file_size != rb_file_size(capacity)) {
+            PyErr_Format(PyExc_ValueError, "fresh ring file has %llu bytes, expected %llu",
+                         (unsigned long long)file_size,
+                         (unsigned long long)rb_file_size(capacity));
+            return -1;
+        }
+    }
+    else {
+        /* Map the header alone first so that the capacity the file claims
+         * is checked against its size before anything larger is mapped. */
+        if (file_size < RB_DATA_OFFSET) {
+            PyErr_Format(st->InvalidRing, "%R: %s (it has %llu bytes)", h->path,
+                         rb_invalid_reason(RB_INVALID_SHORT_FILE), (unsigned long long)file_size);
+            return -1;
+        }
+        void *head = mmap(NULL, RB_DATA_OFFSET, PROT_READ, MAP_SHARED, fd, 0);
+        if (head == MAP_FAILED) {
+            PyErr_SetFromErrno(PyExc_OSError);
+            return -1;
+        }
+        const rb_header *hdr = (const rb_header *)head;
+        capacity = rb_capacity_valid(hdr->capacity) ? hdr->capacity : 0;
+        munmap(head, RB_DATA_OFFSET);
+        if (capacity == 0 || file_size < rb_file_size(capacity)) {
+            /* Let the full validation below name the reason. */
+            capacity = 0;
+        }
+    }
+    size_t map_size = capacity ? (size_t)rb_file_size(capacity) : RB_DATA_OFFSET;
+    void *map = mmap(NULL, map_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (map == MAP_FAILED) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    h->map = map;
+    h->map_size = map_size;
+    return 0;
+}
+
+/* Validates the mapping; 0 or -1 with InvalidRing set. */
+static int handle_validate(core_state *st, HandleObject *h) {
+    struct stat sb;
+    uint64_t file_size = h->map_size;
+    if (fstat(h->fd, &sb) == 0 && (uint64_t)sb.st_size < file_size) file_size = (uint64_t)sb.st_size;
+    rb_invalid why = rb_validate_header(h->map, file_size);
+    if (why != RB_VALID) {
+        PyErr_Format(st->InvalidRing, "%R: %s", h->path, rb_invalid_reason(why));
+        return -1;
+    }
+    return 0;
+}
+
+/* Parses (fd, path, capacity, spin) for the constructors and maps the file.
+ * On success the handle owns fd. */
+static int handle_init(PyObject *self, PyObject *args, PyObject *kwds, int writer) {
+    static char *kwlist[] = {"fd", "path", "capacity", "spin", NULL};
+    HandleObject *h = (HandleObject *)self;
+    int fd;
+    PyObject *path;
+    unsigned long long capacity = 0;
+    PyObject *spin_obj = Py_None;
+    if (h->map || h->fd >= 0) {
+        PyErr_SetString(PyExc_RuntimeError, "handle is already initialised");
+        return -1;
+    }
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iU|$KO", kwlist, &fd, &path, &capacity,
+                                     &spin_obj))
+        return -1;
+    core_state *st = state_of(self);
+    if (!st) return -1;
+    uint32_t spin = DEFAULT_SPIN;
+    if (spin_obj != Py_None) {
+        long v = PyLong_AsLong(spin_obj);
+        if (v == -1 && PyErr_Occurred()) return -1;
+        if (v < 0 || v > 100000000L) {
+            PyErr_Format(PyExc_ValueError, "spin must be in [0, 100000000], got %ld", v);
+            return -1;
+        }
+        spin = (uint32_t)v;
+    }
+    if (capacity && !rb_capacity_valid(capacity)) {
+        PyErr_Format(PyExc_ValueError,
+                     "capacity must be a power of two between %u and %llu bytes, got %llu",
+                     RB_MIN_CAPACITY, (unsigned long long)RB_MAX_CAPACITY, capacity);
+        return -1;
+    }
+    Py_INCREF(path);
+    Py_XSETREF(h->path, path);
+    h->spin = spin;
+    if (handle_map(st, h, fd, capacity) < 0) return -1;
+    h->fd = fd;
+    if (capacity) rb_init(h->map, capacity);
+    if (handle_validate(st, h) < 0) {
+        h->fd = -1; /* the caller still owns fd on failure */
+        handle_release(h);
+        return -1;
+    }
+    h->owner_pid = getpid();
+    h->flags = 0;
+    if (writer)
+        rb_writer_attach(&((WriterObject *)h)->ring, h->map);
+    else
+        rb_reader_attach(&((ReaderObject *)h)->ring, h->map);
+    return 0;
+}
+
+static PyObject *handle_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    (void)args;
+    (void)kwds;
+    HandleObject *h = (HandleObject *)type->tp_alloc(type, 0);
+    if (!h) return NULL;
+    h->fd = -1;
+    h->flags = HANDLE_CLOSED;
+    return (PyObject *)h;
+}
+
+/* Raises the error for a handle whose flags are not 0: closed, in use by
+ * another thread, or inherited through fork(). Returns NULL. */
+static PyObject *handle_unusable(HandleObject *h, const char *what) {
+    core_state *st = state_of((PyObject *)h);
+    if (!st) return NULL;
+    if (h->flags & HANDLE_BUSY) {
+        PyErr_Format(PyExc_RuntimeError,
+                     "another thread is blocked in a call on this %s; a handle is for one thread "
+                     "at a time",
+                     what);
+    }
+    else {
+        PyErr_Format(st->RingClosed, "%s is closed", what);
+    }
+    return NULL;
+}
+
+#define CHECK_USABLE(h, what)                                                  \
+    do {                                                                       \
+        if (((HandleObject *)(h))->flags != 0)                                 \
+            return handle_unusable((HandleObject *)(h), what);                 \
+    } while (0)
+
+/* ---- arguments ------------------------------------------------------- */
+
+#define TIMEOUT_FOREVER (-1.0)
+
+/* Converts a timeout argument: None -> TIMEOUT_FOREVER, else seconds >= 0.
+ * 0 on success, -1 with ValueError/TypeError set. */
+static int parse_timeout(PyObject *obj, double *out) {
+    if (obj == NULL || obj == Py_None) {
+        *out = TIMEOUT_FOREVER;
+        return 0;
+    }
+    double t = PyFloat_AsDouble(obj);
+    if (t == -1.0 && PyErr_Occurred()) return -1;
+    if (isnan(t) || t < 0) {
+        PyErr_Format(PyExc_ValueError, "timeout must be None or a number >= 0, got %R", obj);
+        return -1;
+    }
+    *out = isinf(t) ? TIMEOUT_FOREVER : t;
+    return 0;
+}
+
+/* Unpacks `[first,] timeout=None` from a METH_FASTCALL|METH_KEYWORDS call:
+ * `npos` (0 or 1) required positional arguments, then `timeout` by position
+ * or keyword. 0 on success, -1 with TypeError set. */
+static int unpack_timeout_args(const char *fname, PyObject *const *args, Py_ssize_t nargs,
+                               PyObject *kwnames, Py_ssize_t npos, PyObject **first,
+                               PyObject **timeout) {
+    *timeout = NULL;
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    if (nargs < npos || nargs > npos + 1) {
+        PyErr_Format(PyExc_TypeError, "%s() takes %zd or %zd positional arguments (%zd given)",
+                     fname, npos, npos + 1, nargs);
+        return -1;
+    }
+    if (npos) *first = args[0];
+    if (nargs == npos + 1) *timeout = args[npos];
+    for (Py_ssize_t i = 0; i < nkw; i++) {
+        PyObject *name = PyTuple_GET_ITEM(kwnames, i);
+        if (!PyUnicode_Check(name) || PyUnicode_CompareWithASCIIString(name, "timeout") != 0) {
+            PyErr_Format(PyExc_TypeError, "%s() got an unexpected keyword argument %R", fname,
+                         name);
+            return -1;
+        }
+        if (*timeout) {
+            PyErr_Format(PyExc_TypeError, "%s() got multiple values for argument 'timeout'",
+                         fname);
+            return -1;
+        }
+        *timeout = args[nargs + i];
+    }
+    return 0;
+}
+
+/* ---- waiting --------------------------------------------------------- */
+
+typedef struct {
+    double timeout;   /* seconds, TIMEOUT_FOREVER, or 0 */
+    int spun;         /* the spin phase is over */
+    uint64_t deadline; /* CLOCK_MONOTONIC ns, 0 = none; set when the spin ends */
+} wait_state;
+
+static void raise_timeout(HandleObject *h, const char *op, double timeout) {
+    core_state *st = state_of((PyObject *)h);
+    char msg[128];
+    PyOS_snprintf(msg, sizeof msg, "%s timed out after %.6g s", op, timeout);
+    if (st) PyErr_SetString(st->RingTimeout, msg);
+}
+
+/* One step of waiting for the peer: spin once with the GIL, then sleep in
+ * slices without it. Returns 0 when the caller should retry its operation,
+ * -1 with an exception set (RingTimeout, RingClosed, or a signal's).
+ * `writer` says which side `h` is. */
+static int handle_wait(HandleObject *h, wait_state *ws, int writer, const char *op) {
+    if (ws->timeout == 0) {
+        raise_timeout(h, op, 0);
+        return -1;
+    }
+    if (!ws->spun) {
+        ws->spun = 1;
+        rb_result spun = writer ? rb_spin_writable(&((WriterObject *)h)->ring, h->spin)
+                                : rb_spin_readable(&((ReaderObject *)h)->ring, h->spin);
+        if (ws->timeout > 0) ws->deadline = rb_now_ns() + (uint64_t)(ws->timeout * 1e9);
+        if (spun == RB_WOKEN) return 0;
+    }
+    uint64_t now = rb_now_ns();
+    if (ws->deadline && now >= ws->deadline) {
+        raise_timeout(h, op, ws->timeout);
+        return -1;
+    }
+    uint64_t until = now + SLEEP_SLICE_NS;
+    if (ws->deadline && ws->deadline < until) until = ws->deadline;
+    h->flags |= HANDLE_BUSY;
+    Py_BEGIN_ALLOW_THREADS
+    if (writer)
+        rb_wait_writable(&((WriterObject *)h)->ring, until);
+    else
+        rb_wait_readable(&((ReaderObject *)h)->ring, until);
+    Py_END_ALLOW_THREADS
+    h->flags &= ~HANDLE_BUSY;
+    if (h->flags & HANDLE_CLOSED) {
+        /* close() ran in another thread while we slept: it left the unmap to us. */
+        handle_release(h);
+        core_state *st = state_of((PyObject *)h);
+        if (st) PyErr_Format(st->RingClosed, "%s: the handle was closed while waiting", op);
+        return -1;
+    }
+    if (PyErr_CheckSignals() < 0) return -1;
+    return 0;
+}
+
+/* Raises the exception for a result of the C core. Returns NULL. */
+static PyObject *raise_result(HandleObject *h, rb_result res, uint64_t length) {
+    core_state *st = state_of((PyObject *)h);
+    if (!st) return NULL;
+    switch (res) {
+    case RB_TOO_LARGE:
+        PyErr_Format(st->MessageTooLarge, "message of %llu bytes exceeds max_message_size=%llu",
+                     (unsigned long long)length,
+                     (unsigned long long)(((rb_header *)h->map)->capacity - RB_RECORD_HEADER));
+        break;
+    case RB_CLOSED:
+        PyErr_SetString(st->RingClosed, "the writer closed the ring and every message was read");
+        break;
+    case RB_CORRUPT:
+        PyErr_Format(st->InvalidRing, "%R: %s", h->path, rb_invalid_reason(RB_INVALID_RECORD));
+        break;
+    default:
+        PyErr_Format(PyExc_SystemError, "unexpected ring result %d", (int)res);
+    }
+    return NULL;
+}
+
+/* ---- Writer ---------------------------------------------------------- */
+
+static int writer_init(PyObject *self, PyObject *args, PyObject *kwds) {
+    return handle_init(self, args, kwds, 1);
+}
+
+/* Copies `data` into the ring, waiting per `timeout`. Returns 1 if written,
+ * 0 if full and timeout == 0 with `report_full` (no exception), -1 with an
+ * exception set. */
+static int writer_put(WriterObject *self, PyObject *data, double timeout, int report_full,
+                      const char *op) {
+    const void *buf;
+    Py_ssize_t len;
+    Py_buffer view;
+    int have_view = 0;
+    if (PyBytes_CheckExact(data)) {
+        buf = PyBytes_AS_STRING(data);
+        len = PyBytes_GET_SIZE(data);
+    }
+    else {
+        if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0) return -1;
+        have_view = 1;
+        buf = view.buf;
+        len = view.len;
+    }
+    int ret = 1;
+    wait_state ws = {timeout, 0, 0};
+    for (;;) {
+        rb_result res = rb_try_push(&self->ring, buf, (uint64_t)len);
+        if (RB_LIKELY(res == RB_OK)) break;
+        if (res != RB_FULL) {
+            raise_result((HandleObject *)self, res, (uint64_t)len);
+            ret = -1;
+            break;
+        }
+        if (report_full) {
+            ret = 0;
+            break;
+        }
+        if (handle_wait((HandleObject *)self, &ws, 1, op) < 0) {
+            ret = -1;
+            break;
+        }
+    }
+    if (have_view) PyBuffer_Release(&view);
+    return ret;
+}
+
+PyDoc_STRVAR(writer_push_doc,
+"push($self, data, /, timeout=None)\n--\n\n"
+"Write one message: any C-contiguous bytes-like object.\n\n"
+"Blocks while the ring is full: timeout=None waits forever, 0 tries once,\n"
+"a positive number is a limit in seconds. Raises RingTimeout when it\n"
+"expires, MessageTooLarge (before waiting) for more than max_message_size\n"
+"bytes, RingClosed on a closed writer.");
+
+static PyObject *writer_push(PyObject *op, PyObject *const *args, Py_ssize_t nargs,
+                             PyObject *kwnames) {
+    WriterObject *self = (WriterObject *)op;
+    PyObject *data, *timeout_obj;
+    double timeout;
+    if (unpack_timeout_args("push", args, nargs, kwnames, 1, &data, &timeout_obj) < 0)
+        return NULL;
+    if (parse_timeout(timeout_obj, &timeout) < 0) return NULL;
+    CHECK_USABLE(self, "RingWriter");
+    if (writer_put(self, data, timeout, 0, "push") < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(writer_try_push_doc,
+"try_push($self, data, /)\n--\n\n"
+"Write one message if there is room now: True if written, False if the\n"
+"ring is full. Never blocks.");
+
+static PyObject *writer_try_push(PyObject *op, PyObject *data) {
+    WriterObject *self = (WriterObject *)op;
+    CHECK_USABLE(self, "RingWriter");
+    int r = writer_put(self, data, 0, 1, "try_push");
+    if (r < 0) return NULL;
+    return PyBool_FromLong(r);
+}
+
+/* Marks end of stream (only in the process that attached) and unmaps, or
+ * leaves the unmap to a thread sleeping in this handle. */
+static void writer_close_impl(WriterObject *self) {
+    if (self->flags & HANDLE_CLOSED) return;
+    int busy = self->flags & HANDLE_BUSY;
+    self->flags |= HANDLE_CLOSED;
+    if (!self->map) return;
+    if (self->owner_pid == getpid()) rb_writer_close(&self->ring);
+    if (busy)
+        rb_wake_writer(self->ring.hdr);
+    else
+        handle_release((HandleObject *)self);
+}
+
+PyDoc_STRVAR(writer_close_doc,
+"close($self, /)\n--\n\n"
+"End the stream: the reader drains what is left, then sees the end.\n"
+"Releases the mapping and the file descriptor. Idempotent.");
+
+static PyObject *writer_close(PyObject *op, PyObject *Py_UNUSED(ignored)) {
+    writer_close_impl((WriterObject *)op);
+    Py_RETURN_NONE;
+}
+
+static void writer_dealloc(PyObject *op) {
+    PyTypeObject *tp = Py_TYPE(op);
+    writer_close_impl((WriterObject *)op);
+    handle_release((HandleObject *)op);
+    Py_CLEAR(((HandleObject *)op)->path);
+    tp->tp_free(op);
+    Py_DECREF(tp);
+}
+
+/* ---- Reader ---------------------------------------------------------- */
+
+static int reader_init(PyObject *self, PyObject *args, PyObject *kwds) {
+    return handle_init(self, args, kwds, 0);
+}
+
+/* Waits for the next message and leaves it peeked in self->ring.
+ * Returns RB_OK with *payload and *length set, RB_EMPTY when timeout == 0 and
+ * `report_empty` (no exception), RB_CLOSED when the stream ended and
+ * `report_closed` (no exception), or RB_TIMEOUT with an exception set. */
+static rb_result reader_next(ReaderObject *self, double timeout, int report_empty,
+                             int report_closed, const char *op, const void **payload,
+                             uint64_t *length) {
+    wait_state ws = {timeout, 0, 0};
+    for (;;) {
+        rb_result res = rb_peek(&self->ring, payload, length);
+        if (RB_LIKELY(res == RB_OK)) return RB_OK;
+        if (res == RB_EMPTY) {
+            if (report_empty) return RB_EMPTY;
+            if (handle_wait((HandleObject *)self, &ws, 0, op) < 0) return RB_TIMEOUT;
+            continue;
+        }
+        if (res == RB_CLOSED && report_closed) return RB_CLOSED;
+        raise_result((HandleObject *)self, res, 0);
+        return RB_TIMEOUT;
+    }
+}
+
+/* Copies the peeked message into a new bytes object and consumes it. */
+static PyObject *reader_take_bytes(ReaderObject *self, const void *payload, uint64_t length) {
+    PyObject *msg = PyBytes_FromStringAndSize((const char *)payload, (Py_ssize_t)length);
+    if (msg) rb_consume(&self->ring);
+    return msg;
+}
+
+PyDoc_STRVAR(reader_pop_doc,
+"pop($self, /, timeout=None)\n--\n\n"
+"Read the next message as bytes.\n\n"
+"Blocks while the ring is empty: timeout=None waits forever, 0 tries once,\n"
+"a positive number is a limit in seconds. Raises RingTimeout when it\n"
+"expires, RingClosed once the writer has closed and every message is read.");
+
+static PyObject *reader_pop(PyObject *op, PyObject *const *args, Py_ssize_t nargs,
+                            PyObject *kwnames) {
+    ReaderObject *self = (ReaderObject *)op;
+    PyObject *timeout_obj;
+    double timeout;
+    if (unpack_timeout_args("pop", args, nargs, kwnames, 0, NULL, &timeout_obj) < 0) return NULL;
+    if (parse_timeout(timeout_obj, &timeout) < 0) return NULL;
+    CHECK_USABLE(self, "RingReader");
+    const void *payload;
+    uint64_t length;
+    if (reader_next(self, timeout, 0, 0, "pop", &payload, &length) != RB_OK) return NULL;
+    return reader_take_bytes(self, payload, length);
+}
+
+PyDoc_STRVAR(reader_try_pop_doc,
+"try_pop($self, /)\n--\n\n"
+"Read the next message as bytes, or return None if the ring is empty.\n"
+"Never blocks. Raises RingClosed once the writer has closed and every\n"
+"message is read.");
+
+static PyObject *reader_try_pop(PyObject *op, PyObject *Py_UNUSED(ignored)) {
+    ReaderObject *self = (ReaderObject *)op;
+    CHECK_USABLE(self, "RingReader");
+    const void *payload;
+    uint64_t length;
+    rb_result res = reader_next(self, 0, 1, 0, "try_pop", &payload, &length);
+    if (res == RB_EMPTY) Py_RETURN_NONE;
+    if (res != RB_OK) return NULL;
+    return reader_take_bytes(self, payload, length);
+}
+
+PyDoc_STRVAR(reader_pop_into_doc,
+"pop_into($self, buffer, /, timeout=None)\n--\n\n"
+"Copy the next message into a writable buffer and return its length.\n\n"
+"Waits like pop(). If the message is longer than the buffer, raises\n"
+"ValueError and the message stays in the ring.");
+
+static PyObject *reader_pop_into(PyObject *op, PyObject *const *args, Py_ssize_t nargs,
+                                 PyObject *kwnames) {
+    ReaderObject *self = (ReaderObject *)op;
+    PyObject *target, *timeout_obj;
+    double timeout;
+    if (unpack_timeout_args("pop_into", args, nargs, kwnames, 1, &target, &timeout_obj) < 0)
+        return NULL;
+    if (parse_timeout(timeout_obj, &timeout) < 0) return NULL;
+    CHECK_USABLE(self, "RingReader");
+    Py_buffer view;
+    if (PyObject_GetBuffer(target, &view, PyBUF_WRITABLE) < 0) return NULL;
+    PyObject *result = NULL;
+    const void *payload;
+    uint64_t length;
+    if (reader_next(self, timeout, 0, 0, "pop_into", &payload, &length) == RB_OK) {
+        if (length > (uint64_t)view.len) {
+            PyErr_Format(PyExc_ValueError,
+                         "message of %llu bytes does not fit in a buffer of %zd bytes",
+                         (unsigned long long)length, view.len);
+        }
+        else {
+            memcpy(view.buf, payload, (size_t)length);
+            rb_consume(&self->ring);
+            result = PyLong_FromUnsignedLongLong(length);
+        }
+    }
+    PyBuffer_Release(&view);
+    return result;
+}
+
+static PyObject *reader_iternext(PyObject *op) {
+    ReaderObject *self = (ReaderObject *)op;
+    CHECK_USABLE(self, "RingReader");
+    const void *payload;
+    uint64_t length;
+    rb_result res = reader_next(self, TIMEOUT_FOREVER, 0, 1, "iteration", &payload, &length);
+    if (res == RB_OK) return reader_take_bytes(self, payload, length);
+    return NULL; /* RB_CLOSED without an exception: StopIteration */
+}
+
+static void reader_close_impl(ReaderObject *self) {
+    if (self->flags & HANDLE_CLOSED) return;
+    int busy = self->flags & HANDLE_BUSY;
+    self->flags |= HANDLE_CLOSED;
+    if (!self->map) return;
+    if (busy)
+        rb_wake_reader(self->ring.hdr);
+    else
+        handle_release((HandleObject *)self);
+}
+
+PyDoc_STRVAR(reader_close_doc,
+"close($self, /)\n--\n\n"
+"Detach from the ring: releases the mapping and the file descriptor.\n"
+"Messages not read stay in the ring. Idempotent.");
+
+static PyObject *reader_close(PyObject *op, PyObject *Py_UNUSED(ignored)) {
+    reader_close_impl((ReaderObject *)op);
+    Py_RETURN_NONE;
+}
+
+static void reader_dealloc(PyObject *op) {
+    PyTypeObject *tp = Py_TYPE(op);
+    reader_close_impl((ReaderObject *)op);
+    handle_release((HandleObject *)op);
+    Py_CLEAR(((HandleObject *)op)->path);
+    tp->tp_free(op);
+    Py_DECREF(tp);
+}
+
+/* ---- properties shared by both types --------------------------------- */
+
+static PyObject *handle_get_capacity(PyObject *op, void *Py_UNUSED(closure)) {
+    HandleObject *h = (HandleObject *)op;
+    if (!h->map) return handle_unusable(h, "ring handle");
+    return PyLong_FromUnsignedLongLong(((rb_header *)h->map)->capacity);
+}
+
+static PyObject *handle_get_max_message_size(PyObject *op, void *Py_UNUSED(closure)) {
+    HandleObject *h = (HandleObject *)op;
+    if (!h->map) return handle_unusable(h, "ring handle");
+    return PyLong_FromUnsignedLongLong(((rb_header *)h->map)->capacity - RB_RECORD_HEADER);
+}
+
+static PyObject *handle_get_path(PyObject *op, void *Py_UNUSED(closure)) {
+    HandleObject *h = (HandleObject *)op;
+    if (!h->path) Py_RETURN_NONE;
+    return Py_NewRef(h->path);
+}
+
+static PyObject *handle_get_closed(PyObject *op, void *Py_UNUSED(closure)) {
+    return PyBool_FromLong(((HandleObject *)op)->flags & HANDLE_CLOSED);
+}
+
+static PyObject *handle_get_spin(PyObject *op, void *Py_UNUSED(closure)) {
+    return PyLong_FromUnsignedLong(((HandleObject *)op)->spin);
+}
+
+static PyGetSetDef handle_getset[] = {
+    {"capacity", handle_get_capacity, NULL, "Size of the data area in bytes (a power of two).",
+     NULL},
+    {"max_message_size", handle_get_max_message_size, NULL,
+     "Largest message that fits: capacity - 8.", NULL},
+    {"path", handle_get_path, NULL, "The ring file's path, as given.", NULL},
+    {"closed", handle_get_closed, NULL, "True once close() was called.", NULL},
+    {"spin", handle_get_spin, NULL, "Spin rounds before a blocking call sleeps.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+/* ---- type specs ------------------------------------------------------ */
+
+static PyMethodDef writer_methods[] = {
+    {"push", _PyCFunction_CAST(writer_push), METH_FASTCALL | METH_KEYWORDS, writer_push_doc},
+    {"try_push", writer_try_push, METH_O, writer_try_push_doc},
+    {"close", writer_close, METH_NOARGS, writer_close_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyType_Slot writer_slots[] = {
+    {Py_tp_doc, "Writer(fd, path, *, capacity=0, spin=None)\n--\n\n"
+                "Low-level writer handle; use ipc_ring.RingWriter."},
+    {Py_tp_new, handle_new},
+    {Py_tp_init, writer_init},
+    {Py_tp_dealloc, writer_dealloc},
+    {Py_tp_methods, writer_methods},
+    {Py_tp_getset, handle_getset},
+    {0, NULL},
+};
+
+static PyType_Spec writer_spec = {
+    .name = "ipc_ring._core.Writer",
+    .basicsize = sizeof(WriterObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = writer_slots,
+};
+
+static PyMethodDef reader_methods[] = {
+    {"pop", _PyCFunction_CAST(reader_pop), METH_FASTCALL | METH_KEYWORDS, reader_pop_doc},
+    {"try_pop", reader_try_pop, METH_NOARGS, reader_try_pop_doc},
+    {"pop_into", _PyCFunction_CAST(reader_pop_into), METH_FASTCALL | METH_KEYWORDS,
+     reader_pop_into_doc},
+    {"close", reader_close, METH_NOARGS, reader_close_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyType_Slot reader_slots[] = {
+    {Py_tp_doc, "Reader(fd, path, *, spin=None)\n--\n\n"
+                "Low-level reader handle; use ipc_ring.RingReader."},
+    {Py_tp_new, handle_new},
+    {Py_tp_init, reader_init},
+    {Py_tp_dealloc, reader_dealloc},
+    {Py_tp_methods, reader_methods},
+    {Py_tp_getset, handle_getset},
+    {Py_tp_iter, PyObject_SelfIter},
+    {Py_tp_iternext, reader_iternext},
+    {0, NULL},
+};
+
+static PyType_Spec reader_spec = {
+    .name = "ipc_ring._core.Reader",
+    .basicsize = sizeof(ReaderObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = reader_slots,
+};
+
+/* ---- module ---------------------------------------------------------- */
+
+PyDoc_STRVAR(capacity_valid_doc,
+"capacity_valid($module, capacity, /)\n--\n\n"
+"True if capacity is a power of two in [64, 2**32].");
+
+static PyObject *core_capacity_valid(PyObject *Py_UNUSED(module), PyObject *arg) {
+    int overflow;
+    long long v = PyLong_AsLongLongAndOverflow(arg, &overflow);
+    if (v == -1 && PyErr_Occurred()) return NULL;
+    return PyBool_FromLong(!overflow && v > 0 && rb_capacity_valid((uint64_t)v));
+}
+
+static PyMethodDef core_methods[] = {
+    {"capacity_valid", core_capacity_valid, METH_O, capacity_valid_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+/* Creates an exception class `ipc_ring.<name>` with the given bases and adds it. */
+static PyObject *add_exception(PyObject *module, const char *name, const char *doc,
+                               PyObject *bases) {
+    char qualname[64];
+    PyOS_snprintf(qualname, sizeof qualname, "ipc_ring.%s", name);
+    PyObject *exc = PyErr_NewExceptionWithDoc(qualname, doc, bases, NULL);
+    if (!exc) return NULL;
+    if (PyModule_AddObjectRef(module, name, exc) < 0) {
+        Py_DECREF(exc);
+        return NULL;
+    }
+    return exc;
+}
+
+static int core_exec(PyObject *module) {
+    core_state *st = get_state(module);
+    PyObject *bases;
+
+    st->RingError = add_exception(module, "RingError",
+                                  "Base class of every ipc_ring error.", NULL);
+    if (!st->RingError) return -1;
+
+    bases = PyTuple_Pack(2, st->RingError, PyExc_TimeoutError);
+    if (!bases) return -1;
+    st->RingTimeout = add_exception(module, "RingTimeout", "A push or pop timed out.", bases);
+    Py_DECREF(bases);
+    if (!st->RingTimeout) return -1;
+
+    bases = PyTuple_Pack(2, st->RingError, PyExc_ValueError);
+    if (!bases) return -1;
+    st->MessageTooLarge = add_exception(module, "MessageTooLarge",
+                                        "A message is longer than max_message_size.", bases);
+    Py_DECREF(bases);
+    if (!st->MessageTooLarge) return -1;
+
+    st->InvalidRing = add_exception(
+        module, "InvalidRing", "Not a ring file, an unknown version, or corrupted contents.",
+        st->RingError);
+    if (!st->InvalidRing) return -1;
+
+    bases = PyTuple_Pack(2, st->RingError, PyExc_EOFError);
+    if (!bases) return -1;
+    st->RingClosed = add_exception(
+        module, "RingClosed",
+        "The writer closed the ring and it is drained, or this handle is closed.", bases);
+    Py_DECREF(bases);
+    if (!st->RingClosed) return -1;
+
+    st->WriterType = (PyTypeObject *)PyType_FromModuleAndSpec(module, &writer_spec, NULL);
+    if (!st->WriterType || PyModule_AddType(module, st->WriterType) < 0) return -1;
+    st->ReaderType = (PyTypeObject *)PyType_FromModuleAndSpec(module, &reader_spec, NULL);
+    if (!st->ReaderType || PyModule_AddType(module, st->ReaderType) < 0) return -1;
+
+    if (PyModule_AddIntConstant(module, "DATA_OFFSET", RB_DATA_OFFSET) < 0) return -1;
+    if (PyModule_AddIntConstant(module, "FORMAT_VERSION", RB_VERSION) < 0) return -1;
+    if (PyModule_AddIntConstant(module, "MIN_CAPACITY", RB_MIN_CAPACITY) < 0) return -1;
+    if (PyModule_AddObject(module, "MAX_CAPACITY",
+                           PyLong_FromUnsignedLongLong(RB_MAX_CAPACITY)) < 0)
+        return -1;
+    if (PyModule_AddIntConstant(module, "DEFAULT_SPIN", DEFAULT_SPIN) < 0) return -1;
+    return 0;
+}
+
+static int core_traverse(PyObject *module, visitproc visit, void *arg) {
+    core_state *st = get_state(module);
+    Py_VISIT(st->RingError);
+    Py_VISIT(st->RingTimeout);
+    Py_VISIT(st->MessageTooLarge);
+    Py_VISIT(st->InvalidRing);
+    Py_VISIT(st->RingClosed);
+    Py_VISIT(st->WriterType);
+    Py_VISIT(st->ReaderType);
+    return 0;
+}
+
+static int core_clear(PyObject *module) {
+    core_state *st = get_state(module);
+    Py_CLEAR(st->RingError);
+    Py_CLEAR(st->RingTimeout);
+    Py_CLEAR(st->MessageTooLarge);
+    Py_CLEAR(st->InvalidRing);
+    Py_CLEAR(st->RingClosed);
+    Py_CLEAR(st->WriterType);
+    Py_CLEAR(st->ReaderType);
+    return 0;
+}
+
+static void core_free(void *module) { core_clear((PyObject *)module); }
+
+static PyModuleDef_Slot core_slots[] = {
+    {Py_mod_exec, core_exec},
+    {0, NULL},
+};
+
+static struct PyModuleDef core_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "ipc_ring._core",
+    .m_doc = "C core of ipc_ring: the Writer and Reader handles and the exceptions.",
+    .m_size = sizeof(core_state),
+    .m_methods = core_methods,
+    .m_slots = core_slots,
+    .m_traverse = core_traverse,
+    .m_clear = core_clear,
+    .m_free = core_free,
+};
+
+PyMODINIT_FUNC PyInit__core(void) { return PyModuleDef_Init(&core_module); }

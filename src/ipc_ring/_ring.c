@@ -1,0 +1,343 @@
+/* ipc_ring core: see _ring.h for the contracts and docs/FORMAT.md for the
+ * layout and the protocol. Pure C11 plus the OS's sleep/wake primitive. */
+#if defined(__linux__) && !defined(_GNU_SOURCE)
+#define _GNU_SOURCE
+#endif
+#include "_ring.h"
+
+#include <errno.h>
+#include <limits.h>
+#include <string.h>
+#include <time.h>
+
+#if defined(__linux__)
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#elif defined(__APPLE__)
+/* Private but stable since macOS 10.12; libc++ and Rust's std use it too.
+ * UL_COMPARE_AND_WAIT_SHARED works across processes on shared memory. */
+extern int __ulock_wait(uint32_t operation, void *addr, uint64_t value, uint32_t timeout_us);
+extern int __ulock_wake(uint32_t operation, void *addr, uint64_t wake_value);
+#define RB_UL_COMPARE_AND_WAIT_SHARED 3u
+#define RB_ULF_WAKE_ALL 0x00000100u
+#endif
+
+#if defined(__x86_64__) || defined(__i386__)
+#define rb_cpu_relax() __builtin_ia32_pause()
+#elif defined(__aarch64__)
+#define rb_cpu_relax() __asm__ __volatile__("yield" ::: "memory")
+#else
+#define rb_cpu_relax() ((void)0)
+#endif
+
+/* ---- sleeping and waking (FORMAT.md "Waiting") ----------------------- */
+
+uint64_t rb_now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* Sleeps while *word == expected, until woken or the absolute deadline
+ * (0 = none). RB_WOKEN (also for a changed value or a spurious return),
+ * RB_TIMEOUT or RB_INTERRUPTED. */
+static rb_result rb_sleep_on(_Atomic uint32_t *word, uint32_t expected, uint64_t deadline_ns) {
+#if defined(__linux__)
+    struct timespec ts, *tsp = NULL;
+    if (deadline_ns) {
+        ts.tv_sec = (time_t)(deadline_ns / 1000000000u);
+        ts.tv_nsec = (long)(deadline_ns % 1000000000u);
+        tsp = &ts;
+    }
+    /* FUTEX_WAIT_BITSET takes an absolute CLOCK_MONOTONIC deadline. Not
+     * FUTEX_PRIVATE_FLAG: the peer is another process. */
+    long rc = syscall(SYS_futex, (uint32_t *)word, FUTEX_WAIT_BITSET, expected, tsp, NULL,
+                      FUTEX_BITSET_MATCH_ANY);
+    if (rc == 0) return RB_WOKEN;
+    if (errno == ETIMEDOUT) return RB_TIMEOUT;
+    if (errno == EINTR) return RB_INTERRUPTED;
+    return RB_WOKEN; /* EAGAIN: the word already changed */
+#elif defined(__APPLE__)
+    uint32_t timeout_us = 0; /* 0 = no timeout */
+    if (deadline_ns) {
+        uint64_t now = rb_now_ns();
+        if (now >= deadline_ns) return RB_TIMEOUT;
+        uint64_t us = (deadline_ns - now + 999u) / 1000u;
+        timeout_us = us > UINT32_MAX ? UINT32_MAX : (uint32_t)us;
+    }
+    int rc = __ulock_wait(RB_UL_COMPARE_AND_WAIT_SHARED, (void *)word, expected, timeout_us);
+    if (rc >= 0) return RB_WOKEN;
+    if (errno == ETIMEDOUT) return RB_TIMEOUT;
+    if (errno == EINTR) return RB_INTERRUPTED;
+    return RB_WOKEN;
+#else
+    /* Polling fallback: sleep 1 ms at a time. */
+    if (atomic_load_explicit(word, memory_order_acquire) != expected) return RB_WOKEN;
+    struct timespec ts = {0, 1000000};
+    if (deadline_ns) {
+        uint64_t now = rb_now_ns();
+        if (now >= deadline_ns) return RB_TIMEOUT;
+        if (deadline_ns - now < 1000000u) ts.tv_nsec = (long)(deadline_ns - now);
+    }
+    if (nanosleep(&ts, NULL) != 0 && errno == EINTR) return RB_INTERRUPTED;
+    return RB_WOKEN;
+#endif
+}
+
+/* Bumps the futex word and wakes every sleeper on it. */
+static void rb_wake_on(_Atomic uint32_t *word) {
+    atomic_fetch_add_explicit(word, 1u, memory_order_seq_cst);
+#if defined(__linux__)
+    syscall(SYS_futex, (uint32_t *)word, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+#elif defined(__APPLE__)
+    __ulock_wake(RB_UL_COMPARE_AND_WAIT_SHARED | RB_ULF_WAKE_ALL, (void *)word, 0);
+#endif
+}
+
+void rb_wake_reader(rb_header *hdr) { rb_wake_on(&hdr->data_seq); }
+void rb_wake_writer(rb_header *hdr) { rb_wake_on(&hdr->space_seq); }
+
+/* The publishing half of the Dekker pair in FORMAT.md "Waiting": the
+ * position store and the flag load are both seq_cst, so either this side
+ * sees the peer's flag or the peer sees the new position before sleeping. */
+static inline void rb_publish(_Atomic uint64_t *position, uint64_t value,
+                              _Atomic uint32_t *peer_waiting, _Atomic uint32_t *peer_seq) {
+    atomic_exchange_explicit(position, value, memory_order_seq_cst);
+    if (RB_UNLIKELY(atomic_load_explicit(peer_waiting, memory_order_seq_cst)) &&
+        atomic_exchange_explicit(peer_waiting, 0u, memory_order_seq_cst)) {
+        rb_wake_on(peer_seq);
+    }
+}
+
+/* ---- header ---------------------------------------------------------- */
+
+int rb_capacity_valid(uint64_t capacity) {
+    return capacity >= RB_MIN_CAPACITY && capacity <= RB_MAX_CAPACITY &&
+           (capacity & (capacity - 1)) == 0;
+}
+
+void rb_init(void *base, uint64_t capacity) {
+    rb_header *hdr = (rb_header *)base;
+    hdr->magic = RB_MAGIC;
+    hdr->version = RB_VERSION;
+    hdr->capacity = capacity;
+    hdr->data_offset = RB_DATA_OFFSET;
+    hdr->max_message_size = capacity - RB_RECORD_HEADER;
+    atomic_store_explicit(&hdr->write_pos, 0, memory_order_relaxed);
+    atomic_store_explicit(&hdr->read_pos, 0, memory_order_relaxed);
+    atomic_store_explicit(&hdr->ready, RB_READY, memory_order_release);
+}
+
+rb_invalid rb_validate_header(const void *base, uint64_t map_size) {
+    if (map_size < RB_DATA_OFFSET) return RB_INVALID_SHORT_FILE;
+    rb_header *hdr = (rb_header *)(uintptr_t)base;
+    if (hdr->magic != RB_MAGIC) return RB_INVALID_MAGIC;
+    if (hdr->version != RB_VERSION) return RB_INVALID_VERSION;
+    if (atomic_load_explicit(&hdr->ready, memory_order_acquire) != RB_READY)
+        return RB_INVALID_NOT_READY;
+    uint64_t capacity = hdr->capacity;
+    if (!rb_capacity_valid(capacity)) return RB_INVALID_CAPACITY;
+    if (hdr->data_offset != RB_DATA_OFFSET) return RB_INVALID_DATA_OFFSET;
+    if (hdr->max_message_size != capacity - RB_RECORD_HEADER) return RB_INVALID_MAX_MESSAGE;
+    if (map_size < rb_file_size(capacity)) return RB_INVALID_TRUNCATED;
+    uint64_t w = atomic_load_explicit(&hdr->write_pos, memory_order_acquire);
+    uint64_t r = atomic_load_explicit(&hdr->read_pos, memory_order_acquire);
+    if (((w | r) & (RB_ALIGN - 1)) || w - r > capacity) return RB_INVALID_POSITIONS;
+    return RB_VALID;
+}
+
+const char *rb_invalid_reason(rb_invalid why) {
+    switch (why) {
+    case RB_VALID: return "valid";
+    case RB_INVALID_SHORT_FILE: return "file is shorter than the 4096-byte header";
+    case RB_INVALID_MAGIC: return "bad magic: not an ipc_ring file";
+    case RB_INVALID_VERSION: return "unsupported format version";
+    case RB_INVALID_NOT_READY: return "ring was never completely initialised";
+    case RB_INVALID_CAPACITY: return "capacity is not a power of two in [64, 2**32]";
+    case RB_INVALID_DATA_OFFSET: return "data_offset is not 4096";
+    case RB_INVALID_MAX_MESSAGE: return "max_message_size is not capacity - 8";
+    case RB_INVALID_TRUNCATED: return "file is shorter than data_offset + capacity";
+    case RB_INVALID_POSITIONS: return "write_pos/read_pos are misaligned or more than capacity apart";
+    case RB_INVALID_RECORD: return "corrupted record";
+    }
+    return "unknown reason";
+}
+
+/* ---- writer ---------------------------------------------------------- */
+
+void rb_writer_attach(rb_writer *w, void *base) {
+    rb_header *hdr = (rb_header *)base;
+    w->hdr = hdr;
+    w->data = (uint8_t *)base + RB_DATA_OFFSET;
+    w->capacity = hdr->capacity;
+    w->mask = w->capacity - 1;
+    w->write_pos = atomic_load_explicit(&hdr->write_pos, memory_order_acquire);
+    w->read_pos_seen = atomic_load_explicit(&hdr->read_pos, memory_order_acquire);
+    w->need = 0;
+}
+
+/* RB_OK if `need` bytes are free, reloading read_pos only when the cached
+ * value says they are not; else RB_FULL (remembering `need`) or RB_CORRUPT. */
+static inline rb_result rb_ensure_free(rb_writer *w, uint64_t need) {
+    if (RB_LIKELY(w->capacity - (w->write_pos - w->read_pos_seen) >= need)) return RB_OK;
+    uint64_t r = atomic_load_explicit(&w->hdr->read_pos, memory_order_acquire);
+    uint64_t used = w->write_pos - r;
+    if (RB_UNLIKELY(used > w->capacity || (r & (RB_ALIGN - 1)))) return RB_CORRUPT;
+    w->read_pos_seen = r;
+    if (w->capacity - used >= need) return RB_OK;
+    w->need = need;
+    return RB_FULL;
+}
+
+static inline void rb_write_record_header(uint8_t *at, uint64_t length, uint32_t kind) {
+    rb_record rec = {(uint32_t)length, kind};
+    memcpy(at, &rec, sizeof rec);
+}
+
+rb_result rb_reserve(rb_writer *w, uint64_t length, void **payload) {
+    if (RB_UNLIKELY(length > w->capacity - RB_RECORD_HEADER)) return RB_TOO_LARGE;
+    uint64_t size = rb_record_size(length);
+    uint64_t index = w->write_pos & w->mask;
+    uint64_t to_end = w->capacity - index;
+    if (RB_UNLIKELY(size > to_end)) {
+        /* Wrap rule: pad to the end and publish the padding on its own, so
+         * the reader can free the space this record needs at index 0. */
+        rb_result res = rb_ensure_free(w, to_end);
+        if (res != RB_OK) return res;
+        rb_write_record_header(w->data + index, to_end - RB_RECORD_HEADER, RB_KIND_PADDING);
+        w->write_pos += to_end;
+        rb_publish(&w->hdr->write_pos, w->write_pos, &w->hdr->reader_waiting, &w->hdr->data_seq);
+        index = 0;
+    }
+    rb_result res = rb_ensure_free(w, size);
+    if (res != RB_OK) return res;
+    *payload = w->data + index + RB_RECORD_HEADER;
+    return RB_OK;
+}
+
+void rb_commit(rb_writer *w, uint64_t length) {
+    rb_write_record_header(w->data + (w->write_pos & w->mask), length, RB_KIND_MESSAGE);
+    w->write_pos += rb_record_size(length);
+    rb_publish(&w->hdr->write_pos, w->write_pos, &w->hdr->reader_waiting, &w->hdr->data_seq);
+}
+
+rb_result rb_try_push(rb_writer *w, const void *src, uint64_t length) {
+    void *payload;
+    rb_result res = rb_reserve(w, length, &payload);
+    if (RB_UNLIKELY(res != RB_OK)) return res;
+    memcpy(payload, src, length);
+    rb_commit(w, length);
+    return RB_OK;
+}
+
+void rb_writer_close(rb_writer *w) {
+    atomic_store_explicit(&w->hdr->writer_closed, 1u, memory_order_seq_cst);
+    rb_wake_reader(w->hdr);
+}
+
+rb_result rb_spin_writable(rb_writer *w, uint32_t spins) {
+    for (uint32_t i = 0; i < spins; i++) {
+        uint64_t r = atomic_load_explicit(&w->hdr->read_pos, memory_order_relaxed);
+        if (w->capacity - (w->write_pos - r) >= w->need) return RB_WOKEN;
+        rb_cpu_relax();
+    }
+    return RB_TIMEOUT;
+}
+
+rb_result rb_wait_writable(rb_writer *w, uint64_t deadline_ns) {
+    rb_header *hdr = w->hdr;
+    uint32_t seq = atomic_load_explicit(&hdr->space_seq, memory_order_seq_cst);
+    atomic_store_explicit(&hdr->writer_waiting, 1u, memory_order_seq_cst);
+    uint64_t r = atomic_load_explicit(&hdr->read_pos, memory_order_seq_cst);
+    rb_result res = RB_WOKEN;
+    if (w->capacity - (w->write_pos - r) < w->need) res = rb_sleep_on(&hdr->space_seq, seq, deadline_ns);
+    atomic_store_explicit(&hdr->writer_waiting, 0u, memory_order_relaxed);
+    return res;
+}
+
+/* ---- reader ---------------------------------------------------------- */
+
+void rb_reader_attach(rb_reader *r, void *base) {
+    rb_header *hdr = (rb_header *)base;
+    r->hdr = hdr;
+    r->data = (uint8_t *)base + RB_DATA_OFFSET;
+    r->capacity = hdr->capacity;
+    r->mask = r->capacity - 1;
+    r->read_pos = atomic_load_explicit(&hdr->read_pos, memory_order_acquire);
+    r->write_pos_seen = atomic_load_explicit(&hdr->write_pos, memory_order_acquire);
+    r->peeked = 0;
+}
+
+/* Loads write_pos into write_pos_seen. RB_OK if there are bytes to read,
+ * RB_EMPTY, RB_CLOSED or RB_CORRUPT. */
+static rb_result rb_refresh(rb_reader *r) {
+    uint64_t w = atomic_load_explicit(&r->hdr->write_pos, memory_order_acquire);
+    if (w == r->read_pos) {
+        if (!atomic_load_explicit(&r->hdr->writer_closed, memory_order_acquire)) return RB_EMPTY;
+        /* Closed: everything the writer published is visible now. */
+        w = atomic_load_explicit(&r->hdr->write_pos, memory_order_acquire);
+        if (w == r->read_pos) return RB_CLOSED;
+    }
+    if (RB_UNLIKELY(w - r->read_pos > r->capacity || (w & (RB_ALIGN - 1)))) return RB_CORRUPT;
+    r->write_pos_seen = w;
+    return RB_OK;
+}
+
+rb_result rb_peek(rb_reader *r, const void **payload, uint64_t *length) {
+    for (;;) {
+        if (r->write_pos_seen == r->read_pos) {
+            rb_result res = rb_refresh(r);
+            if (res != RB_OK) return res;
+        }
+        uint64_t avail = r->write_pos_seen - r->read_pos;
+        uint64_t index = r->read_pos & r->mask;
+        uint64_t to_end = r->capacity - index;
+        /* One load: a hostile writer cannot change the header between the
+         * check and the use. */
+        uint64_t word = *(const volatile uint64_t *)(const void *)(r->data + index);
+        uint64_t len = (uint32_t)word;
+        uint32_t kind = (uint32_t)(word >> 32);
+        if (RB_LIKELY(kind == RB_KIND_MESSAGE)) {
+            uint64_t size = rb_record_size(len);
+            if (RB_UNLIKELY(size > avail || size > to_end)) return RB_CORRUPT;
+            *payload = r->data + index + RB_RECORD_HEADER;
+            *length = len;
+            r->peeked = size;
+            return RB_OK;
+        }
+        if (kind != RB_KIND_PADDING || len != to_end - RB_RECORD_HEADER || to_end > avail)
+            return RB_CORRUPT;
+        r->read_pos += to_end;
+        rb_publish(&r->hdr->read_pos, r->read_pos, &r->hdr->writer_waiting, &r->hdr->space_seq);
+    }
+}
+
+void rb_consume(rb_reader *r) {
+    r->read_pos += r->peeked;
+    r->peeked = 0;
+    rb_publish(&r->hdr->read_pos, r->read_pos, &r->hdr->writer_waiting, &r->hdr->space_seq);
+}
+
+static inline int rb_readable_now(rb_reader *r, memory_order order) {
+    return atomic_load_explicit(&r->hdr->write_pos, order) != r->read_pos ||
+           atomic_load_explicit(&r->hdr->writer_closed, order) != 0;
+}
+
+rb_result rb_spin_readable(rb_reader *r, uint32_t spins) {
+    for (uint32_t i = 0; i < spins; i++) {
+        if (rb_readable_now(r, memory_order_relaxed)) return RB_WOKEN;
+        rb_cpu_relax();
+    }
+    return RB_TIMEOUT;
+}
+
+rb_result rb_wait_readable(rb_reader *r, uint64_t deadline_ns) {
+    rb_header *hdr = r->hdr;
+    uint32_t seq = atomic_load_explicit(&hdr->data_seq, memory_order_seq_cst);
+    atomic_store_explicit(&hdr->reader_waiting, 1u, memory_order_seq_cst);
+    rb_result res = RB_WOKEN;
+    if (!rb_readable_now(r, memory_order_seq_cst)) res = rb_sleep_on(&hdr->data_seq, seq, deadline_ns);
+    atomic_store_explicit(&hdr->reader_waiting, 0u, memory_order_relaxed);
+    return res;
+}

@@ -1,0 +1,226 @@
+/* ipc_ring core: the shared-memory layout and the single-producer /
+ * single-consumer protocol, in plain C11 (no Python.h).
+ *
+ * docs/FORMAT.md is the normative description of everything in this file;
+ * the section names in comments below refer to it.
+ */
+#ifndef IPC_RING_RING_H
+#define IPC_RING_RING_H
+
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "ipc_ring's file format is little-endian; big-endian hosts are not supported"
+#endif
+
+#define RB_LIKELY(x) __builtin_expect(!!(x), 1)
+#define RB_UNLIKELY(x) __builtin_expect(!!(x), 0)
+
+/* ---- constants (FORMAT.md "Header") ---------------------------------- */
+
+#define RB_MAGIC 0x474E495243504921ULL /* the bytes "!IPCRING" on disk */
+#define RB_VERSION 1u
+#define RB_DATA_OFFSET 4096u           /* header page; data area follows */
+#define RB_MIN_CAPACITY 64u
+#define RB_MAX_CAPACITY (1ULL << 32)
+#define RB_RECORD_HEADER 8u            /* bytes before every payload */
+#define RB_ALIGN 8u                    /* records start on 8-byte boundaries */
+#define RB_READY 1u                    /* value of `ready` once built */
+
+/* Record kinds (FORMAT.md "Records"). Any other value is corruption. */
+#define RB_KIND_MESSAGE 1u
+#define RB_KIND_PADDING 2u
+
+/* ---- the header page (FORMAT.md "Header") ----------------------------
+ * Every group of fields that one side writes often sits in its own
+ * 128-byte block: two cache lines, so neither a shared line nor the
+ * adjacent-line prefetcher makes the two cores fight over it. */
+
+typedef struct rb_header {
+    /* block 0 (offset 0): written once by the creator, then read-only */
+    uint64_t magic;              /* RB_MAGIC */
+    uint32_t version;            /* RB_VERSION */
+    _Atomic uint32_t ready;      /* RB_READY once every other field is set; release */
+    uint64_t capacity;           /* data area size in bytes, a power of two */
+    uint64_t data_offset;        /* byte offset of the data area in the file */
+    uint64_t max_message_size;   /* capacity - RB_RECORD_HEADER */
+    uint8_t reserved0[128 - 40]; /* zero */
+
+    /* block 1 (offset 128): producer-owned, written on every push */
+    _Atomic uint64_t write_pos;  /* bytes ever published by the writer */
+    uint8_t reserved1[128 - 8];  /* zero */
+
+    /* block 2 (offset 256): consumer-owned, written on every pop */
+    _Atomic uint64_t read_pos;   /* bytes ever consumed by the reader */
+    uint8_t reserved2[128 - 8];  /* zero */
+
+    /* block 3 (offset 384): the reader's sleep (FORMAT.md "Waiting") */
+    _Atomic uint32_t reader_waiting; /* 1 while the reader may be asleep; set by reader, cleared by either */
+    _Atomic uint32_t data_seq;       /* futex word the reader sleeps on; bumped by whoever wakes it */
+    uint8_t reserved3[128 - 8];      /* zero */
+
+    /* block 4 (offset 512): the writer's sleep and end of stream */
+    _Atomic uint32_t writer_waiting; /* 1 while the writer may be asleep; set by writer, cleared by either */
+    _Atomic uint32_t space_seq;      /* futex word the writer sleeps on; bumped by whoever wakes it */
+    _Atomic uint32_t writer_closed;  /* 1 once the writer has closed: end of stream */
+    uint8_t reserved4[128 - 12];     /* zero */
+
+    uint8_t reserved5[RB_DATA_OFFSET - 640]; /* zero; rest of the header page */
+} rb_header;
+
+_Static_assert(offsetof(rb_header, magic) == 0, "FORMAT.md: magic");
+_Static_assert(offsetof(rb_header, version) == 8, "FORMAT.md: version");
+_Static_assert(offsetof(rb_header, ready) == 12, "FORMAT.md: ready");
+_Static_assert(offsetof(rb_header, capacity) == 16, "FORMAT.md: capacity");
+_Static_assert(offsetof(rb_header, data_offset) == 24, "FORMAT.md: data_offset");
+_Static_assert(offsetof(rb_header, max_message_size) == 32, "FORMAT.md: max_message_size");
+_Static_assert(offsetof(rb_header, write_pos) == 128, "FORMAT.md: write_pos");
+_Static_assert(offsetof(rb_header, read_pos) == 256, "FORMAT.md: read_pos");
+_Static_assert(offsetof(rb_header, reader_waiting) == 384, "FORMAT.md: reader_waiting");
+_Static_assert(offsetof(rb_header, data_seq) == 388, "FORMAT.md: data_seq");
+_Static_assert(offsetof(rb_header, writer_waiting) == 512, "FORMAT.md: writer_waiting");
+_Static_assert(offsetof(rb_header, space_seq) == 516, "FORMAT.md: space_seq");
+_Static_assert(offsetof(rb_header, writer_closed) == 520, "FORMAT.md: writer_closed");
+_Static_assert(sizeof(rb_header) == RB_DATA_OFFSET, "FORMAT.md: header page is 4096 bytes");
+_Static_assert(sizeof(_Atomic uint64_t) == 8 && sizeof(_Atomic uint32_t) == 4,
+               "atomics must have the size of their plain types");
+
+/* The record header (FORMAT.md "Records"): payload length, then kind. */
+typedef struct rb_record {
+    uint32_t length; /* payload bytes, not counting this header or padding */
+    uint32_t kind;   /* RB_KIND_MESSAGE or RB_KIND_PADDING */
+} rb_record;
+_Static_assert(sizeof(rb_record) == RB_RECORD_HEADER, "FORMAT.md: record header is 8 bytes");
+
+/* ---- results ---------------------------------------------------------- */
+
+typedef enum rb_result {
+    RB_OK = 0,
+    RB_FULL,        /* writer: not enough free space now */
+    RB_EMPTY,       /* reader: no message now */
+    RB_CLOSED,      /* reader: writer closed and everything is consumed */
+    RB_TOO_LARGE,   /* writer: longer than max_message_size */
+    RB_CORRUPT,     /* the shared state breaks a FORMAT.md invariant */
+    RB_TIMEOUT,     /* a wait reached its deadline */
+    RB_INTERRUPTED, /* a wait was interrupted by a signal (EINTR) */
+    RB_WOKEN        /* a wait returned: the condition may have changed */
+} rb_result;
+
+/* Why a header is refused (rb_validate_header); text in rb_invalid_reason. */
+typedef enum rb_invalid {
+    RB_VALID = 0,
+    RB_INVALID_SHORT_FILE,
+    RB_INVALID_MAGIC,
+    RB_INVALID_VERSION,
+    RB_INVALID_NOT_READY,
+    RB_INVALID_CAPACITY,
+    RB_INVALID_DATA_OFFSET,
+    RB_INVALID_MAX_MESSAGE,
+    RB_INVALID_TRUNCATED,
+    RB_INVALID_POSITIONS,
+    RB_INVALID_RECORD
+} rb_invalid;
+
+/* ---- per-process handles ---------------------------------------------
+ * Private to one process. Each side keeps its own position here and
+ * never re-reads it from the file, so a hostile peer cannot move it. */
+
+typedef struct rb_writer {
+    rb_header *hdr;         /* start of the mapping */
+    uint8_t *data;          /* start of the data area */
+    uint64_t capacity;      /* copied from the validated header */
+    uint64_t mask;          /* capacity - 1 */
+    uint64_t write_pos;     /* own position; the shared one is a copy of it */
+    uint64_t read_pos_seen; /* last read_pos loaded from the file */
+    uint64_t need;          /* free bytes the last RB_FULL was waiting for */
+} rb_writer;
+
+typedef struct rb_reader {
+    rb_header *hdr;          /* start of the mapping */
+    uint8_t *data;           /* start of the data area */
+    uint64_t capacity;       /* copied from the validated header */
+    uint64_t mask;           /* capacity - 1 */
+    uint64_t read_pos;       /* own position; the shared one is a copy of it */
+    uint64_t write_pos_seen; /* last write_pos loaded from the file */
+    uint64_t peeked;         /* bytes of the record returned by rb_peek, 0 if none */
+} rb_reader;
+
+/* ---- functions --------------------------------------------------------
+ * None of them takes locks or allocates. Only rb_wait_* and rb_wake_* make
+ * system calls. Thread safety: one handle must not be used by two threads
+ * at once; the caller serialises (the glue holds the GIL). */
+
+/* Size of the record that carries `length` payload bytes. */
+static inline uint64_t rb_record_size(uint64_t length) {
+    return (RB_RECORD_HEADER + length + (RB_ALIGN - 1)) & ~(uint64_t)(RB_ALIGN - 1);
+}
+
+/* Total file size for a ring of `capacity` bytes. */
+static inline uint64_t rb_file_size(uint64_t capacity) { return RB_DATA_OFFSET + capacity; }
+
+/* True if `capacity` is a power of two in [RB_MIN_CAPACITY, RB_MAX_CAPACITY]. */
+int rb_capacity_valid(uint64_t capacity);
+
+/* Writes a fresh header for `capacity` into zeroed memory of at least
+ * rb_file_size(capacity) bytes; `ready` is stored last, with release. */
+void rb_init(void *base, uint64_t capacity);
+
+/* Checks a mapping of `map_size` bytes: every header field and the positions.
+ * Returns RB_VALID or the first reason it is not a usable ring. */
+rb_invalid rb_validate_header(const void *base, uint64_t map_size);
+
+/* One line of text for an rb_invalid value. */
+const char *rb_invalid_reason(rb_invalid why);
+
+/* Attach to a mapping that rb_validate_header accepted. */
+void rb_writer_attach(rb_writer *w, void *base);
+void rb_reader_attach(rb_reader *r, void *base);
+
+/* Writer: makes room for a message of `length` bytes and returns a pointer
+ * to its payload in *payload (8-byte aligned). Nothing is visible to the
+ * reader until rb_commit. May publish a padding record first (FORMAT.md
+ * "Wrap rule"). RB_OK, RB_FULL, RB_TOO_LARGE or RB_CORRUPT. */
+rb_result rb_reserve(rb_writer *w, uint64_t length, void **payload);
+
+/* Writer: publishes the reserved record with `length` bytes (<= reserved),
+ * and wakes a sleeping reader. */
+void rb_commit(rb_writer *w, uint64_t length);
+
+/* Writer: copy + publish in one call. RB_OK, RB_FULL, RB_TOO_LARGE, RB_CORRUPT. */
+rb_result rb_try_push(rb_writer *w, const void *src, uint64_t length);
+
+/* Writer: marks end of stream and wakes the reader. */
+void rb_writer_close(rb_writer *w);
+
+/* Reader: finds the next message, skipping padding. On RB_OK *payload and
+ * *length describe it, inside the mapping, until rb_consume. RB_OK,
+ * RB_EMPTY, RB_CLOSED or RB_CORRUPT. */
+rb_result rb_peek(rb_reader *r, const void **payload, uint64_t *length);
+
+/* Reader: releases the message returned by rb_peek and wakes a sleeping writer. */
+void rb_consume(rb_reader *r);
+
+/* Spins with a CPU pause, up to `spins` rounds: RB_WOKEN as soon as the
+ * condition may hold (reader: data or end of stream; writer: the free bytes
+ * that the last RB_FULL asked for), else RB_TIMEOUT. No system call. */
+rb_result rb_spin_readable(rb_reader *r, uint32_t spins);
+rb_result rb_spin_writable(rb_writer *w, uint32_t spins);
+
+/* Sleeps until the peer signals, the deadline (CLOCK_MONOTONIC ns; 0 = no
+ * deadline) passes, or a signal arrives. Sets the side's waiting flag first
+ * and re-checks the condition, so no wake-up is lost (FORMAT.md "Waiting").
+ * RB_WOKEN, RB_TIMEOUT or RB_INTERRUPTED. Call without the GIL. */
+rb_result rb_wait_readable(rb_reader *r, uint64_t deadline_ns);
+rb_result rb_wait_writable(rb_writer *w, uint64_t deadline_ns);
+
+/* Wakes any thread of any process sleeping in rb_wait_readable /
+ * rb_wait_writable on this ring, whether or not its flag is set. */
+void rb_wake_reader(rb_header *hdr);
+void rb_wake_writer(rb_header *hdr);
+
+/* CLOCK_MONOTONIC in nanoseconds. */
+uint64_t rb_now_ns(void);
+
+#endif /* IPC_RING_RING_H */
