@@ -12,7 +12,7 @@ removes the ring at the end; ``writer`` and ``reader`` run one side alone.
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import platform
 import subprocess
@@ -43,10 +43,8 @@ class BenchConfig:
 
 
 def _remove(path: str) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def run_writer(cfg: BenchConfig, wait_for_go: bool) -> int:
