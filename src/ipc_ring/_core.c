@@ -433,9 +433,31 @@ PyDoc_STRVAR(writer_push_doc,
 "expires, MessageTooLarge (before waiting) for more than max_message_size\n"
 "bytes, RingClosed on a closed writer.");
 
-static PyObject *writer_push(PyObject *op, PyObject *const *args, Py_ssize_t nargs,
-                             PyObject *kwnames) {
-    WriterObject *self = (WriterObject *)op;
+/* A timeout argument the fast path may skip parsing: absent, None, or a
+ * float >= 0 (NaN fails the comparison). Anything else takes the slow path,
+ * which parses it properly or raises. */
+static inline int timeout_trivially_valid(PyObject *t) {
+    return t == NULL || t == Py_None || (PyFloat_CheckExact(t) && PyFloat_AS_DOUBLE(t) >= 0.0);
+}
+
+/* Pointer and length of bytes or bytearray without a buffer export: only
+ * valid while the GIL is held, so only for the non-waiting fast path. */
+static inline int borrow_simple_bytes(PyObject *data, const void **buf, Py_ssize_t *len) {
+    if (PyBytes_CheckExact(data)) {
+        *buf = PyBytes_AS_STRING(data);
+        *len = PyBytes_GET_SIZE(data);
+        return 1;
+    }
+    if (PyByteArray_CheckExact(data)) {
+        *buf = PyByteArray_AS_STRING(data);
+        *len = PyByteArray_GET_SIZE(data);
+        return 1;
+    }
+    return 0;
+}
+
+static PyObject *writer_push_slow(WriterObject *self, PyObject *const *args, Py_ssize_t nargs,
+                                  PyObject *kwnames) {
     PyObject *data, *timeout_obj;
     double timeout;
     if (unpack_timeout_args("push", args, nargs, kwnames, 1, &data, &timeout_obj) < 0)
@@ -446,6 +468,18 @@ static PyObject *writer_push(PyObject *op, PyObject *const *args, Py_ssize_t nar
     Py_RETURN_NONE;
 }
 
+static PyObject *writer_push(PyObject *op, PyObject *const *args, Py_ssize_t nargs,
+                             PyObject *kwnames) {
+    WriterObject *self = (WriterObject *)op;
+    const void *buf;
+    Py_ssize_t len;
+    if (RB_LIKELY((nargs == 1 || (nargs == 2 && timeout_trivially_valid(args[1]))) &&
+                  kwnames == NULL && self->flags == 0 && borrow_simple_bytes(args[0], &buf, &len) &&
+                  rb_try_push(&self->ring, buf, (uint64_t)len) == RB_OK))
+        Py_RETURN_NONE;
+    return writer_push_slow(self, args, nargs, kwnames);
+}
+
 PyDoc_STRVAR(writer_try_push_doc,
 "try_push($self, data, /)\n--\n\n"
 "Write one message if there is room now: True if written, False if the\n"
@@ -454,6 +488,11 @@ PyDoc_STRVAR(writer_try_push_doc,
 static PyObject *writer_try_push(PyObject *op, PyObject *data) {
     WriterObject *self = (WriterObject *)op;
     CHECK_USABLE(self, "RingWriter");
+    const void *buf;
+    Py_ssize_t len;
+    if (RB_LIKELY(borrow_simple_bytes(data, &buf, &len) &&
+                  rb_try_push(&self->ring, buf, (uint64_t)len) == RB_OK))
+        Py_RETURN_TRUE;
     int r = writer_put(self, data, 0, 1, "try_push");
     if (r < 0) return NULL;
     return PyBool_FromLong(r);
@@ -534,9 +573,8 @@ PyDoc_STRVAR(reader_pop_doc,
 "a positive number is a limit in seconds. Raises RingTimeout when it\n"
 "expires, RingClosed once the writer has closed and every message is read.");
 
-static PyObject *reader_pop(PyObject *op, PyObject *const *args, Py_ssize_t nargs,
-                            PyObject *kwnames) {
-    ReaderObject *self = (ReaderObject *)op;
+static PyObject *reader_pop_slow(ReaderObject *self, PyObject *const *args, Py_ssize_t nargs,
+                                 PyObject *kwnames) {
     PyObject *timeout_obj;
     double timeout;
     if (unpack_timeout_args("pop", args, nargs, kwnames, 0, NULL, &timeout_obj) < 0) return NULL;
@@ -546,6 +584,18 @@ static PyObject *reader_pop(PyObject *op, PyObject *const *args, Py_ssize_t narg
     uint64_t length;
     if (reader_next(self, timeout, 0, 0, "pop", &payload, &length) != RB_OK) return NULL;
     return reader_take_bytes(self, payload, length);
+}
+
+static PyObject *reader_pop(PyObject *op, PyObject *const *args, Py_ssize_t nargs,
+                            PyObject *kwnames) {
+    ReaderObject *self = (ReaderObject *)op;
+    const void *payload;
+    uint64_t length;
+    if (RB_LIKELY((nargs == 0 || (nargs == 1 && timeout_trivially_valid(args[0]))) &&
+                  kwnames == NULL && self->flags == 0 &&
+                  rb_peek(&self->ring, &payload, &length) == RB_OK))
+        return reader_take_bytes(self, payload, length);
+    return reader_pop_slow(self, args, nargs, kwnames);
 }
 
 PyDoc_STRVAR(reader_try_pop_doc,

@@ -98,16 +98,9 @@ static void rb_wake_on(_Atomic uint32_t *word) {
 void rb_wake_reader(rb_header *hdr) { rb_wake_on(&hdr->data_seq); }
 void rb_wake_writer(rb_header *hdr) { rb_wake_on(&hdr->space_seq); }
 
-/* The publishing half of the Dekker pair in FORMAT.md "Waiting": the
- * position store and the flag load are both seq_cst, so either this side
- * sees the peer's flag or the peer sees the new position before sleeping. */
-static inline void rb_publish(_Atomic uint64_t *position, uint64_t value,
-                              _Atomic uint32_t *peer_waiting, _Atomic uint32_t *peer_seq) {
-    atomic_exchange_explicit(position, value, memory_order_seq_cst);
-    if (RB_UNLIKELY(atomic_load_explicit(peer_waiting, memory_order_seq_cst)) &&
-        atomic_exchange_explicit(peer_waiting, 0u, memory_order_seq_cst)) {
-        rb_wake_on(peer_seq);
-    }
+void rb_wake_waiting_peer(_Atomic uint32_t *peer_waiting, _Atomic uint32_t *peer_seq) {
+    /* Whoever clears the flag makes the one system call. */
+    if (atomic_exchange_explicit(peer_waiting, 0u, memory_order_seq_cst)) rb_wake_on(peer_seq);
 }
 
 /* ---- header ---------------------------------------------------------- */
@@ -195,12 +188,12 @@ static inline void rb_write_record_header(uint8_t *at, uint64_t length, uint32_t
     memcpy(at, &rec, sizeof rec);
 }
 
-rb_result rb_reserve(rb_writer *w, uint64_t length, void **payload) {
-    if (RB_UNLIKELY(length > w->capacity - RB_RECORD_HEADER)) return RB_TOO_LARGE;
+rb_result rb_reserve_slow(rb_writer *w, uint64_t length, void **payload) {
+    if (length > w->capacity - RB_RECORD_HEADER) return RB_TOO_LARGE;
     uint64_t size = rb_record_size(length);
     uint64_t index = w->write_pos & w->mask;
     uint64_t to_end = w->capacity - index;
-    if (RB_UNLIKELY(size > to_end)) {
+    if (size > to_end) {
         /* Wrap rule: pad to the end and publish the padding on its own, so
          * the reader can free the space this record needs at index 0. */
         rb_result res = rb_ensure_free(w, to_end);
@@ -213,21 +206,6 @@ rb_result rb_reserve(rb_writer *w, uint64_t length, void **payload) {
     rb_result res = rb_ensure_free(w, size);
     if (res != RB_OK) return res;
     *payload = w->data + index + RB_RECORD_HEADER;
-    return RB_OK;
-}
-
-void rb_commit(rb_writer *w, uint64_t length) {
-    rb_write_record_header(w->data + (w->write_pos & w->mask), length, RB_KIND_MESSAGE);
-    w->write_pos += rb_record_size(length);
-    rb_publish(&w->hdr->write_pos, w->write_pos, &w->hdr->reader_waiting, &w->hdr->data_seq);
-}
-
-rb_result rb_try_push(rb_writer *w, const void *src, uint64_t length) {
-    void *payload;
-    rb_result res = rb_reserve(w, length, &payload);
-    if (RB_UNLIKELY(res != RB_OK)) return res;
-    memcpy(payload, src, length);
-    rb_commit(w, length);
     return RB_OK;
 }
 
@@ -284,7 +262,7 @@ static rb_result rb_refresh(rb_reader *r) {
     return RB_OK;
 }
 
-rb_result rb_peek(rb_reader *r, const void **payload, uint64_t *length) {
+rb_result rb_peek_slow(rb_reader *r, const void **payload, uint64_t *length) {
     for (;;) {
         if (r->write_pos_seen == r->read_pos) {
             rb_result res = rb_refresh(r);
@@ -293,14 +271,12 @@ rb_result rb_peek(rb_reader *r, const void **payload, uint64_t *length) {
         uint64_t avail = r->write_pos_seen - r->read_pos;
         uint64_t index = r->read_pos & r->mask;
         uint64_t to_end = r->capacity - index;
-        /* One load: a hostile writer cannot change the header between the
-         * check and the use. */
         uint64_t word = *(const volatile uint64_t *)(const void *)(r->data + index);
         uint64_t len = (uint32_t)word;
         uint32_t kind = (uint32_t)(word >> 32);
-        if (RB_LIKELY(kind == RB_KIND_MESSAGE)) {
+        if (kind == RB_KIND_MESSAGE) {
             uint64_t size = rb_record_size(len);
-            if (RB_UNLIKELY(size > avail || size > to_end)) return RB_CORRUPT;
+            if (size > avail || size > to_end) return RB_CORRUPT;
             *payload = r->data + index + RB_RECORD_HEADER;
             *length = len;
             r->peeked = size;
@@ -311,12 +287,6 @@ rb_result rb_peek(rb_reader *r, const void **payload, uint64_t *length) {
         r->read_pos += to_end;
         rb_publish(&r->hdr->read_pos, r->read_pos, &r->hdr->writer_waiting, &r->hdr->space_seq);
     }
-}
-
-void rb_consume(rb_reader *r) {
-    r->read_pos += r->peeked;
-    r->peeked = 0;
-    rb_publish(&r->hdr->read_pos, r->read_pos, &r->hdr->writer_waiting, &r->hdr->space_seq);
 }
 
 static inline int rb_readable_now(rb_reader *r, memory_order order) {

@@ -10,6 +10,7 @@
 #include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "ipc_ring's file format is little-endian; big-endian hosts are not supported"
@@ -178,29 +179,8 @@ const char *rb_invalid_reason(rb_invalid why);
 void rb_writer_attach(rb_writer *w, void *base);
 void rb_reader_attach(rb_reader *r, void *base);
 
-/* Writer: makes room for a message of `length` bytes and returns a pointer
- * to its payload in *payload (8-byte aligned). Nothing is visible to the
- * reader until rb_commit. May publish a padding record first (FORMAT.md
- * "Wrap rule"). RB_OK, RB_FULL, RB_TOO_LARGE or RB_CORRUPT. */
-rb_result rb_reserve(rb_writer *w, uint64_t length, void **payload);
-
-/* Writer: publishes the reserved record with `length` bytes (<= reserved),
- * and wakes a sleeping reader. */
-void rb_commit(rb_writer *w, uint64_t length);
-
-/* Writer: copy + publish in one call. RB_OK, RB_FULL, RB_TOO_LARGE, RB_CORRUPT. */
-rb_result rb_try_push(rb_writer *w, const void *src, uint64_t length);
-
 /* Writer: marks end of stream and wakes the reader. */
 void rb_writer_close(rb_writer *w);
-
-/* Reader: finds the next message, skipping padding. On RB_OK *payload and
- * *length describe it, inside the mapping, until rb_consume. RB_OK,
- * RB_EMPTY, RB_CLOSED or RB_CORRUPT. */
-rb_result rb_peek(rb_reader *r, const void **payload, uint64_t *length);
-
-/* Reader: releases the message returned by rb_peek and wakes a sleeping writer. */
-void rb_consume(rb_reader *r);
 
 /* Spins with a CPU pause, up to `spins` rounds: RB_WOKEN as soon as the
  * condition may hold (reader: data or end of stream; writer: the free bytes
@@ -222,5 +202,90 @@ void rb_wake_writer(rb_header *hdr);
 
 /* CLOCK_MONOTONIC in nanoseconds. */
 uint64_t rb_now_ns(void);
+
+/* ---- the per-message path, inline (FORMAT.md "Push and pop") ----------
+ * The common case of each call is here so that it inlines into the glue;
+ * anything unusual (wrap, full, empty, corruption, a sleeping peer) goes
+ * to an out-of-line *_slow function in _ring.c. */
+
+/* Out-of-line halves of the functions below. */
+rb_result rb_reserve_slow(rb_writer *w, uint64_t length, void **payload);
+rb_result rb_peek_slow(rb_reader *r, const void **payload, uint64_t *length);
+void rb_wake_waiting_peer(_Atomic uint32_t *peer_waiting, _Atomic uint32_t *peer_seq);
+
+/* Publishes a new position and wakes the peer only if it said it may be
+ * asleep. Both the store and the flag load are seq_cst: either this side
+ * sees the flag, or the peer sees the new position before it sleeps
+ * (FORMAT.md "Waiting"). */
+static inline void rb_publish(_Atomic uint64_t *position, uint64_t value,
+                              _Atomic uint32_t *peer_waiting, _Atomic uint32_t *peer_seq) {
+    atomic_exchange_explicit(position, value, memory_order_seq_cst);
+    if (RB_UNLIKELY(atomic_load_explicit(peer_waiting, memory_order_seq_cst)))
+        rb_wake_waiting_peer(peer_waiting, peer_seq);
+}
+
+/* Writer: makes room for a message of `length` bytes and returns a pointer
+ * to its payload in *payload (8-byte aligned). Nothing is visible to the
+ * reader until rb_commit. May publish a padding record first (FORMAT.md
+ * "Wrap rule"). RB_OK, RB_FULL, RB_TOO_LARGE or RB_CORRUPT. */
+static inline rb_result rb_reserve(rb_writer *w, uint64_t length, void **payload) {
+    uint64_t index = w->write_pos & w->mask;
+    if (RB_LIKELY(length <= w->capacity - RB_RECORD_HEADER)) {
+        uint64_t size = rb_record_size(length);
+        if (RB_LIKELY(size <= w->capacity - index &&
+                      size <= w->capacity - (w->write_pos - w->read_pos_seen))) {
+            *payload = w->data + index + RB_RECORD_HEADER;
+            return RB_OK;
+        }
+    }
+    return rb_reserve_slow(w, length, payload);
+}
+
+/* Writer: publishes the record reserved by rb_reserve with `length` bytes
+ * (at most the reserved length), and wakes a sleeping reader. */
+static inline void rb_commit(rb_writer *w, uint64_t length) {
+    rb_record rec = {(uint32_t)length, RB_KIND_MESSAGE};
+    memcpy(w->data + (w->write_pos & w->mask), &rec, sizeof rec);
+    w->write_pos += rb_record_size(length);
+    rb_publish(&w->hdr->write_pos, w->write_pos, &w->hdr->reader_waiting, &w->hdr->data_seq);
+}
+
+/* Writer: copy + publish in one call. RB_OK, RB_FULL, RB_TOO_LARGE, RB_CORRUPT. */
+static inline rb_result rb_try_push(rb_writer *w, const void *src, uint64_t length) {
+    void *payload;
+    rb_result res = rb_reserve(w, length, &payload);
+    if (RB_UNLIKELY(res != RB_OK)) return res;
+    memcpy(payload, src, length);
+    rb_commit(w, length);
+    return RB_OK;
+}
+
+/* Reader: finds the next message, skipping padding. On RB_OK *payload and
+ * *length describe it, inside the mapping, until rb_consume. RB_OK,
+ * RB_EMPTY, RB_CLOSED or RB_CORRUPT. */
+static inline rb_result rb_peek(rb_reader *r, const void **payload, uint64_t *length) {
+    if (RB_LIKELY(r->write_pos_seen != r->read_pos)) {
+        uint64_t index = r->read_pos & r->mask;
+        /* One load of the record header: a hostile writer cannot change it
+         * between the check and the use. */
+        uint64_t word = *(const volatile uint64_t *)(const void *)(r->data + index);
+        uint64_t size = rb_record_size((uint32_t)word);
+        if (RB_LIKELY((uint32_t)(word >> 32) == RB_KIND_MESSAGE &&
+                      size <= r->write_pos_seen - r->read_pos && size <= r->capacity - index)) {
+            *payload = r->data + index + RB_RECORD_HEADER;
+            *length = (uint32_t)word;
+            r->peeked = size;
+            return RB_OK;
+        }
+    }
+    return rb_peek_slow(r, payload, length);
+}
+
+/* Reader: releases the message returned by rb_peek and wakes a sleeping writer. */
+static inline void rb_consume(rb_reader *r) {
+    r->read_pos += r->peeked;
+    r->peeked = 0;
+    rb_publish(&r->hdr->read_pos, r->read_pos, &r->hdr->writer_waiting, &r->hdr->space_seq);
+}
 
 #endif /* IPC_RING_RING_H */
