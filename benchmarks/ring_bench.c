@@ -1,0 +1,133 @@
+/* The C core (_ring.c) between two processes, without Python: how close the
+ * core comes to the machine, and so how much the Python layer adds.
+ *
+ * Same protocol as `ipc-ring bench`: the parent creates a ring file and
+ * forks a reader; the writer puts a little-endian sequence number in the
+ * first 8 bytes of each message and the reader checks every one, timing
+ * from the first message to the last.
+ *
+ *   cc -std=c11 -O2 -Isrc/ipc_ring src/ipc_ring/_ring.c benchmarks/ring_bench.c \
+ *      -o benchmarks/bin/ring_bench
+ *   benchmarks/bin/ring_bench [--ring PATH] [--cap BYTES] [--messages N] [--msg-size S]
+ */
+#define _GNU_SOURCE
+#include <fcntl.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "_ring.h"
+
+#define SPIN 2000u
+
+static void *map_ring(const char *path, uint64_t capacity, int create) {
+    int fd = open(path, O_RDWR | (create ? O_CREAT | O_EXCL : 0), 0600);
+    if (fd < 0) {
+        perror(path);
+        exit(1);
+    }
+    size_t size = (size_t)rb_file_size(capacity);
+    if (create && ftruncate(fd, (off_t)size) != 0) {
+        perror("ftruncate");
+        exit(1);
+    }
+    void *map = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (map == MAP_FAILED) {
+        perror("mmap");
+        exit(1);
+    }
+    close(fd);
+    if (create) rb_init(map, capacity);
+    return map;
+}
+
+static int run_reader(void *map, uint64_t n, uint64_t msg_size, int ready_fd) {
+    rb_reader r;
+    rb_reader_attach(&r, map);
+    if (write(ready_fd, "r", 1) != 1) return 1;
+    uint64_t errors = 0, start = 0;
+    uint8_t *copy = malloc(msg_size); /* pop() copies every message out, so this does too */
+    for (uint64_t expected = 0; expected < n;) {
+        const void *payload;
+        uint64_t len;
+        rb_result res = rb_peek(&r, &payload, &len);
+        if (res == RB_EMPTY) {
+            if (rb_spin_readable(&r, SPIN) != RB_WOKEN) rb_wait_readable(&r, 0);
+            continue;
+        }
+        if (res != RB_OK) {
+            fprintf(stderr, "reader: result %d\n", (int)res);
+            return 1;
+        }
+        if (expected == 0) start = rb_now_ns();
+        uint64_t seq;
+        memcpy(copy, payload, len);
+        memcpy(&seq, copy, sizeof seq);
+        if (seq != expected || len != msg_size) errors++;
+        rb_consume(&r);
+        expected++;
+    }
+    double elapsed = (double)(rb_now_ns() - start) / 1e9;
+    double rate = (double)(n - 1) / elapsed;
+    printf("{\"messages\":%" PRIu64 ",\"msg_size\":%" PRIu64 ",\"elapsed_sec\":%.6f,"
+           "\"msgs_per_sec\":%.0f,\"MiB_per_sec\":%.2f}\n",
+           n, msg_size, elapsed, rate, rate * (double)msg_size / (1 << 20));
+    printf("C core (no Python): %.2f M msgs/s, %" PRIu64 " sequence errors\n", rate / 1e6, errors);
+    free(copy);
+    return errors ? 1 : 0;
+}
+
+static void run_writer(void *map, uint64_t n, uint64_t msg_size) {
+    rb_writer w;
+    rb_writer_attach(&w, map);
+    uint8_t *msg = calloc(1, msg_size);
+    for (uint64_t seq = 0; seq < n; seq++) {
+        memcpy(msg, &seq, sizeof seq);
+        while (rb_try_push(&w, msg, msg_size) != RB_OK)
+            if (rb_spin_writable(&w, SPIN) != RB_WOKEN) rb_wait_writable(&w, 0);
+    }
+    rb_writer_close(&w);
+    free(msg);
+}
+
+int main(int argc, char **argv) {
+    const char *path = "/dev/shm/ipc_ring.cbench";
+    uint64_t capacity = 64u << 20, n = 5000000, msg_size = 256;
+    for (int i = 1; i + 1 < argc; i += 2) {
+        if (!strcmp(argv[i], "--ring")) path = argv[i + 1];
+        else if (!strcmp(argv[i], "--cap")) capacity = strtoull(argv[i + 1], NULL, 0);
+        else if (!strcmp(argv[i], "--messages")) n = strtoull(argv[i + 1], NULL, 0);
+        else if (!strcmp(argv[i], "--msg-size")) msg_size = strtoull(argv[i + 1], NULL, 0);
+        else {
+            fprintf(stderr, "unknown option %s\n", argv[i]);
+            return 2;
+        }
+    }
+    if (!rb_capacity_valid(capacity) || msg_size < 8 || msg_size > capacity - 8) {
+        fprintf(stderr, "need a power-of-two capacity and 8 <= msg-size <= capacity - 8\n");
+        return 2;
+    }
+    unlink(path);
+    void *map = map_ring(path, capacity, 1);
+    int ready[2];
+    if (pipe(ready) != 0) return 1;
+    pid_t child = fork();
+    if (child == 0) {
+        /* A separate mapping in the reader, as two unrelated processes have. */
+        void *own = map_ring(path, capacity, 0);
+        int rc = run_reader(own, n, msg_size, ready[1]);
+        fflush(stdout);
+        _exit(rc);
+    }
+    char c;
+    if (read(ready[0], &c, 1) != 1) return 1;
+    run_writer(map, n, msg_size);
+    int status = 1;
+    waitpid(child, &status, 0);
+    unlink(path);
+    return WIFEXITED(status) ? WEXITSTATUS(status) : 1;
+}
