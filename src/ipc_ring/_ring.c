@@ -6,14 +6,15 @@
 #include "_ring.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #if defined(__linux__)
 #include <linux/futex.h>
 #include <sys/syscall.h>
-#include <unistd.h>
 #elif defined(__APPLE__)
 /* Private but stable since macOS 10.12; libc++ and Rust's std use it too.
  * UL_COMPARE_AND_WAIT_SHARED works across processes on shared memory. */
@@ -101,6 +102,64 @@ void rb_wake_writer(rb_header *hdr) { rb_wake_on(&hdr->space_seq); }
 void rb_wake_waiting_peer(_Atomic uint32_t *peer_waiting, _Atomic uint32_t *peer_seq) {
     /* Whoever clears the flag makes the one system call. */
     if (atomic_exchange_explicit(peer_waiting, 0u, memory_order_seq_cst)) rb_wake_on(peer_seq);
+}
+
+/* ---- crash points ---------------------------------------------------- */
+
+#ifdef RB_CRASH_POINTS
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+void rb_crash_point(const char *name) {
+    static int parsed;
+    static char target[64];
+    static long remaining;
+    if (!parsed) {
+        parsed = 1;
+        const char *spec = getenv("IPC_RING_CRASH_AT");
+        if (!spec) return;
+        const char *colon = strchr(spec, ':');
+        size_t n = colon ? (size_t)(colon - spec) : strlen(spec);
+        if (n >= sizeof target) n = sizeof target - 1;
+        memcpy(target, spec, n);
+        target[n] = 0;
+        remaining = colon ? strtol(colon + 1, NULL, 10) : 1;
+    }
+    if (target[0] && strcmp(name, target) == 0 && --remaining == 0) kill(getpid(), SIGKILL);
+}
+#endif
+
+/* ---- liveness -------------------------------------------------------- */
+
+#if defined(F_OFD_SETLK)
+#define RB_SETLK F_OFD_SETLK
+#define RB_GETLK F_OFD_GETLK
+#else
+#define RB_SETLK F_SETLK
+#define RB_GETLK F_GETLK
+#endif
+
+static void rb_role_range(struct flock *fl, rb_role role, short type) {
+    memset(fl, 0, sizeof *fl);
+    fl->l_type = type;
+    fl->l_whence = SEEK_SET;
+    fl->l_start = role == RB_ROLE_WRITER ? RB_LOCK_WRITER_OFFSET : RB_LOCK_READER_OFFSET;
+    fl->l_len = RB_LOCK_LENGTH;
+}
+
+rb_result rb_lock_role(int fd, rb_role role) {
+    struct flock fl;
+    rb_role_range(&fl, role, F_WRLCK);
+    if (fcntl(fd, RB_SETLK, &fl) == 0) return RB_OK;
+    return (errno == EAGAIN || errno == EACCES) ? RB_BUSY : RB_ERROR;
+}
+
+int rb_role_alive(int fd, rb_role role) {
+    struct flock fl;
+    rb_role_range(&fl, role, F_WRLCK);
+    if (fcntl(fd, RB_GETLK, &fl) != 0) return -1;
+    return fl.l_type != F_UNLCK;
 }
 
 /* ---- header ---------------------------------------------------------- */
@@ -199,8 +258,10 @@ rb_result rb_reserve_slow(rb_writer *w, uint64_t length, void **payload) {
         rb_result res = rb_ensure_free(w, to_end);
         if (res != RB_OK) return res;
         rb_write_record_header(w->data + index, to_end - RB_RECORD_HEADER, RB_KIND_PADDING);
+        RB_CRASH_POINT("writer_padding_written");
         w->write_pos += to_end;
         rb_publish(&w->hdr->write_pos, w->write_pos, &w->hdr->reader_waiting, &w->hdr->data_seq);
+        RB_CRASH_POINT("writer_padding_published");
         index = 0;
     }
     rb_result res = rb_ensure_free(w, size);
@@ -211,6 +272,7 @@ rb_result rb_reserve_slow(rb_writer *w, uint64_t length, void **payload) {
 
 void rb_writer_close(rb_writer *w) {
     atomic_store_explicit(&w->hdr->writer_closed, 1u, memory_order_seq_cst);
+    RB_CRASH_POINT("writer_closed_flag_set");
     rb_wake_reader(w->hdr);
 }
 
@@ -245,6 +307,7 @@ void rb_reader_attach(rb_reader *r, void *base) {
     r->read_pos = atomic_load_explicit(&hdr->read_pos, memory_order_acquire);
     r->write_pos_seen = atomic_load_explicit(&hdr->write_pos, memory_order_acquire);
     r->peeked = 0;
+    atomic_store_explicit(&hdr->reader_attached, 1u, memory_order_seq_cst);
 }
 
 /* Loads write_pos into write_pos_seen. RB_OK if there are bytes to read,
@@ -286,6 +349,7 @@ rb_result rb_peek_slow(rb_reader *r, const void **payload, uint64_t *length) {
             return RB_CORRUPT;
         r->read_pos += to_end;
         rb_publish(&r->hdr->read_pos, r->read_pos, &r->hdr->writer_waiting, &r->hdr->space_seq);
+        RB_CRASH_POINT("reader_padding_consumed");
     }
 }
 
