@@ -276,15 +276,27 @@ static inline rb_result rb_reserve(rb_writer *w, uint64_t length, void **payload
     return rb_reserve_slow(w, length, payload);
 }
 
-/* Writer: publishes the record reserved by rb_reserve with `length` bytes
- * (at most the reserved length), and wakes a sleeping reader. */
-static inline void rb_commit(rb_writer *w, uint64_t length) {
+/* Writer: completes the record reserved by rb_reserve with `length` bytes
+ * (at most the reserved length) but does not publish it: the reader sees
+ * it with the next rb_flush. Batches use it to publish, and check the
+ * reader's flag, once. */
+static inline void rb_stage(rb_writer *w, uint64_t length) {
     rb_record rec = {(uint32_t)length, RB_KIND_MESSAGE};
     memcpy(w->data + (w->write_pos & w->mask), &rec, sizeof rec);
     RB_CRASH_POINT("writer_header_written");
     w->write_pos += rb_record_size(length);
+}
+
+/* Writer: publishes every staged record and wakes a sleeping reader. */
+static inline void rb_flush(rb_writer *w) {
     rb_publish(&w->hdr->write_pos, w->write_pos, &w->hdr->reader_waiting, &w->hdr->data_seq);
     RB_CRASH_POINT("writer_published");
+}
+
+/* Writer: rb_stage + rb_flush. */
+static inline void rb_commit(rb_writer *w, uint64_t length) {
+    rb_stage(w, length);
+    rb_flush(w);
 }
 
 /* Writer: copy + publish in one call. RB_OK, RB_FULL, RB_TOO_LARGE, RB_CORRUPT. */
@@ -319,12 +331,24 @@ static inline rb_result rb_peek(rb_reader *r, const void **payload, uint64_t *le
     return rb_peek_slow(r, payload, length);
 }
 
-/* Reader: releases the message returned by rb_peek and wakes a sleeping writer. */
-static inline void rb_consume(rb_reader *r) {
+/* Reader: moves past the message returned by rb_peek without publishing
+ * read_pos: its space is not handed back until rb_release. */
+static inline void rb_skip(rb_reader *r) {
     r->read_pos += r->peeked;
     r->peeked = 0;
+}
+
+/* Reader: publishes read_pos, handing back the space of every message
+ * skipped so far, and wakes a sleeping writer. */
+static inline void rb_release(rb_reader *r) {
     rb_publish(&r->hdr->read_pos, r->read_pos, &r->hdr->writer_waiting, &r->hdr->space_seq);
     RB_CRASH_POINT("reader_consumed");
+}
+
+/* Reader: rb_skip + rb_release: done with the message returned by rb_peek. */
+static inline void rb_consume(rb_reader *r) {
+    rb_skip(r);
+    rb_release(r);
 }
 
 #endif /* IPC_RING_RING_H */
