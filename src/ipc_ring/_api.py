@@ -49,7 +49,11 @@ def _attach_existing(cls: type[_H], path: StrPath, spin: int | None) -> _H:
     """Open an existing ring file and hand it to the C handle, which maps,
     validates and locks it; the descriptor is closed again on any failure."""
     target = _fspath(path)
-    fd = os.open(target, _OPEN_FLAGS)
+    try:
+        # O_NONBLOCK: opening a FIFO or a device must not block before the check.
+        fd = os.open(target, _OPEN_FLAGS | getattr(os, "O_NONBLOCK", 0))
+    except IsADirectoryError as e:
+        raise InvalidRing(f"{target!r} is a directory, not a ring file") from e
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise InvalidRing(f"{target!r} is not a regular file")

@@ -64,6 +64,7 @@ enum handle_flags {
     int fd;             /* the ring file, -1 once closed */                    \
     void *map;          /* the mapping, NULL once unmapped */                  \
     size_t map_size;    /* its length */                                       \
+    uint64_t capacity;  /* validated once at attach; never re-read */         \
     PyObject *path;     /* str, as given */                                    \
     uint32_t spin;      /* spin rounds before sleeping */                      \
     pid_t owner_pid;    /* process that attached; a forked child is not it */  \
@@ -185,12 +186,12 @@ static int handle_map(core_state *st, HandleObject *h, int fd, uint64_t capacity
     return 0;
 }
 
-/* Validates the mapping; 0 or -1 with InvalidRing set. */
-static int handle_validate(core_state *st, HandleObject *h) {
+/* Validates the mapping and fills *snap; 0 or -1 with InvalidRing set. */
+static int handle_validate(core_state *st, HandleObject *h, rb_snapshot *snap) {
     struct stat sb;
     uint64_t file_size = h->map_size;
     if (fstat(h->fd, &sb) == 0 && (uint64_t)sb.st_size < file_size) file_size = (uint64_t)sb.st_size;
-    rb_invalid why = rb_validate_header(h->map, file_size);
+    rb_invalid why = rb_validate_header(h->map, file_size, snap);
     if (why != RB_VALID) {
         PyErr_Format(st->InvalidRing, "%R: %s", h->path, rb_invalid_reason(why));
         return -1;
@@ -238,7 +239,8 @@ static int handle_init(PyObject *self, PyObject *args, PyObject *kwds, int write
     if (handle_map(st, h, fd, capacity) < 0) return -1;
     h->fd = fd;
     if (capacity) rb_init(h->map, capacity);
-    if (handle_validate(st, h) < 0) {
+    rb_snapshot snap;
+    if (handle_validate(st, h, &snap) < 0) {
         h->fd = -1; /* the caller still owns fd on failure */
         handle_release(h);
         return -1;
@@ -265,12 +267,13 @@ static int handle_init(PyObject *self, PyObject *args, PyObject *kwds, int write
         return -1;
     }
     h->owner_pid = getpid();
+    h->capacity = snap.capacity;
     h->flags = 0;
     live_handles_add(h);
     if (writer)
-        rb_writer_attach(&((WriterObject *)h)->ring, h->map);
+        rb_writer_attach(&((WriterObject *)h)->ring, h->map, &snap);
     else
-        rb_reader_attach(&((ReaderObject *)h)->ring, h->map);
+        rb_reader_attach(&((ReaderObject *)h)->ring, h->map, &snap);
     return 0;
 }
 
@@ -327,7 +330,8 @@ static int parse_timeout(PyObject *obj, double *out) {
         PyErr_Format(PyExc_ValueError, "timeout must be None or a number >= 0, got %R", obj);
         return -1;
     }
-    *out = isinf(t) ? TIMEOUT_FOREVER : t;
+    /* Beyond ~31 years a deadline in nanoseconds would overflow: wait forever. */
+    *out = t > 1e9 ? TIMEOUT_FOREVER : t;
     return 0;
 }
 
@@ -472,7 +476,7 @@ static PyObject *raise_result(HandleObject *h, rb_result res, uint64_t length) {
     case RB_TOO_LARGE:
         PyErr_Format(st->MessageTooLarge, "message of %llu bytes exceeds max_message_size=%llu",
                      (unsigned long long)length,
-                     (unsigned long long)(((rb_header *)h->map)->capacity - RB_RECORD_HEADER));
+                     (unsigned long long)(h->capacity - RB_RECORD_HEADER));
         break;
     case RB_CLOSED:
         PyErr_SetString(st->RingClosed, "the writer closed the ring and every message was read");
@@ -814,13 +818,13 @@ static void reader_dealloc(PyObject *op) {
 static PyObject *handle_get_capacity(PyObject *op, void *Py_UNUSED(closure)) {
     HandleObject *h = (HandleObject *)op;
     if (!h->map) return handle_unusable(h, "ring handle");
-    return PyLong_FromUnsignedLongLong(((rb_header *)h->map)->capacity);
+    return PyLong_FromUnsignedLongLong(h->capacity);
 }
 
 static PyObject *handle_get_max_message_size(PyObject *op, void *Py_UNUSED(closure)) {
     HandleObject *h = (HandleObject *)op;
     if (!h->map) return handle_unusable(h, "ring handle");
-    return PyLong_FromUnsignedLongLong(((rb_header *)h->map)->capacity - RB_RECORD_HEADER);
+    return PyLong_FromUnsignedLongLong(h->capacity - RB_RECORD_HEADER);
 }
 
 static PyObject *handle_get_path(PyObject *op, void *Py_UNUSED(closure)) {

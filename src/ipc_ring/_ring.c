@@ -181,21 +181,26 @@ void rb_init(void *base, uint64_t capacity) {
     atomic_store_explicit(&hdr->ready, RB_READY, memory_order_release);
 }
 
-rb_invalid rb_validate_header(const void *base, uint64_t map_size) {
+rb_invalid rb_validate_header(const void *base, uint64_t map_size, rb_snapshot *snap) {
     if (map_size < RB_DATA_OFFSET) return RB_INVALID_SHORT_FILE;
-    rb_header *hdr = (rb_header *)(uintptr_t)base;
+    const volatile rb_header *hdr = (const volatile rb_header *)base;
     if (hdr->magic != RB_MAGIC) return RB_INVALID_MAGIC;
     if (hdr->version != RB_VERSION) return RB_INVALID_VERSION;
-    if (atomic_load_explicit(&hdr->ready, memory_order_acquire) != RB_READY)
+    if (atomic_load_explicit(&((rb_header *)(uintptr_t)base)->ready, memory_order_acquire) !=
+        RB_READY)
         return RB_INVALID_NOT_READY;
     uint64_t capacity = hdr->capacity;
     if (!rb_capacity_valid(capacity)) return RB_INVALID_CAPACITY;
     if (hdr->data_offset != RB_DATA_OFFSET) return RB_INVALID_DATA_OFFSET;
     if (hdr->max_message_size != capacity - RB_RECORD_HEADER) return RB_INVALID_MAX_MESSAGE;
     if (map_size < rb_file_size(capacity)) return RB_INVALID_TRUNCATED;
-    uint64_t w = atomic_load_explicit(&hdr->write_pos, memory_order_acquire);
-    uint64_t r = atomic_load_explicit(&hdr->read_pos, memory_order_acquire);
+    rb_header *live = (rb_header *)(uintptr_t)base;
+    uint64_t w = atomic_load_explicit(&live->write_pos, memory_order_acquire);
+    uint64_t r = atomic_load_explicit(&live->read_pos, memory_order_acquire);
     if (((w | r) & (RB_ALIGN - 1)) || w - r > capacity) return RB_INVALID_POSITIONS;
+    snap->capacity = capacity;
+    snap->write_pos = w;
+    snap->read_pos = r;
     return RB_VALID;
 }
 
@@ -218,14 +223,13 @@ const char *rb_invalid_reason(rb_invalid why) {
 
 /* ---- writer ---------------------------------------------------------- */
 
-void rb_writer_attach(rb_writer *w, void *base) {
-    rb_header *hdr = (rb_header *)base;
-    w->hdr = hdr;
+void rb_writer_attach(rb_writer *w, void *base, const rb_snapshot *snap) {
+    w->hdr = (rb_header *)base;
     w->data = (uint8_t *)base + RB_DATA_OFFSET;
-    w->capacity = hdr->capacity;
-    w->mask = w->capacity - 1;
-    w->write_pos = atomic_load_explicit(&hdr->write_pos, memory_order_acquire);
-    w->read_pos_seen = atomic_load_explicit(&hdr->read_pos, memory_order_acquire);
+    w->capacity = snap->capacity;
+    w->mask = snap->capacity - 1;
+    w->write_pos = snap->write_pos;
+    w->read_pos_seen = snap->read_pos;
     w->need = 0;
 }
 
@@ -298,16 +302,15 @@ rb_result rb_wait_writable(rb_writer *w, uint64_t deadline_ns) {
 
 /* ---- reader ---------------------------------------------------------- */
 
-void rb_reader_attach(rb_reader *r, void *base) {
-    rb_header *hdr = (rb_header *)base;
-    r->hdr = hdr;
+void rb_reader_attach(rb_reader *r, void *base, const rb_snapshot *snap) {
+    r->hdr = (rb_header *)base;
     r->data = (uint8_t *)base + RB_DATA_OFFSET;
-    r->capacity = hdr->capacity;
-    r->mask = r->capacity - 1;
-    r->read_pos = atomic_load_explicit(&hdr->read_pos, memory_order_acquire);
-    r->write_pos_seen = atomic_load_explicit(&hdr->write_pos, memory_order_acquire);
+    r->capacity = snap->capacity;
+    r->mask = snap->capacity - 1;
+    r->read_pos = snap->read_pos;
+    r->write_pos_seen = snap->write_pos;
     r->peeked = 0;
-    atomic_store_explicit(&hdr->reader_attached, 1u, memory_order_seq_cst);
+    atomic_store_explicit(&r->hdr->reader_attached, 1u, memory_order_seq_cst);
 }
 
 /* Loads write_pos into write_pos_seen. RB_OK if there are bytes to read,

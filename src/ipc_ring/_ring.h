@@ -172,16 +172,25 @@ int rb_capacity_valid(uint64_t capacity);
  * rb_file_size(capacity) bytes; `ready` is stored last, with release. */
 void rb_init(void *base, uint64_t capacity);
 
+/* What rb_validate_header read and checked, for rb_*_attach: each shared
+ * field is loaded once, so a process rewriting the header concurrently
+ * cannot slip an unchecked value past the check. */
+typedef struct rb_snapshot {
+    uint64_t capacity;  /* a valid capacity that fits in the mapping */
+    uint64_t write_pos; /* 8-aligned, at most capacity ahead of read_pos */
+    uint64_t read_pos;  /* 8-aligned */
+} rb_snapshot;
+
 /* Checks a mapping of `map_size` bytes: every header field and the positions.
- * Returns RB_VALID or the first reason it is not a usable ring. */
-rb_invalid rb_validate_header(const void *base, uint64_t map_size);
+ * Returns RB_VALID (and fills *snap) or the first reason it is not a usable ring. */
+rb_invalid rb_validate_header(const void *base, uint64_t map_size, rb_snapshot *snap);
 
 /* One line of text for an rb_invalid value. */
 const char *rb_invalid_reason(rb_invalid why);
 
-/* Attach to a mapping that rb_validate_header accepted. */
-void rb_writer_attach(rb_writer *w, void *base);
-void rb_reader_attach(rb_reader *r, void *base);
+/* Attach to a mapping that rb_validate_header accepted, with its snapshot. */
+void rb_writer_attach(rb_writer *w, void *base, const rb_snapshot *snap);
+void rb_reader_attach(rb_reader *r, void *base, const rb_snapshot *snap);
 
 /* Writer: marks end of stream and wakes the reader. */
 void rb_writer_close(rb_writer *w);
