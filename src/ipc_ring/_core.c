@@ -34,6 +34,7 @@ typedef struct {
     PyObject *RingBusy;
     PyTypeObject *WriterType;
     PyTypeObject *ReaderType;
+    PyTypeObject *SlotType;
 } core_state;
 
 static struct PyModuleDef core_module;
@@ -55,6 +56,8 @@ enum handle_flags {
     HANDLE_CLOSED = 1, /* close() was called */
     HANDLE_BUSY = 2,   /* a thread is sleeping in a blocking call of this handle */
     HANDLE_FORKED = 4, /* this process is a fork() child of the one that attached */
+    HANDLE_SLOT = 8,   /* a reserve() or pop_view() slot is open on this handle */
+    HANDLE_BATCH = 16, /* push_many() is running Python code (its iterable) mid-batch */
 };
 
 /* Fields common to Writer and Reader, first in both structs. */
@@ -65,6 +68,7 @@ enum handle_flags {
     void *map;          /* the mapping, NULL once unmapped */                  \
     size_t map_size;    /* its length */                                       \
     uint64_t capacity;  /* validated once at attach; never re-read */         \
+    Py_ssize_t exports; /* buffers of open slots pointing into the mapping */  \
     PyObject *path;     /* str, as given */                                    \
     uint32_t spin;      /* spin rounds before sleeping */                      \
     pid_t owner_pid;    /* process that attached; a forked child is not it */  \
@@ -119,7 +123,8 @@ typedef struct {
 } ReaderObject;
 
 /* Releases the mapping and the descriptor. Never called while a thread
- * sleeps on the mapping (HANDLE_BUSY). */
+ * sleeps on the mapping (HANDLE_BUSY) or a buffer points into it
+ * (exports > 0): see handle_release_if_idle. */
 static void handle_release(HandleObject *h) {
     live_handles_remove(h);
     if (h->map) {
@@ -130,6 +135,12 @@ static void handle_release(HandleObject *h) {
         close(h->fd);
         h->fd = -1;
     }
+}
+
+/* After close(): unmaps now unless a sleeping thread or an exported buffer
+ * still uses the mapping; the last of those calls this again. */
+static void handle_release_if_idle(HandleObject *h) {
+    if (!(h->flags & (HANDLE_BUSY | HANDLE_BATCH)) && h->exports == 0) handle_release(h);
 }
 
 /* Maps the ring file `fd` and validates it. Returns 0, or -1 with
@@ -294,6 +305,15 @@ static PyObject *handle_unusable(HandleObject *h, const char *what) {
     if (!st) return NULL;
     if (h->flags & HANDLE_CLOSED)
         PyErr_Format(st->RingClosed, "%s is closed", what);
+    else if (h->flags & HANDLE_SLOT)
+        PyErr_Format(PyExc_RuntimeError,
+                     "a reserve() or pop_view() block is open on this %s: finish it first",
+                     what);
+    else if (h->flags & HANDLE_BATCH)
+        PyErr_Format(PyExc_RuntimeError,
+                     "push_many() on this %s is iterating its messages: the iterable must not "
+                     "use the same handle",
+                     what);
     else if (h->flags & HANDLE_FORKED)
         PyErr_Format(st->RingError,
                      "this %s was inherited through fork(); only the process that opened it may "
@@ -421,7 +441,8 @@ static int handle_wait(HandleObject *h, wait_state *ws, int writer, const char *
         if (ws->timeout != 0) {
             rb_result spun = writer ? rb_spin_writable(&((WriterObject *)h)->ring, h->spin)
                                     : rb_spin_readable(&((ReaderObject *)h)->ring, h->spin);
-            if (ws->timeout > 0) ws->deadline = rb_now_ns() + (uint64_t)(ws->timeout * 1e9);
+            if (ws->timeout > 0 && !ws->deadline)
+                ws->deadline = rb_now_ns() + (uint64_t)(ws->timeout * 1e9);
             if (spun == RB_WOKEN) return 0;
         }
     }
@@ -444,7 +465,7 @@ static int handle_wait(HandleObject *h, wait_state *ws, int writer, const char *
     h->flags &= ~HANDLE_BUSY;
     if (h->flags & HANDLE_CLOSED) {
         /* close() ran in another thread while we slept: it left the unmap to us. */
-        handle_release(h);
+        handle_release_if_idle(h);
         core_state *st = state_of((PyObject *)h);
         if (st) PyErr_Format(st->RingClosed, "%s: the handle was closed while waiting", op);
         return -1;
@@ -489,6 +510,216 @@ static PyObject *raise_result(HandleObject *h, rb_result res, uint64_t length) {
     }
     return NULL;
 }
+
+/* ---- slots: reserve() and pop_view() ----------------------------------
+ * A slot is a piece of the mapping lent to Python as a buffer: the payload
+ * of a reserved record (writable) or of the next message (read-only). While
+ * it is open its handle refuses other calls (HANDLE_SLOT). The mapping
+ * outlives every exported buffer: close() defers the unmap (exports). */
+
+typedef struct {
+    PyObject_HEAD
+    HandleObject *owner; /* strong reference */
+    uint8_t *payload;    /* inside owner's mapping */
+    Py_ssize_t size;     /* bytes reserved, or the message's length */
+    Py_ssize_t exports;  /* buffers currently exported by this slot */
+    PyObject *view;      /* the memoryview __enter__ returned, or NULL */
+    int writer;          /* 1: a reservation (writable); 0: a message view (read-only) */
+    int open;            /* 1 until committed, discarded or consumed */
+} SlotObject;
+
+static int slot_getbuffer(PyObject *op, Py_buffer *view, int flags) {
+    SlotObject *slot = (SlotObject *)op;
+    if (!slot->open) {
+        PyErr_SetString(PyExc_ValueError, "the slot is finished: its memory is back in the ring");
+        return -1;
+    }
+    if (PyBuffer_FillInfo(view, op, slot->payload, slot->size, !slot->writer, flags) < 0)
+        return -1;
+    slot->exports++;
+    slot->owner->exports++;
+    return 0;
+}
+
+static void slot_releasebuffer(PyObject *op, Py_buffer *Py_UNUSED(view)) {
+    SlotObject *slot = (SlotObject *)op;
+    HandleObject *h = slot->owner;
+    slot->exports--;
+    if (--h->exports == 0 && (h->flags & HANDLE_CLOSED)) handle_release_if_idle(h);
+}
+
+/* Finishes an open slot: releases the memoryview handed out (derived
+ * buffers, e.g. a numpy array, may outlive it: the mapping stays valid),
+ * then commits `size` bytes (writer, size >= 0), discards (writer, size < 0),
+ * consumes (reader, consume = 1) or leaves the message (reader, consume = 0).
+ * 0, or -1 with an exception set (the slot is finished either way). */
+static int slot_finish(SlotObject *slot, Py_ssize_t size, int consume) {
+    if (!slot->open) {
+        PyErr_SetString(PyExc_ValueError, "the slot is already finished");
+        return -1;
+    }
+    if (slot->view) {
+        PyObject *r = PyObject_CallMethod(slot->view, "release", NULL);
+        if (r)
+            Py_DECREF(r);
+        else
+            PyErr_Clear(); /* BufferError: a derived buffer still exists; harmless */
+        Py_CLEAR(slot->view);
+    }
+    slot->open = 0;
+    HandleObject *h = slot->owner;
+    h->flags &= ~HANDLE_SLOT;
+    if (h->flags & (HANDLE_CLOSED | HANDLE_FORKED)) {
+        if (!(slot->writer && size >= 0)) return 0;
+        handle_unusable(h, "RingWriter");
+        return -1;
+    }
+    if (slot->writer && size >= 0)
+        rb_commit(&((WriterObject *)h)->ring, (uint64_t)size);
+    else if (!slot->writer && consume)
+        rb_consume(&((ReaderObject *)h)->ring);
+    return 0;
+}
+
+static PyObject *slot_new_for(PyTypeObject *type, HandleObject *owner, void *payload,
+                              uint64_t size, int writer) {
+    SlotObject *slot = PyObject_New(SlotObject, type);
+    if (!slot) return NULL;
+    slot->owner = (HandleObject *)Py_NewRef(owner);
+    slot->payload = payload;
+    slot->size = (Py_ssize_t)size;
+    slot->exports = 0;
+    slot->view = NULL;
+    slot->writer = writer;
+    slot->open = 1;
+    owner->flags |= HANDLE_SLOT;
+    return (PyObject *)slot;
+}
+
+static PyTypeObject *slot_type_of(PyObject *handle) {
+    core_state *st = state_of(handle);
+    return st ? st->SlotType : NULL;
+}
+
+PyDoc_STRVAR(slot_enter_doc,
+"__enter__($self, /)\n--\n\n"
+"Return a memoryview of the slot's bytes inside the ring (writable for a\n"
+"reservation, read-only for a message). It is released when the block exits.");
+
+static PyObject *slot_enter(PyObject *op, PyObject *Py_UNUSED(ignored)) {
+    SlotObject *slot = (SlotObject *)op;
+    if (!slot->view) {
+        slot->view = PyMemoryView_FromObject(op);
+        if (!slot->view) return NULL;
+    }
+    return Py_NewRef(slot->view);
+}
+
+PyDoc_STRVAR(slot_exit_doc,
+"__exit__($self, exc_type, exc, tb, /)\n--\n\n"
+"A reservation is published when the block exits normally and discarded when\n"
+"it raises; a message view is consumed either way.");
+
+static PyObject *slot_exit(PyObject *op, PyObject *const *args, Py_ssize_t nargs) {
+    SlotObject *slot = (SlotObject *)op;
+    int failed = nargs > 0 && args[0] != Py_None;
+    if (!slot->open) Py_RETURN_FALSE; /* commit() or discard() already finished it */
+    if (slot_finish(slot, slot->writer ? (failed ? -1 : slot->size) : 0, 1) < 0) return NULL;
+    Py_RETURN_FALSE;
+}
+
+PyDoc_STRVAR(slot_commit_doc,
+"commit($self, size=None, /)\n--\n\n"
+"Publish the reservation now with its first `size` bytes (all of them by\n"
+"default; at most the reserved size).");
+
+static PyObject *slot_commit(PyObject *op, PyObject *const *args, Py_ssize_t nargs) {
+    SlotObject *slot = (SlotObject *)op;
+    Py_ssize_t size = slot->size;
+    if (!slot->writer) {
+        PyErr_SetString(PyExc_TypeError, "commit() is for reserve() slots; a pop_view() slot is "
+                                         "consumed when its block exits");
+        return NULL;
+    }
+    if (nargs > 1) {
+        PyErr_Format(PyExc_TypeError, "commit() takes at most 1 argument (%zd given)", nargs);
+        return NULL;
+    }
+    if (nargs == 1 && args[0] != Py_None) {
+        size = PyNumber_AsSsize_t(args[0], PyExc_OverflowError);
+        if (size == -1 && PyErr_Occurred()) return NULL;
+        if (size < 0 || size > slot->size) {
+            PyErr_Format(PyExc_ValueError, "commit size must be in [0, %zd], got %zd", slot->size,
+                         size);
+            return NULL;
+        }
+    }
+    if (slot_finish(slot, size, 0) < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(slot_discard_doc,
+"discard($self, /)\n--\n\n"
+"Give the reservation back without publishing anything (a message view:\n"
+"leave the message in the ring, unread).");
+
+static PyObject *slot_discard(PyObject *op, PyObject *Py_UNUSED(ignored)) {
+    if (slot_finish((SlotObject *)op, -1, 0) < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *slot_get_size(PyObject *op, void *Py_UNUSED(closure)) {
+    return PyLong_FromSsize_t(((SlotObject *)op)->size);
+}
+
+static PyObject *slot_get_open(PyObject *op, void *Py_UNUSED(closure)) {
+    return PyBool_FromLong(((SlotObject *)op)->open);
+}
+
+static void slot_dealloc(PyObject *op) {
+    SlotObject *slot = (SlotObject *)op;
+    PyTypeObject *tp = Py_TYPE(op);
+    if (slot->open) {
+        /* Dropped without a block: a reservation is discarded, a message stays. */
+        if (slot_finish(slot, -1, 0) < 0) PyErr_WriteUnraisable(op);
+    }
+    Py_CLEAR(slot->view);
+    Py_CLEAR(slot->owner);
+    PyObject_Free(op);
+    Py_DECREF(tp);
+}
+
+static PyMethodDef slot_methods[] = {
+    {"__enter__", slot_enter, METH_NOARGS, slot_enter_doc},
+    {"__exit__", _PyCFunction_CAST(slot_exit), METH_FASTCALL, slot_exit_doc},
+    {"commit", _PyCFunction_CAST(slot_commit), METH_FASTCALL, slot_commit_doc},
+    {"discard", slot_discard, METH_NOARGS, slot_discard_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef slot_getset[] = {
+    {"size", slot_get_size, NULL, "Bytes reserved, or the message's length.", NULL},
+    {"open", slot_get_open, NULL, "True until committed, discarded or consumed.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyType_Slot slot_slots[] = {
+    {Py_tp_doc, "A reservation (RingWriter.reserve) or a message view (RingReader.pop_view):\n"
+                "use it in a with block, which gives a memoryview into the ring."},
+    {Py_tp_dealloc, slot_dealloc},
+    {Py_tp_methods, slot_methods},
+    {Py_tp_getset, slot_getset},
+    {Py_bf_getbuffer, slot_getbuffer},
+    {Py_bf_releasebuffer, slot_releasebuffer},
+    {0, NULL},
+};
+
+static PyType_Spec slot_spec = {
+    .name = "ipc_ring._core.Slot",
+    .basicsize = sizeof(SlotObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE | Py_TPFLAGS_DISALLOW_INSTANTIATION,
+    .slots = slot_slots,
+};
 
 /* ---- Writer ---------------------------------------------------------- */
 
@@ -616,6 +847,167 @@ static PyObject *writer_try_push(PyObject *op, PyObject *data) {
     return PyBool_FromLong(r);
 }
 
+/* ---- Writer: batches and reservations --------------------------------- */
+
+/* Sets `written` on the exception being raised (push_many's progress). */
+static void note_written(Py_ssize_t written) {
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (value) {
+        PyObject *n = PyLong_FromSsize_t(written);
+        if (!n || PyObject_SetAttrString(value, "written", n) < 0) PyErr_Clear();
+        Py_XDECREF(n);
+    }
+    PyErr_Restore(type, value, tb);
+}
+
+PyDoc_STRVAR(writer_push_many_doc,
+"push_many($self, messages, /, timeout=None)\n--\n\n"
+"Write every message of an iterable of bytes-like objects, in order, and\n"
+"return how many were written.\n\n"
+"The write position is published, and the reader's sleep flag checked, once\n"
+"per batch (or per part that fits) instead of once per message. timeout\n"
+"bounds the whole call. If it raises part-way (RingTimeout, MessageTooLarge,\n"
+"PeerDied, ...), the messages before the failing one are written and the\n"
+"exception's `written` attribute says how many, so a retry with\n"
+"messages[e.written:] neither loses nor duplicates anything.");
+
+static PyObject *writer_push_many(PyObject *op, PyObject *const *args, Py_ssize_t nargs,
+                                  PyObject *kwnames) {
+    WriterObject *self = (WriterObject *)op;
+    PyObject *messages, *timeout_obj;
+    double timeout;
+    if (unpack_timeout_args("push_many", args, nargs, kwnames, 1, &messages, &timeout_obj) < 0)
+        return NULL;
+    if (parse_timeout(timeout_obj, &timeout) < 0) return NULL;
+    CHECK_USABLE(self, "RingWriter");
+    PyObject *iter = PyObject_GetIter(messages);
+    if (!iter) return NULL;
+    Py_ssize_t written = 0, staged = 0;
+    wait_state ws = {timeout, 0, 0, 0};
+    PyObject *item;
+    int failed = 0;
+    /* The iterable runs Python code, which may call this handle (refused) or
+     * close it (the unmap waits for us). */
+    self->flags |= HANDLE_BATCH;
+    while (!failed && (item = PyIter_Next(iter)) != NULL) {
+        if (self->flags & HANDLE_CLOSED) {
+            Py_DECREF(item);
+            self->flags &= ~HANDLE_BATCH;
+            handle_unusable((HandleObject *)self, "RingWriter");
+            self->flags |= HANDLE_BATCH;
+            failed = 1;
+            break;
+        }
+        Py_buffer view;
+        const void *buf;
+        Py_ssize_t len;
+        int have_view = 0;
+        if (PyBytes_CheckExact(item)) {
+            /* immutable, and `item` keeps it alive across a wait */
+            buf = PyBytes_AS_STRING(item);
+            len = PyBytes_GET_SIZE(item);
+        }
+        else if (PyObject_GetBuffer(item, &view, PyBUF_SIMPLE) < 0) {
+            failed = 1;
+            Py_DECREF(item);
+            break;
+        }
+        else {
+            have_view = 1;
+            buf = view.buf;
+            len = view.len;
+        }
+        for (;;) {
+            void *payload;
+            rb_result res = rb_reserve(&self->ring, (uint64_t)len, &payload);
+            if (RB_LIKELY(res == RB_OK)) {
+                memcpy(payload, buf, (size_t)len);
+                rb_stage(&self->ring, (uint64_t)len);
+                staged++;
+                ws.spun = 0;
+                break;
+            }
+            /* Hand the reader what is staged before waiting or failing. */
+            if (staged) {
+                rb_flush(&self->ring);
+                written += staged;
+                staged = 0;
+            }
+            if (res != RB_FULL) {
+                raise_result((HandleObject *)self, res, (uint64_t)len);
+                failed = 1;
+                break;
+            }
+            if (ws.peer_dead) {
+                raise_peer_died((HandleObject *)self, 1);
+                failed = 1;
+                break;
+            }
+            if (handle_wait((HandleObject *)self, &ws, 1, "push_many") < 0) {
+                failed = 1;
+                break;
+            }
+        }
+        if (have_view) PyBuffer_Release(&view);
+        Py_DECREF(item);
+    }
+    Py_DECREF(iter);
+    self->flags &= ~HANDLE_BATCH;
+    if (staged && !(self->flags & HANDLE_CLOSED)) {
+        rb_flush(&self->ring);
+        written += staged;
+    }
+    if (self->flags & HANDLE_CLOSED) handle_release_if_idle((HandleObject *)self);
+    if (failed || PyErr_Occurred()) {
+        note_written(written);
+        return NULL;
+    }
+    return PyLong_FromSsize_t(written);
+}
+
+PyDoc_STRVAR(writer_reserve_doc,
+"reserve($self, size, /, timeout=None)\n--\n\n"
+"Reserve room for a message of `size` bytes and return a slot:\n\n"
+"    with writer.reserve(n) as mv:   # a writable memoryview inside the ring\n"
+"        mv[:] = ...                 # or numpy.frombuffer(mv, dtype)[:] = ...\n\n"
+"The message is published when the block exits normally and discarded if\n"
+"it raises; slot.commit(k) publishes only the first k bytes. The payload is\n"
+"8-byte aligned. Waits for space like push().");
+
+static PyObject *writer_reserve(PyObject *op, PyObject *const *args, Py_ssize_t nargs,
+                                PyObject *kwnames) {
+    WriterObject *self = (WriterObject *)op;
+    PyObject *size_obj, *timeout_obj;
+    double timeout;
+    if (unpack_timeout_args("reserve", args, nargs, kwnames, 1, &size_obj, &timeout_obj) < 0)
+        return NULL;
+    if (parse_timeout(timeout_obj, &timeout) < 0) return NULL;
+    Py_ssize_t size = PyNumber_AsSsize_t(size_obj, PyExc_OverflowError);
+    if (size == -1 && PyErr_Occurred()) return NULL;
+    if (size < 0) {
+        PyErr_Format(PyExc_ValueError, "size must be >= 0, got %zd", size);
+        return NULL;
+    }
+    CHECK_USABLE(self, "RingWriter");
+    PyTypeObject *slot_type = slot_type_of(op);
+    if (!slot_type) return NULL;
+    wait_state ws = {timeout, 0, 0, 0};
+    for (;;) {
+        void *payload;
+        rb_result res = rb_reserve(&self->ring, (uint64_t)size, &payload);
+        if (res == RB_OK) return slot_new_for(slot_type, (HandleObject *)self, payload,
+                                              (uint64_t)size, 1);
+        if (res != RB_FULL) return raise_result((HandleObject *)self, res, (uint64_t)size);
+        if (ws.peer_dead) {
+            raise_peer_died((HandleObject *)self, 1);
+            return NULL;
+        }
+        if (handle_wait((HandleObject *)self, &ws, 1, "reserve") < 0) return NULL;
+    }
+}
+
 /* Marks end of stream (only in the process that attached) and unmaps, or
  * leaves the unmap to a thread sleeping in this handle. */
 static void writer_close_impl(WriterObject *self) {
@@ -624,10 +1016,8 @@ static void writer_close_impl(WriterObject *self) {
     self->flags |= HANDLE_CLOSED;
     if (!self->map) return;
     if (self->owner_pid == getpid()) rb_writer_close(&self->ring);
-    if (busy)
-        rb_wake_writer(self->ring.hdr);
-    else
-        handle_release((HandleObject *)self);
+    if (busy) rb_wake_writer(self->ring.hdr);
+    handle_release_if_idle((HandleObject *)self);
 }
 
 PyDoc_STRVAR(writer_close_doc,
@@ -773,6 +1163,90 @@ static PyObject *reader_pop_into(PyObject *op, PyObject *const *args, Py_ssize_t
     return result;
 }
 
+PyDoc_STRVAR(reader_pop_many_doc,
+"pop_many($self, max_messages, timeout=None, max_bytes=None)\n--\n\n"
+"Wait for at least one message like pop(), then return every message\n"
+"available, up to max_messages and (after the first) max_bytes of payload,\n"
+"as a list of bytes. The read position is published once for the batch.");
+
+static PyObject *reader_pop_many(PyObject *op, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"max_messages", "timeout", "max_bytes", NULL};
+    ReaderObject *self = (ReaderObject *)op;
+    Py_ssize_t max_messages;
+    PyObject *timeout_obj = Py_None, *max_bytes_obj = Py_None;
+    double timeout;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "n|OO:pop_many", kwlist, &max_messages,
+                                     &timeout_obj, &max_bytes_obj))
+        return NULL;
+    if (max_messages < 1) {
+        PyErr_Format(PyExc_ValueError, "max_messages must be >= 1, got %zd", max_messages);
+        return NULL;
+    }
+    Py_ssize_t max_bytes = PY_SSIZE_T_MAX;
+    if (max_bytes_obj != Py_None) {
+        max_bytes = PyNumber_AsSsize_t(max_bytes_obj, PyExc_OverflowError);
+        if (max_bytes == -1 && PyErr_Occurred()) return NULL;
+        if (max_bytes < 0) {
+            PyErr_Format(PyExc_ValueError, "max_bytes must be >= 0 or None, got %zd", max_bytes);
+            return NULL;
+        }
+    }
+    if (parse_timeout(timeout_obj, &timeout) < 0) return NULL;
+    CHECK_USABLE(self, "RingReader");
+    const void *payload;
+    uint64_t length;
+    if (reader_next(self, timeout, 0, 0, "pop_many", &payload, &length) != RB_OK) return NULL;
+    PyObject *list = PyList_New(0);
+    if (!list) return NULL;
+    uint64_t taken = 0;
+    for (Py_ssize_t n = 0;;) {
+        PyObject *msg = PyBytes_FromStringAndSize((const char *)payload, (Py_ssize_t)length);
+        if (!msg || PyList_Append(list, msg) < 0) {
+            /* Out of memory: this message stays in the ring. Return what was
+             * taken (the next call raises again if memory is still short). */
+            Py_XDECREF(msg);
+            if (n == 0) Py_CLEAR(list);
+            else PyErr_Clear();
+            break;
+        }
+        Py_DECREF(msg);
+        rb_skip(&self->ring);
+        taken += length;
+        if (++n >= max_messages) break;
+        /* Anything but a message that fits (empty, end, corruption) ends the
+         * batch; the next call reports it. */
+        if (rb_peek(&self->ring, &payload, &length) != RB_OK) break;
+        if (taken + length > (uint64_t)max_bytes) break;
+    }
+    rb_release(&self->ring);
+    return list;
+}
+
+PyDoc_STRVAR(reader_pop_view_doc,
+"pop_view($self, /, timeout=None)\n--\n\n"
+"Wait for the next message like pop() and return a slot for it:\n\n"
+"    with reader.pop_view() as mv:   # a read-only memoryview inside the ring\n"
+"        process(mv)\n\n"
+"No copy is made. The message is consumed when the block exits (also if it\n"
+"raises); the memoryview is released then, and using it raises ValueError.");
+
+static PyObject *reader_pop_view(PyObject *op, PyObject *const *args, Py_ssize_t nargs,
+                                 PyObject *kwnames) {
+    ReaderObject *self = (ReaderObject *)op;
+    PyObject *timeout_obj;
+    double timeout;
+    if (unpack_timeout_args("pop_view", args, nargs, kwnames, 0, NULL, &timeout_obj) < 0)
+        return NULL;
+    if (parse_timeout(timeout_obj, &timeout) < 0) return NULL;
+    CHECK_USABLE(self, "RingReader");
+    PyTypeObject *slot_type = slot_type_of(op);
+    if (!slot_type) return NULL;
+    const void *payload;
+    uint64_t length;
+    if (reader_next(self, timeout, 0, 0, "pop_view", &payload, &length) != RB_OK) return NULL;
+    return slot_new_for(slot_type, (HandleObject *)self, (void *)(uintptr_t)payload, length, 0);
+}
+
 static PyObject *reader_iternext(PyObject *op) {
     ReaderObject *self = (ReaderObject *)op;
     CHECK_USABLE(self, "RingReader");
@@ -788,10 +1262,8 @@ static void reader_close_impl(ReaderObject *self) {
     int busy = self->flags & HANDLE_BUSY;
     self->flags |= HANDLE_CLOSED;
     if (!self->map) return;
-    if (busy)
-        rb_wake_reader(self->ring.hdr);
-    else
-        handle_release((HandleObject *)self);
+    if (busy) rb_wake_reader(self->ring.hdr);
+    handle_release_if_idle((HandleObject *)self);
 }
 
 PyDoc_STRVAR(reader_close_doc,
@@ -885,6 +1357,10 @@ static PyGetSetDef reader_getset[] = {
 static PyMethodDef writer_methods[] = {
     {"push", _PyCFunction_CAST(writer_push), METH_FASTCALL | METH_KEYWORDS, writer_push_doc},
     {"try_push", writer_try_push, METH_O, writer_try_push_doc},
+    {"push_many", _PyCFunction_CAST(writer_push_many), METH_FASTCALL | METH_KEYWORDS,
+     writer_push_many_doc},
+    {"reserve", _PyCFunction_CAST(writer_reserve), METH_FASTCALL | METH_KEYWORDS,
+     writer_reserve_doc},
     {"close", writer_close, METH_NOARGS, writer_close_doc},
     {NULL, NULL, 0, NULL},
 };
@@ -910,6 +1386,10 @@ static PyType_Spec writer_spec = {
 static PyMethodDef reader_methods[] = {
     {"pop", _PyCFunction_CAST(reader_pop), METH_FASTCALL | METH_KEYWORDS, reader_pop_doc},
     {"try_pop", reader_try_pop, METH_NOARGS, reader_try_pop_doc},
+    {"pop_many", _PyCFunction_CAST(reader_pop_many), METH_VARARGS | METH_KEYWORDS,
+     reader_pop_many_doc},
+    {"pop_view", _PyCFunction_CAST(reader_pop_view), METH_FASTCALL | METH_KEYWORDS,
+     reader_pop_view_doc},
     {"pop_into", _PyCFunction_CAST(reader_pop_into), METH_FASTCALL | METH_KEYWORDS,
      reader_pop_into_doc},
     {"close", reader_close, METH_NOARGS, reader_close_doc},
@@ -1028,6 +1508,15 @@ static int core_exec(PyObject *module) {
     if (!st->WriterType || PyModule_AddType(module, st->WriterType) < 0) return -1;
     st->ReaderType = (PyTypeObject *)PyType_FromModuleAndSpec(module, &reader_spec, NULL);
     if (!st->ReaderType || PyModule_AddType(module, st->ReaderType) < 0) return -1;
+    st->SlotType = (PyTypeObject *)PyType_FromModuleAndSpec(module, &slot_spec, NULL);
+    if (!st->SlotType || PyModule_AddType(module, st->SlotType) < 0) return -1;
+    /* push_many() sets `written` on the exceptions it raises part-way. */
+    PyObject *zero = PyLong_FromLong(0);
+    if (!zero) return -1;
+    int bad = PyObject_SetAttrString(st->RingTimeout, "written", zero) < 0 ||
+              PyObject_SetAttrString(st->MessageTooLarge, "written", zero) < 0;
+    Py_DECREF(zero);
+    if (bad) return -1;
 
     if (PyModule_AddIntConstant(module, "DATA_OFFSET", RB_DATA_OFFSET) < 0) return -1;
     if (PyModule_AddIntConstant(module, "FORMAT_VERSION", RB_VERSION) < 0) return -1;
@@ -1050,6 +1539,7 @@ static int core_traverse(PyObject *module, visitproc visit, void *arg) {
     Py_VISIT(st->PeerDied);
     Py_VISIT(st->WriterType);
     Py_VISIT(st->ReaderType);
+    Py_VISIT(st->SlotType);
     return 0;
 }
 
@@ -1064,6 +1554,7 @@ static int core_clear(PyObject *module) {
     Py_CLEAR(st->PeerDied);
     Py_CLEAR(st->WriterType);
     Py_CLEAR(st->ReaderType);
+    Py_CLEAR(st->SlotType);
     return 0;
 }
 
