@@ -42,12 +42,19 @@ static void *map_ring(const char *path, uint64_t capacity, int create) {
     }
     close(fd);
     if (create) rb_init(map, capacity);
+    rb_snapshot snap;
+    if (rb_validate_header(map, size, &snap) != RB_VALID) {
+        fprintf(stderr, "%s is not a valid ring\n", path);
+        exit(1);
+    }
     return map;
 }
 
 static int run_reader(void *map, uint64_t n, uint64_t msg_size, int ready_fd) {
     rb_reader r;
-    rb_reader_attach(&r, map);
+    rb_snapshot snap;
+    rb_validate_header(map, rb_file_size(((rb_header *)map)->capacity), &snap);
+    rb_reader_attach(&r, map, &snap);
     if (write(ready_fd, "r", 1) != 1) return 1;
     uint64_t errors = 0, start = 0;
     uint8_t *copy = malloc(msg_size); /* pop() copies every message out, so this does too */
@@ -83,7 +90,9 @@ static int run_reader(void *map, uint64_t n, uint64_t msg_size, int ready_fd) {
 
 static void run_writer(void *map, uint64_t n, uint64_t msg_size) {
     rb_writer w;
-    rb_writer_attach(&w, map);
+    rb_snapshot snap;
+    rb_validate_header(map, rb_file_size(((rb_header *)map)->capacity), &snap);
+    rb_writer_attach(&w, map, &snap);
     uint8_t *msg = calloc(1, msg_size);
     for (uint64_t seq = 0; seq < n; seq++) {
         memcpy(msg, &seq, sizeof seq);

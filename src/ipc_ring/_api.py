@@ -12,7 +12,7 @@ import os
 import secrets
 import stat
 from types import TracebackType
-from typing import Self
+from typing import Self, TypeVar
 
 from . import _core
 from ._core import InvalidRing
@@ -22,6 +22,7 @@ __all__ = ["RingReader", "RingWriter"]
 StrPath = str | os.PathLike[str]
 
 _OPEN_FLAGS = os.O_RDWR | getattr(os, "O_CLOEXEC", 0)
+_H = TypeVar("_H", bound=_core.Writer | _core.Reader)
 
 
 def _fspath(path: StrPath) -> str:
@@ -42,6 +43,24 @@ def _reserve_space(fd: int, size: int) -> None:
     except OSError as e:
         if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
             raise
+
+
+def _attach_existing(cls: type[_H], path: StrPath, spin: int | None) -> _H:
+    """Open an existing ring file and hand it to the C handle, which maps,
+    validates and locks it; the descriptor is closed again on any failure."""
+    target = _fspath(path)
+    try:
+        # O_NONBLOCK: opening a FIFO or a device must not block before the check.
+        fd = os.open(target, _OPEN_FLAGS | getattr(os, "O_NONBLOCK", 0))
+    except IsADirectoryError as e:
+        raise InvalidRing(f"{target!r} is a directory, not a ring file") from e
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise InvalidRing(f"{target!r} is not a regular file")
+        return cls(fd, target, spin=spin)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 class RingWriter(_core.Writer):
@@ -72,6 +91,8 @@ class RingWriter(_core.Writer):
             )
         directory, name = os.path.split(os.path.abspath(target))
         tmp = os.path.join(directory, f".{name}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
+        # The handle takes the writer's liveness lock on this descriptor before
+        # the name exists, so no reader ever sees the ring without a writer.
         fd = os.open(tmp, _OPEN_FLAGS | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
         try:
             os.fchmod(fd, mode)
@@ -91,6 +112,18 @@ class RingWriter(_core.Writer):
         finally:
             os.unlink(tmp)
         return self
+
+    @classmethod
+    def open(cls, path: StrPath, *, spin: int | None = None) -> Self:
+        """Re-attach a writer to the existing ring at ``path`` whose writer died.
+
+        The stream continues after the last message the dead writer
+        published; a record it had reserved but not published is discarded.
+        ``RingBusy`` if a live writer is attached, ``RingClosed`` if the
+        previous writer ended the stream with ``close()``, ``InvalidRing`` as
+        for ``RingReader.open``.
+        """
+        return _attach_existing(cls, path, spin)
 
     def __enter__(self) -> Self:
         return self
@@ -122,15 +155,7 @@ class RingReader(_core.Reader):
         that is not a power of two, a file shorter than its header says,
         inconsistent positions, not a regular file).
         """
-        target = _fspath(path)
-        fd = os.open(target, _OPEN_FLAGS)
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise InvalidRing(f"{target!r} is not a regular file")
-            return cls(fd, target, spin=spin)
-        except BaseException:
-            os.close(fd)
-            raise
+        return _attach_existing(cls, path, spin)
 
     def __enter__(self) -> Self:
         return self

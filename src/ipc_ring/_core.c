@@ -9,6 +9,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <math.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -29,6 +30,8 @@ typedef struct {
     PyObject *MessageTooLarge;
     PyObject *InvalidRing;
     PyObject *RingClosed;
+    PyObject *PeerDied;
+    PyObject *RingBusy;
     PyTypeObject *WriterType;
     PyTypeObject *ReaderType;
 } core_state;
@@ -51,6 +54,7 @@ static core_state *state_of(PyObject *self) {
 enum handle_flags {
     HANDLE_CLOSED = 1, /* close() was called */
     HANDLE_BUSY = 2,   /* a thread is sleeping in a blocking call of this handle */
+    HANDLE_FORKED = 4, /* this process is a fork() child of the one that attached */
 };
 
 /* Fields common to Writer and Reader, first in both structs. */
@@ -60,13 +64,49 @@ enum handle_flags {
     int fd;             /* the ring file, -1 once closed */                    \
     void *map;          /* the mapping, NULL once unmapped */                  \
     size_t map_size;    /* its length */                                       \
+    uint64_t capacity;  /* validated once at attach; never re-read */         \
     PyObject *path;     /* str, as given */                                    \
     uint32_t spin;      /* spin rounds before sleeping */                      \
-    pid_t owner_pid;    /* process that attached; a forked child is not it */
+    pid_t owner_pid;    /* process that attached; a forked child is not it */  \
+    struct HandleObject *prev, *next; /* live_handles list, for fork() */
 
-typedef struct {
+typedef struct HandleObject {
     HANDLE_HEAD
 } HandleObject;
+
+/* Every attached handle of this process, so that the child of a fork() can
+ * disown them (fork_child). Changed only with the GIL held. */
+static HandleObject *live_handles;
+
+static void live_handles_add(HandleObject *h) {
+    h->prev = NULL;
+    h->next = live_handles;
+    if (live_handles) live_handles->prev = h;
+    live_handles = h;
+}
+
+static void live_handles_remove(HandleObject *h) {
+    if (h->prev)
+        h->prev->next = h->next;
+    else if (live_handles == h)
+        live_handles = h->next;
+    if (h->next) h->next->prev = h->prev;
+    h->prev = h->next = NULL;
+}
+
+/* pthread_atfork child handler: the child must not act as a second writer
+ * or reader, and must not keep the parent's liveness lock alive through its
+ * copy of the descriptor. Marks every handle unusable and closes its fd;
+ * the mapping stays until the handle is closed or collected. */
+static void fork_child(void) {
+    for (HandleObject *h = live_handles; h; h = h->next) {
+        h->flags |= HANDLE_FORKED;
+        if (h->fd >= 0) {
+            close(h->fd);
+            h->fd = -1;
+        }
+    }
+}
 
 typedef struct {
     HANDLE_HEAD
@@ -81,6 +121,7 @@ typedef struct {
 /* Releases the mapping and the descriptor. Never called while a thread
  * sleeps on the mapping (HANDLE_BUSY). */
 static void handle_release(HandleObject *h) {
+    live_handles_remove(h);
     if (h->map) {
         munmap(h->map, h->map_size);
         h->map = NULL;
@@ -145,12 +186,12 @@ static int handle_map(core_state *st, HandleObject *h, int fd, uint64_t capacity
     return 0;
 }
 
-/* Validates the mapping; 0 or -1 with InvalidRing set. */
-static int handle_validate(core_state *st, HandleObject *h) {
+/* Validates the mapping and fills *snap; 0 or -1 with InvalidRing set. */
+static int handle_validate(core_state *st, HandleObject *h, rb_snapshot *snap) {
     struct stat sb;
     uint64_t file_size = h->map_size;
     if (fstat(h->fd, &sb) == 0 && (uint64_t)sb.st_size < file_size) file_size = (uint64_t)sb.st_size;
-    rb_invalid why = rb_validate_header(h->map, file_size);
+    rb_invalid why = rb_validate_header(h->map, file_size, snap);
     if (why != RB_VALID) {
         PyErr_Format(st->InvalidRing, "%R: %s", h->path, rb_invalid_reason(why));
         return -1;
@@ -198,17 +239,41 @@ static int handle_init(PyObject *self, PyObject *args, PyObject *kwds, int write
     if (handle_map(st, h, fd, capacity) < 0) return -1;
     h->fd = fd;
     if (capacity) rb_init(h->map, capacity);
-    if (handle_validate(st, h) < 0) {
+    rb_snapshot snap;
+    if (handle_validate(st, h, &snap) < 0) {
         h->fd = -1; /* the caller still owns fd on failure */
         handle_release(h);
         return -1;
     }
+    rb_result locked = rb_lock_role(fd, writer ? RB_ROLE_WRITER : RB_ROLE_READER);
+    if (locked != RB_OK) {
+        if (locked == RB_BUSY)
+            PyErr_Format(st->RingBusy, "%R already has a live %s", h->path,
+                         writer ? "writer" : "reader");
+        else
+            PyErr_SetFromErrno(PyExc_OSError);
+        h->fd = -1; /* closing it, which the caller does, drops the lock */
+        handle_release(h);
+        return -1;
+    }
+    if (writer && !capacity &&
+        atomic_load_explicit(&((rb_header *)h->map)->writer_closed, memory_order_acquire)) {
+        PyErr_Format(st->RingClosed,
+                     "%R: its writer ended the stream with close(); a closed stream cannot be "
+                     "continued",
+                     h->path);
+        h->fd = -1;
+        handle_release(h);
+        return -1;
+    }
     h->owner_pid = getpid();
+    h->capacity = snap.capacity;
     h->flags = 0;
+    live_handles_add(h);
     if (writer)
-        rb_writer_attach(&((WriterObject *)h)->ring, h->map);
+        rb_writer_attach(&((WriterObject *)h)->ring, h->map, &snap);
     else
-        rb_reader_attach(&((ReaderObject *)h)->ring, h->map);
+        rb_reader_attach(&((ReaderObject *)h)->ring, h->map, &snap);
     return 0;
 }
 
@@ -227,15 +292,18 @@ static PyObject *handle_new(PyTypeObject *type, PyObject *args, PyObject *kwds) 
 static PyObject *handle_unusable(HandleObject *h, const char *what) {
     core_state *st = state_of((PyObject *)h);
     if (!st) return NULL;
-    if (h->flags & HANDLE_BUSY) {
+    if (h->flags & HANDLE_CLOSED)
+        PyErr_Format(st->RingClosed, "%s is closed", what);
+    else if (h->flags & HANDLE_FORKED)
+        PyErr_Format(st->RingError,
+                     "this %s was inherited through fork(); only the process that opened it may "
+                     "use it: open the ring again in the child",
+                     what);
+    else
         PyErr_Format(PyExc_RuntimeError,
                      "another thread is blocked in a call on this %s; a handle is for one thread "
                      "at a time",
                      what);
-    }
-    else {
-        PyErr_Format(st->RingClosed, "%s is closed", what);
-    }
     return NULL;
 }
 
@@ -262,7 +330,8 @@ static int parse_timeout(PyObject *obj, double *out) {
         PyErr_Format(PyExc_ValueError, "timeout must be None or a number >= 0, got %R", obj);
         return -1;
     }
-    *out = isinf(t) ? TIMEOUT_FOREVER : t;
+    /* Beyond ~31 years a deadline in nanoseconds would overflow: wait forever. */
+    *out = t > 1e9 ? TIMEOUT_FOREVER : t;
     return 0;
 }
 
@@ -301,8 +370,9 @@ static int unpack_timeout_args(const char *fname, PyObject *const *args, Py_ssiz
 /* ---- waiting --------------------------------------------------------- */
 
 typedef struct {
-    double timeout;   /* seconds, TIMEOUT_FOREVER, or 0 */
-    int spun;         /* the spin phase is over */
+    double timeout;    /* seconds, TIMEOUT_FOREVER, or 0 */
+    int spun;          /* the spin phase is over */
+    int peer_dead;     /* the peer's liveness lock was found free: retry once, then PeerDied */
     uint64_t deadline; /* CLOCK_MONOTONIC ns, 0 = none; set when the spin ends */
 } wait_state;
 
@@ -313,24 +383,52 @@ static void raise_timeout(HandleObject *h, const char *op, double timeout) {
     if (st) PyErr_SetString(st->RingTimeout, msg);
 }
 
-/* One step of waiting for the peer: spin once with the GIL, then sleep in
- * slices without it. Returns 0 when the caller should retry its operation,
- * -1 with an exception set (RingTimeout, RingClosed, or a signal's).
- * `writer` says which side `h` is. */
-static int handle_wait(HandleObject *h, wait_state *ws, int writer, const char *op) {
-    if (ws->timeout == 0) {
-        raise_timeout(h, op, 0);
+/* Sets ws->peer_dead if the peer this side waits for is gone: for a reader,
+ * nobody holds the writer's lock; for a writer, a reader has attached at
+ * some point and nobody holds the reader's lock now. Also fails if the file
+ * was truncated under the mapping. 0, or -1 with an exception set. */
+static int check_peer(HandleObject *h, wait_state *ws, int writer) {
+    struct stat sb;
+    if (fstat(h->fd, &sb) == 0 && (uint64_t)sb.st_size < h->map_size) {
+        core_state *st = state_of((PyObject *)h);
+        if (st)
+            PyErr_Format(st->InvalidRing,
+                         "%R was truncated to %lld bytes while mapped (it needs %zu); stop using "
+                         "it: touching the missing pages raises SIGBUS",
+                         h->path, (long long)sb.st_size, h->map_size);
         return -1;
     }
+    rb_header *hdr = (rb_header *)h->map;
+    int alive;
+    if (writer)
+        alive = !atomic_load_explicit(&hdr->reader_attached, memory_order_acquire) ||
+                rb_role_alive(h->fd, RB_ROLE_READER) != 0;
+    else
+        alive = rb_role_alive(h->fd, RB_ROLE_WRITER) != 0;
+    if (!alive) ws->peer_dead = 1;
+    return 0;
+}
+
+/* One step of waiting for the peer: spin once with the GIL, then sleep in
+ * slices without it, checking before each slice that the peer still lives.
+ * Returns 0 when the caller should retry its operation (and, if
+ * ws->peer_dead is set, raise PeerDied if it still cannot proceed), -1 with
+ * an exception set (RingTimeout, RingClosed, InvalidRing, or a signal's).
+ * `writer` says which side `h` is. */
+static int handle_wait(HandleObject *h, wait_state *ws, int writer, const char *op) {
     if (!ws->spun) {
         ws->spun = 1;
-        rb_result spun = writer ? rb_spin_writable(&((WriterObject *)h)->ring, h->spin)
-                                : rb_spin_readable(&((ReaderObject *)h)->ring, h->spin);
-        if (ws->timeout > 0) ws->deadline = rb_now_ns() + (uint64_t)(ws->timeout * 1e9);
-        if (spun == RB_WOKEN) return 0;
+        if (ws->timeout != 0) {
+            rb_result spun = writer ? rb_spin_writable(&((WriterObject *)h)->ring, h->spin)
+                                    : rb_spin_readable(&((ReaderObject *)h)->ring, h->spin);
+            if (ws->timeout > 0) ws->deadline = rb_now_ns() + (uint64_t)(ws->timeout * 1e9);
+            if (spun == RB_WOKEN) return 0;
+        }
     }
-    uint64_t now = rb_now_ns();
-    if (ws->deadline && now >= ws->deadline) {
+    if (check_peer(h, ws, writer) < 0) return -1;
+    if (ws->peer_dead) return 0;
+    uint64_t now = ws->timeout == 0 ? 0 : rb_now_ns();
+    if (ws->timeout == 0 || (ws->deadline && now >= ws->deadline)) {
         raise_timeout(h, op, ws->timeout);
         return -1;
     }
@@ -343,16 +441,35 @@ static int handle_wait(HandleObject *h, wait_state *ws, int writer, const char *
     else
         rb_wait_readable(&((ReaderObject *)h)->ring, until);
     Py_END_ALLOW_THREADS
+    /* Still marked busy: a signal handler that closes this handle leaves the
+     * unmap to us too. */
+    int signalled = PyErr_CheckSignals();
     h->flags &= ~HANDLE_BUSY;
     if (h->flags & HANDLE_CLOSED) {
-        /* close() ran in another thread while we slept: it left the unmap to us. */
+        /* close() ran in another thread, or in a signal handler, while we
+         * slept: it left the unmap to us. */
         handle_release(h);
         core_state *st = state_of((PyObject *)h);
-        if (st) PyErr_Format(st->RingClosed, "%s: the handle was closed while waiting", op);
+        if (signalled == 0 && st)
+            PyErr_Format(st->RingClosed, "%s: the handle was closed while waiting", op);
         return -1;
     }
-    if (PyErr_CheckSignals() < 0) return -1;
-    return 0;
+    return signalled;
+}
+
+static void raise_peer_died(HandleObject *h, int writer) {
+    core_state *st = state_of((PyObject *)h);
+    if (!st) return;
+    if (writer)
+        PyErr_Format(st->PeerDied,
+                     "%R: the reader is gone (it died or closed) and the ring is full; a new "
+                     "reader may attach and the writer can continue",
+                     h->path);
+    else
+        PyErr_Format(st->PeerDied,
+                     "%R: the writer died without close(); every message it committed has "
+                     "been read",
+                     h->path);
 }
 
 /* Raises the exception for a result of the C core. Returns NULL. */
@@ -363,7 +480,7 @@ static PyObject *raise_result(HandleObject *h, rb_result res, uint64_t length) {
     case RB_TOO_LARGE:
         PyErr_Format(st->MessageTooLarge, "message of %llu bytes exceeds max_message_size=%llu",
                      (unsigned long long)length,
-                     (unsigned long long)(((rb_header *)h->map)->capacity - RB_RECORD_HEADER));
+                     (unsigned long long)(h->capacity - RB_RECORD_HEADER));
         break;
     case RB_CLOSED:
         PyErr_SetString(st->RingClosed, "the writer closed the ring and every message was read");
@@ -403,7 +520,7 @@ static int writer_put(WriterObject *self, PyObject *data, double timeout, int re
         len = view.len;
     }
     int ret = 1;
-    wait_state ws = {timeout, 0, 0};
+    wait_state ws = {timeout, 0, 0, 0};
     for (;;) {
         rb_result res = rb_try_push(&self->ring, buf, (uint64_t)len);
         if (RB_LIKELY(res == RB_OK)) break;
@@ -414,6 +531,11 @@ static int writer_put(WriterObject *self, PyObject *data, double timeout, int re
         }
         if (report_full) {
             ret = 0;
+            break;
+        }
+        if (ws.peer_dead) {
+            raise_peer_died((HandleObject *)self, 1);
+            ret = -1;
             break;
         }
         if (handle_wait((HandleObject *)self, &ws, 1, op) < 0) {
@@ -544,12 +666,16 @@ static int reader_init(PyObject *self, PyObject *args, PyObject *kwds) {
 static rb_result reader_next(ReaderObject *self, double timeout, int report_empty,
                              int report_closed, const char *op, const void **payload,
                              uint64_t *length) {
-    wait_state ws = {timeout, 0, 0};
+    wait_state ws = {timeout, 0, 0, 0};
     for (;;) {
         rb_result res = rb_peek(&self->ring, payload, length);
         if (RB_LIKELY(res == RB_OK)) return RB_OK;
         if (res == RB_EMPTY) {
             if (report_empty) return RB_EMPTY;
+            if (ws.peer_dead) {
+                raise_peer_died((HandleObject *)self, 0);
+                return RB_TIMEOUT;
+            }
             if (handle_wait((HandleObject *)self, &ws, 0, op) < 0) return RB_TIMEOUT;
             continue;
         }
@@ -696,13 +822,13 @@ static void reader_dealloc(PyObject *op) {
 static PyObject *handle_get_capacity(PyObject *op, void *Py_UNUSED(closure)) {
     HandleObject *h = (HandleObject *)op;
     if (!h->map) return handle_unusable(h, "ring handle");
-    return PyLong_FromUnsignedLongLong(((rb_header *)h->map)->capacity);
+    return PyLong_FromUnsignedLongLong(h->capacity);
 }
 
 static PyObject *handle_get_max_message_size(PyObject *op, void *Py_UNUSED(closure)) {
     HandleObject *h = (HandleObject *)op;
     if (!h->map) return handle_unusable(h, "ring handle");
-    return PyLong_FromUnsignedLongLong(((rb_header *)h->map)->capacity - RB_RECORD_HEADER);
+    return PyLong_FromUnsignedLongLong(h->capacity - RB_RECORD_HEADER);
 }
 
 static PyObject *handle_get_path(PyObject *op, void *Py_UNUSED(closure)) {
@@ -719,14 +845,42 @@ static PyObject *handle_get_spin(PyObject *op, void *Py_UNUSED(closure)) {
     return PyLong_FromUnsignedLong(((HandleObject *)op)->spin);
 }
 
-static PyGetSetDef handle_getset[] = {
-    {"capacity", handle_get_capacity, NULL, "Size of the data area in bytes (a power of two).",
-     NULL},
-    {"max_message_size", handle_get_max_message_size, NULL,
-     "Largest message that fits: capacity - 8.", NULL},
-    {"path", handle_get_path, NULL, "The ring file's path, as given.", NULL},
-    {"closed", handle_get_closed, NULL, "True once close() was called.", NULL},
+static PyObject *role_alive(HandleObject *h, rb_role role) {
+    if (h->flags & (HANDLE_CLOSED | HANDLE_FORKED) || h->fd < 0)
+        return handle_unusable(h, "ring handle");
+    int alive = rb_role_alive(h->fd, role);
+    if (alive < 0) return PyErr_SetFromErrno(PyExc_OSError);
+    return PyBool_FromLong(alive);
+}
+
+static PyObject *writer_get_reader_attached(PyObject *op, void *Py_UNUSED(closure)) {
+    return role_alive((HandleObject *)op, RB_ROLE_READER);
+}
+
+static PyObject *reader_get_writer_alive(PyObject *op, void *Py_UNUSED(closure)) {
+    return role_alive((HandleObject *)op, RB_ROLE_WRITER);
+}
+
+#define HANDLE_GETSET_ENTRIES \
+    {"capacity", handle_get_capacity, NULL, "Size of the data area in bytes (a power of two).", \
+     NULL}, \
+    {"max_message_size", handle_get_max_message_size, NULL, \
+     "Largest message that fits: capacity - 8.", NULL}, \
+    {"path", handle_get_path, NULL, "The ring file's path, as given.", NULL}, \
+    {"closed", handle_get_closed, NULL, "True once close() was called.", NULL}, \
     {"spin", handle_get_spin, NULL, "Spin rounds before a blocking call sleeps.", NULL},
+
+static PyGetSetDef writer_getset[] = {
+    HANDLE_GETSET_ENTRIES
+    {"reader_attached", writer_get_reader_attached, NULL,
+     "True while a live reader is attached (the kernel holds its lock).", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyGetSetDef reader_getset[] = {
+    HANDLE_GETSET_ENTRIES
+    {"writer_alive", reader_get_writer_alive, NULL,
+     "True while a live writer is attached (the kernel holds its lock).", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -746,7 +900,7 @@ static PyType_Slot writer_slots[] = {
     {Py_tp_init, writer_init},
     {Py_tp_dealloc, writer_dealloc},
     {Py_tp_methods, writer_methods},
-    {Py_tp_getset, handle_getset},
+    {Py_tp_getset, writer_getset},
     {0, NULL},
 };
 
@@ -773,7 +927,7 @@ static PyType_Slot reader_slots[] = {
     {Py_tp_init, reader_init},
     {Py_tp_dealloc, reader_dealloc},
     {Py_tp_methods, reader_methods},
-    {Py_tp_getset, handle_getset},
+    {Py_tp_getset, reader_getset},
     {Py_tp_iter, PyObject_SelfIter},
     {Py_tp_iternext, reader_iternext},
     {0, NULL},
@@ -818,6 +972,8 @@ static PyObject *add_exception(PyObject *module, const char *name, const char *d
     return exc;
 }
 
+static int atfork_registered;
+
 static int core_exec(PyObject *module) {
     core_state *st = get_state(module);
     PyObject *bases;
@@ -852,6 +1008,26 @@ static int core_exec(PyObject *module) {
     Py_DECREF(bases);
     if (!st->RingClosed) return -1;
 
+    st->PeerDied = add_exception(
+        module, "PeerDied",
+        "The other side is gone: the writer died without close() (raised once every message "
+        "it committed is read), or the reader died while the writer waits for space.",
+        st->RingError);
+    if (!st->PeerDied) return -1;
+
+    st->RingBusy = add_exception(
+        module, "RingBusy", "The ring already has a live writer (or reader) of this kind.",
+        st->RingError);
+    if (!st->RingBusy) return -1;
+
+    if (!atfork_registered) {
+        if (pthread_atfork(NULL, NULL, fork_child) != 0) {
+            PyErr_SetString(PyExc_OSError, "pthread_atfork failed");
+            return -1;
+        }
+        atfork_registered = 1;
+    }
+
     st->WriterType = (PyTypeObject *)PyType_FromModuleAndSpec(module, &writer_spec, NULL);
     if (!st->WriterType || PyModule_AddType(module, st->WriterType) < 0) return -1;
     st->ReaderType = (PyTypeObject *)PyType_FromModuleAndSpec(module, &reader_spec, NULL);
@@ -874,6 +1050,8 @@ static int core_traverse(PyObject *module, visitproc visit, void *arg) {
     Py_VISIT(st->MessageTooLarge);
     Py_VISIT(st->InvalidRing);
     Py_VISIT(st->RingClosed);
+    Py_VISIT(st->RingBusy);
+    Py_VISIT(st->PeerDied);
     Py_VISIT(st->WriterType);
     Py_VISIT(st->ReaderType);
     return 0;
@@ -886,6 +1064,8 @@ static int core_clear(PyObject *module) {
     Py_CLEAR(st->MessageTooLarge);
     Py_CLEAR(st->InvalidRing);
     Py_CLEAR(st->RingClosed);
+    Py_CLEAR(st->RingBusy);
+    Py_CLEAR(st->PeerDied);
     Py_CLEAR(st->WriterType);
     Py_CLEAR(st->ReaderType);
     return 0;

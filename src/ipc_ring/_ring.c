@@ -6,14 +6,15 @@
 #include "_ring.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #if defined(__linux__)
 #include <linux/futex.h>
 #include <sys/syscall.h>
-#include <unistd.h>
 #elif defined(__APPLE__)
 /* Private but stable since macOS 10.12; libc++ and Rust's std use it too.
  * UL_COMPARE_AND_WAIT_SHARED works across processes on shared memory. */
@@ -103,6 +104,64 @@ void rb_wake_waiting_peer(_Atomic uint32_t *peer_waiting, _Atomic uint32_t *peer
     if (atomic_exchange_explicit(peer_waiting, 0u, memory_order_seq_cst)) rb_wake_on(peer_seq);
 }
 
+/* ---- crash points ---------------------------------------------------- */
+
+#ifdef RB_CRASH_POINTS
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+void rb_crash_point(const char *name) {
+    static int parsed;
+    static char target[64];
+    static long remaining;
+    if (!parsed) {
+        parsed = 1;
+        const char *spec = getenv("IPC_RING_CRASH_AT");
+        if (!spec) return;
+        const char *colon = strchr(spec, ':');
+        size_t n = colon ? (size_t)(colon - spec) : strlen(spec);
+        if (n >= sizeof target) n = sizeof target - 1;
+        memcpy(target, spec, n);
+        target[n] = 0;
+        remaining = colon ? strtol(colon + 1, NULL, 10) : 1;
+    }
+    if (target[0] && strcmp(name, target) == 0 && --remaining == 0) kill(getpid(), SIGKILL);
+}
+#endif
+
+/* ---- liveness -------------------------------------------------------- */
+
+#if defined(F_OFD_SETLK)
+#define RB_SETLK F_OFD_SETLK
+#define RB_GETLK F_OFD_GETLK
+#else
+#define RB_SETLK F_SETLK
+#define RB_GETLK F_GETLK
+#endif
+
+static void rb_role_range(struct flock *fl, rb_role role, short type) {
+    memset(fl, 0, sizeof *fl);
+    fl->l_type = type;
+    fl->l_whence = SEEK_SET;
+    fl->l_start = role == RB_ROLE_WRITER ? RB_LOCK_WRITER_OFFSET : RB_LOCK_READER_OFFSET;
+    fl->l_len = RB_LOCK_LENGTH;
+}
+
+rb_result rb_lock_role(int fd, rb_role role) {
+    struct flock fl;
+    rb_role_range(&fl, role, F_WRLCK);
+    if (fcntl(fd, RB_SETLK, &fl) == 0) return RB_OK;
+    return (errno == EAGAIN || errno == EACCES) ? RB_BUSY : RB_ERROR;
+}
+
+int rb_role_alive(int fd, rb_role role) {
+    struct flock fl;
+    rb_role_range(&fl, role, F_WRLCK);
+    if (fcntl(fd, RB_GETLK, &fl) != 0) return -1;
+    return fl.l_type != F_UNLCK;
+}
+
 /* ---- header ---------------------------------------------------------- */
 
 int rb_capacity_valid(uint64_t capacity) {
@@ -122,21 +181,26 @@ void rb_init(void *base, uint64_t capacity) {
     atomic_store_explicit(&hdr->ready, RB_READY, memory_order_release);
 }
 
-rb_invalid rb_validate_header(const void *base, uint64_t map_size) {
+rb_invalid rb_validate_header(const void *base, uint64_t map_size, rb_snapshot *snap) {
     if (map_size < RB_DATA_OFFSET) return RB_INVALID_SHORT_FILE;
-    rb_header *hdr = (rb_header *)(uintptr_t)base;
+    const volatile rb_header *hdr = (const volatile rb_header *)base;
     if (hdr->magic != RB_MAGIC) return RB_INVALID_MAGIC;
     if (hdr->version != RB_VERSION) return RB_INVALID_VERSION;
-    if (atomic_load_explicit(&hdr->ready, memory_order_acquire) != RB_READY)
+    if (atomic_load_explicit(&((rb_header *)(uintptr_t)base)->ready, memory_order_acquire) !=
+        RB_READY)
         return RB_INVALID_NOT_READY;
     uint64_t capacity = hdr->capacity;
     if (!rb_capacity_valid(capacity)) return RB_INVALID_CAPACITY;
     if (hdr->data_offset != RB_DATA_OFFSET) return RB_INVALID_DATA_OFFSET;
     if (hdr->max_message_size != capacity - RB_RECORD_HEADER) return RB_INVALID_MAX_MESSAGE;
     if (map_size < rb_file_size(capacity)) return RB_INVALID_TRUNCATED;
-    uint64_t w = atomic_load_explicit(&hdr->write_pos, memory_order_acquire);
-    uint64_t r = atomic_load_explicit(&hdr->read_pos, memory_order_acquire);
+    rb_header *live = (rb_header *)(uintptr_t)base;
+    uint64_t w = atomic_load_explicit(&live->write_pos, memory_order_acquire);
+    uint64_t r = atomic_load_explicit(&live->read_pos, memory_order_acquire);
     if (((w | r) & (RB_ALIGN - 1)) || w - r > capacity) return RB_INVALID_POSITIONS;
+    snap->capacity = capacity;
+    snap->write_pos = w;
+    snap->read_pos = r;
     return RB_VALID;
 }
 
@@ -159,14 +223,13 @@ const char *rb_invalid_reason(rb_invalid why) {
 
 /* ---- writer ---------------------------------------------------------- */
 
-void rb_writer_attach(rb_writer *w, void *base) {
-    rb_header *hdr = (rb_header *)base;
-    w->hdr = hdr;
+void rb_writer_attach(rb_writer *w, void *base, const rb_snapshot *snap) {
+    w->hdr = (rb_header *)base;
     w->data = (uint8_t *)base + RB_DATA_OFFSET;
-    w->capacity = hdr->capacity;
-    w->mask = w->capacity - 1;
-    w->write_pos = atomic_load_explicit(&hdr->write_pos, memory_order_acquire);
-    w->read_pos_seen = atomic_load_explicit(&hdr->read_pos, memory_order_acquire);
+    w->capacity = snap->capacity;
+    w->mask = snap->capacity - 1;
+    w->write_pos = snap->write_pos;
+    w->read_pos_seen = snap->read_pos;
     w->need = 0;
 }
 
@@ -199,8 +262,10 @@ rb_result rb_reserve_slow(rb_writer *w, uint64_t length, void **payload) {
         rb_result res = rb_ensure_free(w, to_end);
         if (res != RB_OK) return res;
         rb_write_record_header(w->data + index, to_end - RB_RECORD_HEADER, RB_KIND_PADDING);
+        RB_CRASH_POINT("writer_padding_written");
         w->write_pos += to_end;
         rb_publish(&w->hdr->write_pos, w->write_pos, &w->hdr->reader_waiting, &w->hdr->data_seq);
+        RB_CRASH_POINT("writer_padding_published");
         index = 0;
     }
     rb_result res = rb_ensure_free(w, size);
@@ -211,6 +276,7 @@ rb_result rb_reserve_slow(rb_writer *w, uint64_t length, void **payload) {
 
 void rb_writer_close(rb_writer *w) {
     atomic_store_explicit(&w->hdr->writer_closed, 1u, memory_order_seq_cst);
+    RB_CRASH_POINT("writer_closed_flag_set");
     rb_wake_reader(w->hdr);
 }
 
@@ -236,15 +302,15 @@ rb_result rb_wait_writable(rb_writer *w, uint64_t deadline_ns) {
 
 /* ---- reader ---------------------------------------------------------- */
 
-void rb_reader_attach(rb_reader *r, void *base) {
-    rb_header *hdr = (rb_header *)base;
-    r->hdr = hdr;
+void rb_reader_attach(rb_reader *r, void *base, const rb_snapshot *snap) {
+    r->hdr = (rb_header *)base;
     r->data = (uint8_t *)base + RB_DATA_OFFSET;
-    r->capacity = hdr->capacity;
-    r->mask = r->capacity - 1;
-    r->read_pos = atomic_load_explicit(&hdr->read_pos, memory_order_acquire);
-    r->write_pos_seen = atomic_load_explicit(&hdr->write_pos, memory_order_acquire);
+    r->capacity = snap->capacity;
+    r->mask = snap->capacity - 1;
+    r->read_pos = snap->read_pos;
+    r->write_pos_seen = snap->write_pos;
     r->peeked = 0;
+    atomic_store_explicit(&r->hdr->reader_attached, 1u, memory_order_seq_cst);
 }
 
 /* Loads write_pos into write_pos_seen. RB_OK if there are bytes to read,
@@ -286,6 +352,7 @@ rb_result rb_peek_slow(rb_reader *r, const void **payload, uint64_t *length) {
             return RB_CORRUPT;
         r->read_pos += to_end;
         rb_publish(&r->hdr->read_pos, r->read_pos, &r->hdr->writer_waiting, &r->hdr->space_seq);
+        RB_CRASH_POINT("reader_padding_consumed");
     }
 }
 

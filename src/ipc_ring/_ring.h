@@ -60,7 +60,8 @@ typedef struct rb_header {
     /* block 3 (offset 384): the reader's sleep (FORMAT.md "Waiting") */
     _Atomic uint32_t reader_waiting; /* 1 while the reader may be asleep; set by reader, cleared by either */
     _Atomic uint32_t data_seq;       /* futex word the reader sleeps on; bumped by whoever wakes it */
-    uint8_t reserved3[128 - 8];      /* zero */
+    _Atomic uint32_t reader_attached; /* 1 once any reader has attached; never cleared */
+    uint8_t reserved3[128 - 12];     /* zero */
 
     /* block 4 (offset 512): the writer's sleep and end of stream */
     _Atomic uint32_t writer_waiting; /* 1 while the writer may be asleep; set by writer, cleared by either */
@@ -81,6 +82,7 @@ _Static_assert(offsetof(rb_header, write_pos) == 128, "FORMAT.md: write_pos");
 _Static_assert(offsetof(rb_header, read_pos) == 256, "FORMAT.md: read_pos");
 _Static_assert(offsetof(rb_header, reader_waiting) == 384, "FORMAT.md: reader_waiting");
 _Static_assert(offsetof(rb_header, data_seq) == 388, "FORMAT.md: data_seq");
+_Static_assert(offsetof(rb_header, reader_attached) == 392, "FORMAT.md: reader_attached");
 _Static_assert(offsetof(rb_header, writer_waiting) == 512, "FORMAT.md: writer_waiting");
 _Static_assert(offsetof(rb_header, space_seq) == 516, "FORMAT.md: space_seq");
 _Static_assert(offsetof(rb_header, writer_closed) == 520, "FORMAT.md: writer_closed");
@@ -106,7 +108,9 @@ typedef enum rb_result {
     RB_CORRUPT,     /* the shared state breaks a FORMAT.md invariant */
     RB_TIMEOUT,     /* a wait reached its deadline */
     RB_INTERRUPTED, /* a wait was interrupted by a signal (EINTR) */
-    RB_WOKEN        /* a wait returned: the condition may have changed */
+    RB_WOKEN,       /* a wait returned: the condition may have changed */
+    RB_BUSY,        /* a live process already holds this role's lock */
+    RB_ERROR        /* a system call failed; errno says why */
 } rb_result;
 
 /* Why a header is refused (rb_validate_header); text in rb_invalid_reason. */
@@ -168,16 +172,25 @@ int rb_capacity_valid(uint64_t capacity);
  * rb_file_size(capacity) bytes; `ready` is stored last, with release. */
 void rb_init(void *base, uint64_t capacity);
 
+/* What rb_validate_header read and checked, for rb_*_attach: each shared
+ * field is loaded once, so a process rewriting the header concurrently
+ * cannot slip an unchecked value past the check. */
+typedef struct rb_snapshot {
+    uint64_t capacity;  /* a valid capacity that fits in the mapping */
+    uint64_t write_pos; /* 8-aligned, at most capacity ahead of read_pos */
+    uint64_t read_pos;  /* 8-aligned */
+} rb_snapshot;
+
 /* Checks a mapping of `map_size` bytes: every header field and the positions.
- * Returns RB_VALID or the first reason it is not a usable ring. */
-rb_invalid rb_validate_header(const void *base, uint64_t map_size);
+ * Returns RB_VALID (and fills *snap) or the first reason it is not a usable ring. */
+rb_invalid rb_validate_header(const void *base, uint64_t map_size, rb_snapshot *snap);
 
 /* One line of text for an rb_invalid value. */
 const char *rb_invalid_reason(rb_invalid why);
 
-/* Attach to a mapping that rb_validate_header accepted. */
-void rb_writer_attach(rb_writer *w, void *base);
-void rb_reader_attach(rb_reader *r, void *base);
+/* Attach to a mapping that rb_validate_header accepted, with its snapshot. */
+void rb_writer_attach(rb_writer *w, void *base, const rb_snapshot *snap);
+void rb_reader_attach(rb_reader *r, void *base, const rb_snapshot *snap);
 
 /* Writer: marks end of stream and wakes the reader. */
 void rb_writer_close(rb_writer *w);
@@ -200,8 +213,39 @@ rb_result rb_wait_writable(rb_writer *w, uint64_t deadline_ns);
 void rb_wake_reader(rb_header *hdr);
 void rb_wake_writer(rb_header *hdr);
 
+/* ---- liveness (FORMAT.md "Liveness and roles") -----------------------
+ * Each attached side holds a write lock on its role's byte range of the
+ * file: an open-file-description lock on Linux (owned by the open file, so
+ * two handles in one process are told apart), a POSIX record lock
+ * elsewhere. The kernel drops it when the process dies, however it dies. */
+
+typedef enum rb_role { RB_ROLE_WRITER = 0, RB_ROLE_READER = 1 } rb_role;
+
+#define RB_LOCK_WRITER_OFFSET 128u /* the write_pos block */
+#define RB_LOCK_READER_OFFSET 256u /* the read_pos block */
+#define RB_LOCK_LENGTH 8u
+
+/* Takes `role`'s lock on `fd` without waiting. RB_OK, RB_BUSY if a live
+ * process holds it, or RB_ERROR with errno set. */
+rb_result rb_lock_role(int fd, rb_role role);
+
+/* 1 if some other open file (another process, or another handle in this
+ * one on Linux) holds `role`'s lock, 0 if nobody does, -1 with errno set. */
+int rb_role_alive(int fd, rb_role role);
+
 /* CLOCK_MONOTONIC in nanoseconds. */
 uint64_t rb_now_ns(void);
+
+/* ---- crash points (FORMAT.md "Crash contract") -----------------------
+ * Built only with -DRB_CRASH_POINTS (the crash tests' C peer): the process
+ * kills itself with SIGKILL at the named step when IPC_RING_CRASH_AT is
+ * "name" or "name:N" (the N-th time the step is reached, from 1). */
+#ifdef RB_CRASH_POINTS
+void rb_crash_point(const char *name);
+#define RB_CRASH_POINT(name) rb_crash_point(name)
+#else
+#define RB_CRASH_POINT(name) ((void)0)
+#endif
 
 /* ---- the per-message path, inline (FORMAT.md "Push and pop") ----------
  * The common case of each call is here so that it inlines into the glue;
@@ -246,8 +290,10 @@ static inline rb_result rb_reserve(rb_writer *w, uint64_t length, void **payload
 static inline void rb_commit(rb_writer *w, uint64_t length) {
     rb_record rec = {(uint32_t)length, RB_KIND_MESSAGE};
     memcpy(w->data + (w->write_pos & w->mask), &rec, sizeof rec);
+    RB_CRASH_POINT("writer_header_written");
     w->write_pos += rb_record_size(length);
     rb_publish(&w->hdr->write_pos, w->write_pos, &w->hdr->reader_waiting, &w->hdr->data_seq);
+    RB_CRASH_POINT("writer_published");
 }
 
 /* Writer: copy + publish in one call. RB_OK, RB_FULL, RB_TOO_LARGE, RB_CORRUPT. */
@@ -256,6 +302,7 @@ static inline rb_result rb_try_push(rb_writer *w, const void *src, uint64_t leng
     rb_result res = rb_reserve(w, length, &payload);
     if (RB_UNLIKELY(res != RB_OK)) return res;
     memcpy(payload, src, length);
+    RB_CRASH_POINT("writer_payload_copied");
     rb_commit(w, length);
     return RB_OK;
 }
@@ -286,6 +333,7 @@ static inline void rb_consume(rb_reader *r) {
     r->read_pos += r->peeked;
     r->peeked = 0;
     rb_publish(&r->hdr->read_pos, r->read_pos, &r->hdr->writer_waiting, &r->hdr->space_seq);
+    RB_CRASH_POINT("reader_consumed");
 }
 
 #endif /* IPC_RING_RING_H */

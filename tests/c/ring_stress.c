@@ -27,6 +27,7 @@ static uint64_t n_messages = 2000000;
 static uint64_t capacity = 4096;
 static uint32_t spin = 100;
 static void *mapping;
+static rb_snapshot snapshot; /* of the fresh ring, for both threads */
 
 /* xorshift64*: the size and fill of message `seq`, the same on both sides. */
 static uint64_t mix(uint64_t x) {
@@ -57,7 +58,7 @@ static void fill(uint8_t *buf, uint64_t seq, uint64_t len) {
 static void *writer_main(void *arg) {
     (void)arg;
     rb_writer w;
-    rb_writer_attach(&w, mapping);
+    rb_writer_attach(&w, mapping, &snapshot);
     uint64_t max_len = capacity - RB_RECORD_HEADER;
     uint8_t *buf = malloc(max_len + 1);
     for (uint64_t seq = 0; seq < n_messages; seq++) {
@@ -81,7 +82,7 @@ static void *writer_main(void *arg) {
 static void *reader_main(void *arg) {
     (void)arg;
     rb_reader r;
-    rb_reader_attach(&r, mapping);
+    rb_reader_attach(&r, mapping, &snapshot);
     uint64_t max_len = capacity - RB_RECORD_HEADER;
     uint8_t *expect = malloc(max_len + 1);
     uint64_t seq = 0;
@@ -132,7 +133,7 @@ int main(int argc, char **argv) {
         return 1;
     }
     rb_init(mapping, capacity);
-    if (rb_validate_header(mapping, size) != RB_VALID) {
+    if (rb_validate_header(mapping, size, &snapshot) != RB_VALID) {
         fprintf(stderr, "fresh ring does not validate\n");
         return 1;
     }
