@@ -40,7 +40,8 @@ WRITER_WAITING_AT = 512
 SPACE_SEQ_AT = 516
 WRITER_CLOSED_AT = 520
 # (start, end) of every reserved range of the header page: zero in version 1.
-RESERVED = [(40, 128), (136, 256), (264, 384), (392, 512), (524, 4096)]
+READER_ATTACHED_AT = 392
+RESERVED = [(40, 128), (136, 256), (264, 384), (396, 512), (524, 4096)]
 
 # FORMAT.md "Records"
 RECORD_HEADER = 8
@@ -144,6 +145,7 @@ def test_reserved_header_bytes_stay_zero_through_pushes_pops_and_close(ring_file
             w.push(bytes([i]) * (i % 25), timeout=TIMEOUT)
             assert r.pop(timeout=TIMEOUT) == bytes([i]) * (i % 25)
     data = file_bytes(ring_file)
+    assert struct.unpack_from("<I", data, READER_ATTACHED_AT)[0] == 1
     for start, end in RESERVED:
         assert data[start:end] == bytes(end - start), f"reserved bytes {start}..{end}"
 
