@@ -462,16 +462,20 @@ static int handle_wait(HandleObject *h, wait_state *ws, int writer, const char *
     else
         rb_wait_readable(&((ReaderObject *)h)->ring, until);
     Py_END_ALLOW_THREADS
+    /* Still marked busy: a signal handler that closes this handle leaves the
+     * unmap to us too. */
+    int signalled = PyErr_CheckSignals();
     h->flags &= ~HANDLE_BUSY;
     if (h->flags & HANDLE_CLOSED) {
-        /* close() ran in another thread while we slept: it left the unmap to us. */
+        /* close() ran in another thread, or in a signal handler, while we
+         * slept: it left the unmap to us. */
         handle_release_if_idle(h);
         core_state *st = state_of((PyObject *)h);
-        if (st) PyErr_Format(st->RingClosed, "%s: the handle was closed while waiting", op);
+        if (signalled == 0 && st)
+            PyErr_Format(st->RingClosed, "%s: the handle was closed while waiting", op);
         return -1;
     }
-    if (PyErr_CheckSignals() < 0) return -1;
-    return 0;
+    return signalled;
 }
 
 static void raise_peer_died(HandleObject *h, int writer) {
