@@ -9,7 +9,14 @@ import sys
 
 from setuptools import Extension, setup
 
-flags = ["-std=c11", "-Wall", "-Wextra", "-Wshadow", "-Wconversion", "-Wno-missing-field-initializers"]
+flags = [
+    "-std=c11",
+    "-Wall",
+    "-Wextra",
+    "-Wshadow",
+    "-Wconversion",
+    "-Wno-missing-field-initializers",
+]
 link_flags: list[str] = []
 if os.environ.get("IPC_RING_DEBUG"):
     flags += ["-O0", "-g3", "-UNDEBUG"]
@@ -17,7 +24,7 @@ else:
     flags += ["-O2"]
 if os.environ.get("IPC_RING_SANITIZE"):
     san = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=all"]
-    flags += san + ["-g"]
+    flags += [*san, "-g"]
     link_flags += san
 
 core = Extension(
