@@ -8,24 +8,36 @@ seed's JSON line, then a line for people.
 Roles: ``both`` (default) removes a stale ring, starts a writer process and
 a reader process, lets the writer start once the reader is attached, and
 removes the ring at the end; ``writer`` and ``reader`` run one side alone.
+
+APIs (``--api``): ``single`` (push / pop), ``batch`` (push_many / pop_many of
+``--batch`` messages), ``zero-copy`` (reserve / pop_view: the writer writes
+only the sequence number into the reserved record, in place, as a producer
+that computes its payload in the ring would; the reader reads it in place).
+
+``--latency`` measures instead: the round trip of one message through two
+rings (spinning), and the one-way wake-up latency of a reader asleep in pop.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import platform
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from struct import Struct
 
 from ._api import RingReader, RingWriter
 
 # A pop that waits longer than this means the writer is gone: fail, don't hang.
 STALL_TIMEOUT = 30.0
+APIS = ("single", "batch", "zero-copy")
+SEQUENCE = Struct("<Q")
 
 
 def default_ring_path() -> str:
@@ -40,6 +52,11 @@ class BenchConfig:
     cap: int
     messages: int
     msg_size: int
+    api: str = "single"
+    batch: int = 256
+    spin: int | None = None
+    pin: tuple[int, int] | None = None  # writer's CPU, reader's CPU
+    latency_samples: int = 2000
 
 
 def _remove(path: str) -> None:
@@ -47,30 +64,148 @@ def _remove(path: str) -> None:
         os.unlink(path)
 
 
+def _pin(cfg: BenchConfig, role: str) -> None:
+    if cfg.pin is not None and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {cfg.pin[0] if role == "writer" else cfg.pin[1]})
+
+
+# ---- throughput ------------------------------------------------------------
+
+
+def _write_single(writer: RingWriter, cfg: BenchConfig) -> None:
+    message = bytearray(cfg.msg_size)
+    sequence = memoryview(message)[:8].cast("Q")
+    push = writer.push
+    for i in range(cfg.messages):
+        sequence[0] = i
+        push(message, STALL_TIMEOUT)
+
+
+def _write_batch(writer: RingWriter, cfg: BenchConfig) -> None:
+    # One buffer holds a whole batch; one pack_into sets every sequence number.
+    size, batch = cfg.msg_size, cfg.batch
+    block = memoryview(bytearray(size * batch))
+    messages = [block[k * size : (k + 1) * size] for k in range(batch)]
+    layout = Struct("<" + f"Q{size - 8}x" * batch)
+    sequences = [m[:8].cast("Q") for m in messages]
+    push_many = writer.push_many
+    for start in range(0, cfg.messages, batch):
+        count = min(batch, cfg.messages - start)
+        if count == batch:
+            layout.pack_into(block, 0, *range(start, start + batch))
+            push_many(messages, STALL_TIMEOUT)
+        else:
+            for j in range(count):
+                sequences[j][0] = start + j
+            push_many(messages[:count], STALL_TIMEOUT)
+
+
+def _write_zero_copy(writer: RingWriter, cfg: BenchConfig) -> None:
+    reserve = writer.reserve
+    pack_into = SEQUENCE.pack_into
+    size = cfg.msg_size
+    for i in range(cfg.messages):
+        with reserve(size, STALL_TIMEOUT) as mv:
+            pack_into(mv, 0, i)
+
+
+WRITERS: dict[str, Callable[[RingWriter, BenchConfig], None]] = {
+    "single": _write_single,
+    "batch": _write_batch,
+    "zero-copy": _write_zero_copy,
+}
+
+
+def _read_single(reader: RingReader, cfg: BenchConfig) -> tuple[float, int]:
+    unpack = SEQUENCE.unpack_from
+    pop = reader.pop
+    errors = 0
+    first = pop(STALL_TIMEOUT)
+    start = time.perf_counter()
+    if len(first) != cfg.msg_size or unpack(first)[0] != 0:
+        errors += 1
+    for expected in range(1, cfg.messages):
+        msg = pop(STALL_TIMEOUT)
+        if unpack(msg)[0] != expected or len(msg) != cfg.msg_size:
+            errors += 1
+    return start, errors
+
+
+def _count_errors(batch: list[bytes], following: range, size: int) -> int:
+    """Messages of `batch` whose sequence number or length is wrong."""
+    unpack = SEQUENCE.unpack_from
+    pairs = zip(batch, following, strict=True)
+    return sum(len(msg) != size or unpack(msg)[0] != want for msg, want in pairs)
+
+
+def _read_batch(reader: RingReader, cfg: BenchConfig) -> tuple[float, int]:
+    pop_many = reader.pop_many
+    size = cfg.msg_size
+    errors = 0
+    expected = 0
+    start = 0.0
+    while expected < cfg.messages:
+        batch = pop_many(min(cfg.batch, cfg.messages - expected), STALL_TIMEOUT)
+        if expected == 0:
+            start = time.perf_counter()
+        # Every sequence number, a batch at a time: in the joined batch each
+        # one must sit at exactly k * size, and the total length must be
+        # len(batch) * size, so a message of any other length shifts every
+        # later one and fails the check.
+        following = range(expected, expected + len(batch))
+        if size % 8 == 0:
+            joined = b"".join(batch)
+            sequences = memoryview(joined).cast("Q")[:: size // 8].tolist()
+            if len(joined) != size * len(batch) or sequences != list(following):
+                errors += _count_errors(batch, following, size)
+        else:
+            errors += _count_errors(batch, following, size)
+        expected += len(batch)
+    return start, errors
+
+
+def _read_zero_copy(reader: RingReader, cfg: BenchConfig) -> tuple[float, int]:
+    unpack = SEQUENCE.unpack_from
+    pop_view = reader.pop_view
+    size = cfg.msg_size
+    errors = 0
+    start = 0.0
+    for expected in range(cfg.messages):
+        with pop_view(STALL_TIMEOUT) as mv:
+            if unpack(mv)[0] != expected or len(mv) != size:
+                errors += 1
+        if expected == 0:
+            start = time.perf_counter()
+    return start, errors
+
+
+READERS: dict[str, Callable[[RingReader, BenchConfig], tuple[float, int]]] = {
+    "single": _read_single,
+    "batch": _read_batch,
+    "zero-copy": _read_zero_copy,
+}
+
+
 def run_writer(cfg: BenchConfig, wait_for_go: bool) -> int:
     """Create the ring, optionally wait for "go" on stdin, push every message, close."""
+    _pin(cfg, "writer")
     _remove(cfg.ring)
-    with RingWriter.create(cfg.ring, cfg.cap) as writer:
+    with RingWriter.create(cfg.ring, cfg.cap, spin=cfg.spin) as writer:
         if wait_for_go:
             print("ready", flush=True)
             if sys.stdin.readline().strip() != "go":
                 return 1
-        message = bytearray(cfg.msg_size)
-        sequence = memoryview(message)[:8].cast("Q")
-        push = writer.push
-        for i in range(cfg.messages):
-            sequence[0] = i
-            push(message, STALL_TIMEOUT)
+        WRITERS[cfg.api](writer, cfg)
     if not wait_for_go:
         _remove(cfg.ring)
     return 0
 
 
-def _open_when_created(path: str, patience: float) -> RingReader:
+def _open_when_created(path: str, patience: float, spin: int | None) -> RingReader:
     deadline = time.monotonic() + patience
     while True:
         try:
-            return RingReader.open(path)
+            return RingReader.open(path, spin=spin)
         except FileNotFoundError:
             if time.monotonic() > deadline:
                 raise
@@ -79,20 +214,11 @@ def _open_when_created(path: str, patience: float) -> RingReader:
 
 def run_reader(cfg: BenchConfig, announce: bool) -> int:
     """Pop and check every message, then print the results."""
-    unpack = Struct("<Q").unpack_from
-    errors = 0
-    with _open_when_created(cfg.ring, STALL_TIMEOUT) as reader:
+    _pin(cfg, "reader")
+    with _open_when_created(cfg.ring, STALL_TIMEOUT, cfg.spin) as reader:
         if announce:
             print("ready", flush=True)
-        pop = reader.pop
-        first = pop(STALL_TIMEOUT)
-        start = time.perf_counter()
-        if len(first) != cfg.msg_size or unpack(first)[0] != 0:
-            errors += 1
-        for expected in range(1, cfg.messages):
-            msg = pop(STALL_TIMEOUT)
-            if unpack(msg)[0] != expected or len(msg) != cfg.msg_size:
-                errors += 1
+        start, errors = READERS[cfg.api](reader, cfg)
         elapsed = time.perf_counter() - start
     # The clock starts when message 0 arrives, so it times messages 1..N-1.
     timed = max(cfg.messages - 1, 1)
@@ -104,23 +230,33 @@ def run_reader(cfg: BenchConfig, announce: bool) -> int:
         f'"elapsed_sec":{elapsed:.6f},"msgs_per_sec":{rate:.0f},"MiB_per_sec":{mib:.2f}}}'
     )
     print(line)
+    api = cfg.api if cfg.api != "batch" else f"batch of {cfg.batch}"
     print(
-        f"ipc_ring {cfg.messages:,} messages of {cfg.msg_size} B through a {cfg.cap:,} B ring "
-        f"at {cfg.ring}: {rate / 1e6:.2f} M msgs/s, {mib:,.0f} MiB/s, "
-        f"{errors} sequence errors ({platform.machine()}, {os.cpu_count()} CPUs, "
-        f"Python {platform.python_version()})",
+        f"ipc_ring ({api}) {cfg.messages:,} messages of {cfg.msg_size} B through a "
+        f"{cfg.cap:,} B ring at {cfg.ring}: {rate / 1e6:.2f} M msgs/s, {mib:,.0f} MiB/s, "
+        f"{rate * cfg.msg_size / 1e9:.2f} GB/s, {errors} sequence errors "
+        f"({platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()})",
         flush=True,
     )
     return 1 if errors else 0
 
 
+# ---- orchestration ---------------------------------------------------------
+
+
 def _child(role: str, cfg: BenchConfig) -> list[str]:
-    return [
+    args = [
         sys.executable, "-m", "ipc_ring", "bench", role,
         "--ring", cfg.ring, "--cap", str(cfg.cap),
         "--messages", str(cfg.messages), "--msg-size", str(cfg.msg_size),
-        "--handshake",
+        "--api", cfg.api, "--batch", str(cfg.batch),
+        "--latency-samples", str(cfg.latency_samples), "--handshake",
     ]  # fmt: skip
+    if cfg.spin is not None:
+        args += ["--spin", str(cfg.spin)]
+    if cfg.pin is not None:
+        args += ["--pin", f"{cfg.pin[0]},{cfg.pin[1]}"]
+    return args
 
 
 def _expect_line(proc: subprocess.Popen[str], want: str, who: str) -> None:
@@ -130,23 +266,24 @@ def _expect_line(proc: subprocess.Popen[str], want: str, who: str) -> None:
         raise RuntimeError(f"bench {who} failed to start (said {line!r})")
 
 
-def run_both(cfg: BenchConfig) -> int:
-    """Writer and reader in two fresh processes; the writer starts once the reader is attached."""
-    _remove(cfg.ring)
+def _run_pair(first: list[str], second: list[str], rings: list[str]) -> int:
+    """Start `first` (it creates a ring and waits for "go" on stdin), then
+    `second` (it attaches and says "ready"), then let `first` go; relay
+    `second`'s output. Removes `rings` at the end."""
+    for ring in rings:
+        _remove(ring)
     procs: list[subprocess.Popen[str]] = []
     try:
-        writer = subprocess.Popen(
-            _child("writer", cfg), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-        )
-        procs.append(writer)
-        _expect_line(writer, "ready", "writer")
-        reader = subprocess.Popen(_child("reader", cfg), stdout=subprocess.PIPE, text=True)
-        procs.append(reader)
-        _expect_line(reader, "ready", "reader")
-        assert writer.stdin is not None and reader.stdout is not None
-        writer.stdin.write("go\n")
-        writer.stdin.flush()
-        for line in reader.stdout:
+        one = subprocess.Popen(first, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        procs.append(one)
+        _expect_line(one, "ready", first[4])
+        two = subprocess.Popen(second, stdout=subprocess.PIPE, text=True)
+        procs.append(two)
+        _expect_line(two, "ready", second[4])
+        assert one.stdin is not None and two.stdout is not None
+        one.stdin.write("go\n")
+        one.stdin.flush()
+        for line in two.stdout:
             print(line, end="", flush=True)
         codes = [p.wait(timeout=STALL_TIMEOUT) for p in procs]
         return 0 if codes == [0, 0] else 1
@@ -155,4 +292,105 @@ def run_both(cfg: BenchConfig) -> int:
             if p.poll() is None:
                 p.kill()
                 p.wait()
-        _remove(cfg.ring)
+        for ring in rings:
+            _remove(ring)
+
+
+def run_both(cfg: BenchConfig) -> int:
+    """Writer and reader in two fresh processes; the writer starts once the reader is attached."""
+    return _run_pair(_child("writer", cfg), _child("reader", cfg), [cfg.ring])
+
+
+# ---- latency ---------------------------------------------------------------
+
+
+def _percentiles(samples_ns: list[int]) -> dict[str, float]:
+    ordered = sorted(samples_ns)
+
+    def at(q: float) -> float:
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] / 1000.0
+
+    return {"p50": at(0.50), "p99": at(0.99), "p99.9": at(0.999), "max": ordered[-1] / 1000.0}
+
+
+def _pong_path(cfg: BenchConfig) -> str:
+    return cfg.ring + ".pong"
+
+
+def _warmup(cfg: BenchConfig) -> int:
+    return min(1000, cfg.messages)
+
+
+def run_latency_echo(cfg: BenchConfig) -> int:
+    """Far side: create the pong ring, wait for go, echo the round-trip
+    messages, then time the wake-ups: each message carries the monotonic
+    clock at its push, and this side sleeps in pop between them. The
+    wake-up samples go back to the client as a last message."""
+    _pin(cfg, "writer")
+    with RingWriter.create(_pong_path(cfg), cfg.cap, spin=cfg.spin) as pong:
+        print("ready", flush=True)
+        if sys.stdin.readline().strip() != "go":
+            return 1
+        with _open_when_created(cfg.ring, STALL_TIMEOUT, cfg.spin) as ping:
+            for _ in range(cfg.messages + _warmup(cfg)):
+                pong.push(ping.pop(STALL_TIMEOUT), STALL_TIMEOUT)
+            wakes = []
+            for _ in range(cfg.latency_samples):
+                msg = ping.pop(STALL_TIMEOUT)
+                wakes.append(time.monotonic_ns() - SEQUENCE.unpack_from(msg)[0])
+                pong.push(b"", STALL_TIMEOUT)
+            pong.push(json.dumps(wakes).encode(), STALL_TIMEOUT)
+    return 0
+
+
+def run_latency_client(cfg: BenchConfig) -> int:
+    """Near side: round trips with both sides spinning, then one message
+    every millisecond to the sleeping far side, which times its wake-up."""
+    _pin(cfg, "reader")
+    pong = _open_when_created(_pong_path(cfg), STALL_TIMEOUT, cfg.spin)
+    with pong, RingWriter.create(cfg.ring, cfg.cap, spin=cfg.spin) as ping:
+        print("ready", flush=True)
+        message = bytearray(cfg.msg_size)
+        sequence = memoryview(message)[:8].cast("Q")
+        clock = time.perf_counter_ns
+        rounds: list[int] = []
+        warmup = _warmup(cfg)
+        for i in range(cfg.messages + warmup):
+            sequence[0] = i
+            t0 = clock()
+            ping.push(message, STALL_TIMEOUT)
+            echoed = pong.pop(STALL_TIMEOUT)
+            t1 = clock()
+            if SEQUENCE.unpack_from(echoed)[0] != i:
+                print(f"round trip {i}: wrong message", file=sys.stderr)
+                return 1
+            if i >= warmup:
+                rounds.append(t1 - t0)
+        # 1 ms apart: far longer than the far side's spin, so it is asleep.
+        for _ in range(cfg.latency_samples):
+            time.sleep(0.001)
+            sequence[0] = time.monotonic_ns()
+            ping.push(message, STALL_TIMEOUT)
+            pong.pop(STALL_TIMEOUT)
+        wakes: list[int] = json.loads(pong.pop(STALL_TIMEOUT))
+    rt = _percentiles(rounds)
+    wk = _percentiles(wakes)
+    print(json.dumps({"msg_size": cfg.msg_size, "round_trip_us": rt, "wakeup_us": wk}))
+    print(
+        f"round trip, both sides spinning ({len(rounds):,} messages of {cfg.msg_size} B): "
+        f"p50 {rt['p50']:.2f} us, p99 {rt['p99']:.2f} us, p99.9 {rt['p99.9']:.2f} us\n"
+        f"one way to a reader asleep in pop ({len(wakes):,} samples, 1 ms apart): "
+        f"p50 {wk['p50']:.1f} us, p99 {wk['p99']:.1f} us, p99.9 {wk['p99.9']:.1f} us",
+        flush=True,
+    )
+    return 0
+
+
+def run_latency(cfg: BenchConfig) -> int:
+    return _run_pair(
+        _child("latency-echo", cfg), _child("latency-client", cfg), [cfg.ring, _pong_path(cfg)]
+    )
+
+
+def describe(cfg: BenchConfig) -> str:
+    return json.dumps(asdict(cfg))

@@ -18,6 +18,12 @@
 #include "_ring.h"
 
 #define DEFAULT_SPIN 2000u
+
+#ifdef MAP_POPULATE
+#define RB_MAP_POPULATE MAP_POPULATE
+#else
+#define RB_MAP_POPULATE 0
+#endif
 /* Longest single sleep: a signal that lands just before the sleep starts,
  * or a closed handle, is noticed within this time. */
 #define SLEEP_SLICE_NS 50000000u
@@ -187,7 +193,9 @@ static int handle_map(core_state *st, HandleObject *h, int fd, uint64_t capacity
         }
     }
     size_t map_size = capacity ? (size_t)rb_file_size(capacity) : RB_DATA_OFFSET;
-    void *map = mmap(NULL, map_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    /* Pre-fault the page tables (README "Performance": a first lap through
+     * an unpopulated mapping costs a minor fault per page, ~1.5 us each). */
+    void *map = mmap(NULL, map_size, PROT_READ | PROT_WRITE, MAP_SHARED | RB_MAP_POPULATE, fd, 0);
     if (map == MAP_FAILED) {
         PyErr_SetFromErrno(PyExc_OSError);
         return -1;
@@ -877,6 +885,71 @@ PyDoc_STRVAR(writer_push_many_doc,
 "exception's `written` attribute says how many, so a retry with\n"
 "messages[e.written:] neither loses nor duplicates anything.");
 
+typedef struct {
+    wait_state ws;
+    Py_ssize_t written; /* published */
+    Py_ssize_t staged;  /* copied into the ring, not yet published */
+} batch_state;
+
+/* Stages one message of push_many, waiting for space as needed (and
+ * publishing what is staged first). 0, or -1 with an exception set. */
+static int batch_put(WriterObject *self, PyObject *item, batch_state *bs) {
+    if (self->flags & HANDLE_CLOSED) {
+        /* closed by Python code the iterable or a buffer export ran */
+        self->flags &= ~HANDLE_BATCH;
+        handle_unusable((HandleObject *)self, "RingWriter");
+        self->flags |= HANDLE_BATCH;
+        return -1;
+    }
+    Py_buffer view;
+    const void *buf = NULL;
+    Py_ssize_t len = 0;
+    int have_view = 0, ret = 0;
+    if (!PyBytes_CheckExact(item) && !PyByteArray_CheckExact(item)) {
+        if (PyObject_GetBuffer(item, &view, PyBUF_SIMPLE) < 0) return -1;
+        have_view = 1;
+        buf = view.buf;
+        len = view.len;
+    }
+    for (;;) {
+        void *payload;
+        /* bytes and bytearray are read without a buffer export, afresh on
+         * every attempt: a wait releases the GIL, and another thread may
+         * resize a bytearray meanwhile. */
+        if (!have_view) borrow_simple_bytes(item, &buf, &len);
+        rb_result res = rb_reserve(&self->ring, (uint64_t)len, &payload);
+        if (RB_LIKELY(res == RB_OK)) {
+            memcpy(payload, buf, (size_t)len);
+            rb_stage(&self->ring, (uint64_t)len);
+            bs->staged++;
+            bs->ws.spun = 0;
+            break;
+        }
+        /* Hand the reader what is staged before waiting or failing. */
+        if (bs->staged) {
+            rb_flush(&self->ring);
+            bs->written += bs->staged;
+            bs->staged = 0;
+        }
+        if (res != RB_FULL) {
+            raise_result((HandleObject *)self, res, (uint64_t)len);
+            ret = -1;
+            break;
+        }
+        if (bs->ws.peer_dead) {
+            raise_peer_died((HandleObject *)self, 1);
+            ret = -1;
+            break;
+        }
+        if (handle_wait((HandleObject *)self, &bs->ws, 1, "push_many") < 0) {
+            ret = -1;
+            break;
+        }
+    }
+    if (have_view) PyBuffer_Release(&view);
+    return ret;
+}
+
 static PyObject *writer_push_many(PyObject *op, PyObject *const *args, Py_ssize_t nargs,
                                   PyObject *kwnames) {
     WriterObject *self = (WriterObject *)op;
@@ -886,89 +959,45 @@ static PyObject *writer_push_many(PyObject *op, PyObject *const *args, Py_ssize_
         return NULL;
     if (parse_timeout(timeout_obj, &timeout) < 0) return NULL;
     CHECK_USABLE(self, "RingWriter");
-    PyObject *iter = PyObject_GetIter(messages);
-    if (!iter) return NULL;
-    Py_ssize_t written = 0, staged = 0;
-    wait_state ws = {timeout, 0, 0, 0};
-    PyObject *item;
+    batch_state bs = {{timeout, 0, 0, 0}, 0, 0};
     int failed = 0;
-    /* The iterable runs Python code, which may call this handle (refused) or
-     * close it (the unmap waits for us). */
+    /* Python code may run mid-batch (an iterator, a buffer export): it may
+     * call this handle (refused) or close it (the unmap waits for us). */
     self->flags |= HANDLE_BATCH;
-    while (!failed && (item = PyIter_Next(iter)) != NULL) {
-        if (self->flags & HANDLE_CLOSED) {
+    if (PyList_CheckExact(messages) || PyTuple_CheckExact(messages)) {
+        /* No iterator: the size is re-read every round, as such code may
+         * shrink a list. */
+        for (Py_ssize_t i = 0; !failed && i < PySequence_Fast_GET_SIZE(messages); i++) {
+            PyObject *item = Py_NewRef(PySequence_Fast_GET_ITEM(messages, i));
+            failed = batch_put(self, item, &bs) < 0;
             Py_DECREF(item);
-            self->flags &= ~HANDLE_BATCH;
-            handle_unusable((HandleObject *)self, "RingWriter");
-            self->flags |= HANDLE_BATCH;
-            failed = 1;
-            break;
         }
-        Py_buffer view;
-        const void *buf;
-        Py_ssize_t len;
-        int have_view = 0;
-        if (PyBytes_CheckExact(item)) {
-            /* immutable, and `item` keeps it alive across a wait */
-            buf = PyBytes_AS_STRING(item);
-            len = PyBytes_GET_SIZE(item);
-        }
-        else if (PyObject_GetBuffer(item, &view, PyBUF_SIMPLE) < 0) {
+    }
+    else {
+        PyObject *iter = PyObject_GetIter(messages);
+        if (!iter) {
             failed = 1;
-            Py_DECREF(item);
-            break;
         }
         else {
-            have_view = 1;
-            buf = view.buf;
-            len = view.len;
+            PyObject *item;
+            while (!failed && (item = PyIter_Next(iter)) != NULL) {
+                failed = batch_put(self, item, &bs) < 0;
+                Py_DECREF(item);
+            }
+            Py_DECREF(iter);
         }
-        for (;;) {
-            void *payload;
-            rb_result res = rb_reserve(&self->ring, (uint64_t)len, &payload);
-            if (RB_LIKELY(res == RB_OK)) {
-                memcpy(payload, buf, (size_t)len);
-                rb_stage(&self->ring, (uint64_t)len);
-                staged++;
-                ws.spun = 0;
-                break;
-            }
-            /* Hand the reader what is staged before waiting or failing. */
-            if (staged) {
-                rb_flush(&self->ring);
-                written += staged;
-                staged = 0;
-            }
-            if (res != RB_FULL) {
-                raise_result((HandleObject *)self, res, (uint64_t)len);
-                failed = 1;
-                break;
-            }
-            if (ws.peer_dead) {
-                raise_peer_died((HandleObject *)self, 1);
-                failed = 1;
-                break;
-            }
-            if (handle_wait((HandleObject *)self, &ws, 1, "push_many") < 0) {
-                failed = 1;
-                break;
-            }
-        }
-        if (have_view) PyBuffer_Release(&view);
-        Py_DECREF(item);
     }
-    Py_DECREF(iter);
     self->flags &= ~HANDLE_BATCH;
-    if (staged && !(self->flags & HANDLE_CLOSED)) {
+    if (bs.staged && !(self->flags & HANDLE_CLOSED)) {
         rb_flush(&self->ring);
-        written += staged;
+        bs.written += bs.staged;
     }
     if (self->flags & HANDLE_CLOSED) handle_release_if_idle((HandleObject *)self);
     if (failed || PyErr_Occurred()) {
-        note_written(written);
+        note_written(bs.written);
         return NULL;
     }
-    return PyLong_FromSsize_t(written);
+    return PyLong_FromSsize_t(bs.written);
 }
 
 PyDoc_STRVAR(writer_reserve_doc,

@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "role",
         nargs="?",
-        choices=["both", "writer", "reader"],
+        choices=["both", "writer", "reader", "latency-echo", "latency-client"],
         default="both",
         help="both (default): run a writer and a reader process; or run one side alone "
         "(start the reader first)",
@@ -42,18 +42,65 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--cap", type=_positive, default=64 << 20, help="capacity in bytes")
     bench.add_argument("--messages", type=_positive, default=5_000_000)
     bench.add_argument("--msg-size", type=_positive, default=256, help="bytes per message (>= 8)")
+    bench.add_argument(
+        "--api",
+        choices=_bench.APIS,
+        default="single",
+        help="single: push/pop; batch: push_many/pop_many; zero-copy: reserve/pop_view",
+    )
+    bench.add_argument("--batch", type=_positive, default=256, help="messages per batch")
+    bench.add_argument(
+        "--latency",
+        action="store_true",
+        help="measure latency instead: round trip through two rings, and the one-way "
+        "wake-up of a reader asleep in pop (p50, p99, p99.9)",
+    )
+    bench.add_argument(
+        "--latency-samples", type=_positive, default=2000, help="wake-up samples, 1 ms apart"
+    )
+    bench.add_argument(
+        "--pin", type=_cpu_pair, default=None, metavar="W,R", help="pin writer and reader to CPUs"
+    )
+    bench.add_argument(
+        "--spin", type=int, default=None, help="spin rounds before sleeping (default: built in)"
+    )
     bench.add_argument("--handshake", action="store_true", help=argparse.SUPPRESS)
     return parser
+
+
+def _cpu_pair(text: str) -> tuple[int, int]:
+    try:
+        writer, reader = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two CPU numbers like 0,1, got {text}") from None
+    return writer, reader
 
 
 def _bench_main(args: argparse.Namespace) -> int:
     if args.msg_size < 8:
         raise SystemExit("ipc-ring bench: --msg-size must be at least 8 (the sequence number)")
-    cfg = _bench.BenchConfig(args.ring, args.cap, args.messages, args.msg_size)
-    if args.role == "writer":
+    cfg = _bench.BenchConfig(
+        ring=args.ring,
+        cap=args.cap,
+        messages=args.messages,
+        msg_size=args.msg_size,
+        api=args.api,
+        batch=args.batch,
+        spin=args.spin,
+        pin=args.pin,
+        latency_samples=args.latency_samples,
+    )
+    role = args.role
+    if role == "writer":
         return _bench.run_writer(cfg, wait_for_go=args.handshake)
-    if args.role == "reader":
+    if role == "reader":
         return _bench.run_reader(cfg, announce=args.handshake)
+    if role == "latency-echo":
+        return _bench.run_latency_echo(cfg)
+    if role == "latency-client":
+        return _bench.run_latency_client(cfg)
+    if args.latency:
+        return _bench.run_latency(cfg)
     return _bench.run_both(cfg)
 
 
