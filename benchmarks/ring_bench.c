@@ -22,7 +22,7 @@
 
 #include "_ring.h"
 
-#define SPIN 2000u
+#define SPIN_NS 10000u /* busy-wait before sleeping, as the extension's default */
 
 static void *map_ring(const char *path, uint64_t capacity, int create) {
     int fd = open(path, O_RDWR | (create ? O_CREAT | O_EXCL : 0), 0600);
@@ -63,7 +63,7 @@ static int run_reader(void *map, uint64_t n, uint64_t msg_size, int ready_fd) {
         uint64_t len;
         rb_result res = rb_peek(&r, &payload, &len);
         if (res == RB_EMPTY) {
-            if (rb_spin_readable(&r, SPIN) != RB_WOKEN) rb_wait_readable(&r, 0);
+            if (rb_spin_readable(&r, SPIN_NS) != RB_WOKEN) rb_wait_readable(&r, 0);
             continue;
         }
         if (res != RB_OK) {
@@ -97,7 +97,7 @@ static void run_writer(void *map, uint64_t n, uint64_t msg_size) {
     for (uint64_t seq = 0; seq < n; seq++) {
         memcpy(msg, &seq, sizeof seq);
         while (rb_try_push(&w, msg, msg_size) != RB_OK)
-            if (rb_spin_writable(&w, SPIN) != RB_WOKEN) rb_wait_writable(&w, 0);
+            if (rb_spin_writable(&w, SPIN_NS) != RB_WOKEN) rb_wait_writable(&w, 0);
     }
     rb_writer_close(&w);
     free(msg);

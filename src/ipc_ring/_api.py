@@ -45,7 +45,7 @@ def _reserve_space(fd: int, size: int) -> None:
             raise
 
 
-def _attach_existing(cls: type[_H], path: StrPath, spin: int | None) -> _H:
+def _attach_existing(cls: type[_H], path: StrPath, spin: float | None) -> _H:
     """Open an existing ring file and hand it to the C handle, which maps,
     validates and locks it; the descriptor is closed again on any failure."""
     target = _fspath(path)
@@ -70,7 +70,7 @@ class RingWriter(_core.Writer):
 
     @classmethod
     def create(
-        cls, path: StrPath, capacity: int, *, mode: int = 0o600, spin: int | None = None
+        cls, path: StrPath, capacity: int, *, mode: int = 0o600, spin: float | None = None
     ) -> Self:
         """Create a new ring file at ``path`` with a data area of ``capacity`` bytes.
 
@@ -114,7 +114,7 @@ class RingWriter(_core.Writer):
         return self
 
     @classmethod
-    def open(cls, path: StrPath, *, spin: int | None = None) -> Self:
+    def open(cls, path: StrPath, *, spin: float | None = None) -> Self:
         """Re-attach a writer to the existing ring at ``path`` whose writer died.
 
         The stream continues after the last message the dead writer
@@ -147,7 +147,7 @@ class RingReader(_core.Reader):
     __slots__ = ()
 
     @classmethod
-    def open(cls, path: StrPath, *, spin: int | None = None) -> Self:
+    def open(cls, path: StrPath, *, spin: float | None = None) -> Self:
         """Attach to the ring file at ``path``.
 
         ``FileNotFoundError`` if it does not exist; ``InvalidRing`` at once if

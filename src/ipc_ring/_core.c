@@ -17,7 +17,9 @@
 
 #include "_ring.h"
 
-#define DEFAULT_SPIN 2000u
+/* Busy-wait before sleeping: about what a futex sleep and wake-up cost here
+ * (README "Performance" has the measurement that chose it). */
+#define DEFAULT_SPIN_NS 10000u
 
 #ifdef MAP_POPULATE
 #define RB_MAP_POPULATE MAP_POPULATE
@@ -76,7 +78,7 @@ enum handle_flags {
     uint64_t capacity;  /* validated once at attach; never re-read */         \
     Py_ssize_t exports; /* buffers of open slots pointing into the mapping */  \
     PyObject *path;     /* str, as given */                                    \
-    uint32_t spin;      /* spin rounds before sleeping */                      \
+    uint64_t spin_ns;   /* busy-wait before sleeping */                        \
     pid_t owner_pid;    /* process that attached; a forked child is not it */  \
     struct HandleObject *prev, *next; /* live_handles list, for fork() */
 
@@ -236,15 +238,16 @@ static int handle_init(PyObject *self, PyObject *args, PyObject *kwds, int write
         return -1;
     core_state *st = state_of(self);
     if (!st) return -1;
-    uint32_t spin = DEFAULT_SPIN;
+    uint64_t spin_ns = DEFAULT_SPIN_NS;
     if (spin_obj != Py_None) {
-        long v = PyLong_AsLong(spin_obj);
-        if (v == -1 && PyErr_Occurred()) return -1;
-        if (v < 0 || v > 100000000L) {
-            PyErr_Format(PyExc_ValueError, "spin must be in [0, 100000000], got %ld", v);
+        double v = PyFloat_AsDouble(spin_obj);
+        if (v == -1.0 && PyErr_Occurred()) return -1;
+        if (!(v >= 0.0 && v <= 1.0)) {
+            PyErr_Format(PyExc_ValueError, "spin must be a number of seconds in [0, 1], got %R",
+                         spin_obj);
             return -1;
         }
-        spin = (uint32_t)v;
+        spin_ns = (uint64_t)(v * 1e9);
     }
     if (capacity && !rb_capacity_valid(capacity)) {
         PyErr_Format(PyExc_ValueError,
@@ -254,7 +257,7 @@ static int handle_init(PyObject *self, PyObject *args, PyObject *kwds, int write
     }
     Py_INCREF(path);
     Py_XSETREF(h->path, path);
-    h->spin = spin;
+    h->spin_ns = spin_ns;
     if (handle_map(st, h, fd, capacity) < 0) return -1;
     h->fd = fd;
     if (capacity) rb_init(h->map, capacity);
@@ -447,8 +450,8 @@ static int handle_wait(HandleObject *h, wait_state *ws, int writer, const char *
     if (!ws->spun) {
         ws->spun = 1;
         if (ws->timeout != 0) {
-            rb_result spun = writer ? rb_spin_writable(&((WriterObject *)h)->ring, h->spin)
-                                    : rb_spin_readable(&((ReaderObject *)h)->ring, h->spin);
+            rb_result spun = writer ? rb_spin_writable(&((WriterObject *)h)->ring, h->spin_ns)
+                                    : rb_spin_readable(&((ReaderObject *)h)->ring, h->spin_ns);
             if (ws->timeout > 0 && !ws->deadline)
                 ws->deadline = rb_now_ns() + (uint64_t)(ws->timeout * 1e9);
             if (spun == RB_WOKEN) return 0;
@@ -1343,7 +1346,7 @@ static PyObject *handle_get_closed(PyObject *op, void *Py_UNUSED(closure)) {
 }
 
 static PyObject *handle_get_spin(PyObject *op, void *Py_UNUSED(closure)) {
-    return PyLong_FromUnsignedLong(((HandleObject *)op)->spin);
+    return PyFloat_FromDouble((double)((HandleObject *)op)->spin_ns / 1e9);
 }
 
 static PyObject *role_alive(HandleObject *h, rb_role role) {
@@ -1369,7 +1372,7 @@ static PyObject *reader_get_writer_alive(PyObject *op, void *Py_UNUSED(closure))
      "Largest message that fits: capacity - 8.", NULL}, \
     {"path", handle_get_path, NULL, "The ring file's path, as given.", NULL}, \
     {"closed", handle_get_closed, NULL, "True once close() was called.", NULL}, \
-    {"spin", handle_get_spin, NULL, "Spin rounds before a blocking call sleeps.", NULL},
+    {"spin", handle_get_spin, NULL, "Seconds a blocking call busy-waits before it sleeps.", NULL},
 
 static PyGetSetDef writer_getset[] = {
     HANDLE_GETSET_ENTRIES
@@ -1557,7 +1560,8 @@ static int core_exec(PyObject *module) {
     if (PyModule_AddObject(module, "MAX_CAPACITY",
                            PyLong_FromUnsignedLongLong(RB_MAX_CAPACITY)) < 0)
         return -1;
-    if (PyModule_AddIntConstant(module, "DEFAULT_SPIN", DEFAULT_SPIN) < 0) return -1;
+    if (PyModule_AddObject(module, "DEFAULT_SPIN", PyFloat_FromDouble(DEFAULT_SPIN_NS / 1e9)) < 0)
+        return -1;
     return 0;
 }
 

@@ -280,13 +280,20 @@ void rb_writer_close(rb_writer *w) {
     rb_wake_reader(w->hdr);
 }
 
-rb_result rb_spin_writable(rb_writer *w, uint32_t spins) {
-    for (uint32_t i = 0; i < spins; i++) {
-        uint64_t r = atomic_load_explicit(&w->hdr->read_pos, memory_order_relaxed);
-        if (w->capacity - (w->write_pos - r) >= w->need) return RB_WOKEN;
+static inline int rb_writable_now(rb_writer *w) {
+    uint64_t r = atomic_load_explicit(&w->hdr->read_pos, memory_order_relaxed);
+    return w->capacity - (w->write_pos - r) >= w->need;
+}
+
+rb_result rb_spin_writable(rb_writer *w, uint64_t budget_ns) {
+    if (rb_writable_now(w)) return RB_WOKEN;
+    if (budget_ns == 0) return RB_TIMEOUT;
+    uint64_t start = rb_now_ns();
+    for (uint32_t i = 1;; i++) {
         rb_cpu_relax();
+        if (rb_writable_now(w)) return RB_WOKEN;
+        if ((i & 15) == 0 && rb_now_ns() - start >= budget_ns) return RB_TIMEOUT;
     }
-    return RB_TIMEOUT;
 }
 
 rb_result rb_wait_writable(rb_writer *w, uint64_t deadline_ns) {
@@ -361,12 +368,15 @@ static inline int rb_readable_now(rb_reader *r, memory_order order) {
            atomic_load_explicit(&r->hdr->writer_closed, order) != 0;
 }
 
-rb_result rb_spin_readable(rb_reader *r, uint32_t spins) {
-    for (uint32_t i = 0; i < spins; i++) {
-        if (rb_readable_now(r, memory_order_relaxed)) return RB_WOKEN;
+rb_result rb_spin_readable(rb_reader *r, uint64_t budget_ns) {
+    if (rb_readable_now(r, memory_order_relaxed)) return RB_WOKEN;
+    if (budget_ns == 0) return RB_TIMEOUT;
+    uint64_t start = rb_now_ns();
+    for (uint32_t i = 1;; i++) {
         rb_cpu_relax();
+        if (rb_readable_now(r, memory_order_relaxed)) return RB_WOKEN;
+        if ((i & 15) == 0 && rb_now_ns() - start >= budget_ns) return RB_TIMEOUT;
     }
-    return RB_TIMEOUT;
 }
 
 rb_result rb_wait_readable(rb_reader *r, uint64_t deadline_ns) {

@@ -195,11 +195,12 @@ void rb_reader_attach(rb_reader *r, void *base, const rb_snapshot *snap);
 /* Writer: marks end of stream and wakes the reader. */
 void rb_writer_close(rb_writer *w);
 
-/* Spins with a CPU pause, up to `spins` rounds: RB_WOKEN as soon as the
+/* Spins with a CPU pause for up to `budget_ns` nanoseconds (a time, not a
+ * count: a pause lasts 1 to 150 cycles depending on the CPU): RB_WOKEN as soon as the
  * condition may hold (reader: data or end of stream; writer: the free bytes
  * that the last RB_FULL asked for), else RB_TIMEOUT. No system call. */
-rb_result rb_spin_readable(rb_reader *r, uint32_t spins);
-rb_result rb_spin_writable(rb_writer *w, uint32_t spins);
+rb_result rb_spin_readable(rb_reader *r, uint64_t budget_ns);
+rb_result rb_spin_writable(rb_writer *w, uint64_t budget_ns);
 
 /* Sleeps until the peer signals, the deadline (CLOCK_MONOTONIC ns; 0 = no
  * deadline) passes, or a signal arrives. Sets the side's waiting flag first

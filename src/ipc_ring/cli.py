@@ -62,7 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--pin", type=_cpu_pair, default=None, metavar="W,R", help="pin writer and reader to CPUs"
     )
     bench.add_argument(
-        "--spin", type=int, default=None, help="spin rounds before sleeping (default: built in)"
+        "--spin",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="busy-wait before sleeping (default: the library's)",
     )
     bench.add_argument("--handshake", action="store_true", help=argparse.SUPPRESS)
     return parser

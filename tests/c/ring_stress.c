@@ -9,7 +9,7 @@
  *
  *   cc -std=c11 -O1 -g -fsanitize=thread -pthread -Isrc/ipc_ring \
  *      src/ipc_ring/_ring.c tests/c/ring_stress.c -o ring_stress
- *   ./ring_stress [messages] [capacity] [spin]
+ *   ./ring_stress [messages] [capacity] [spin_ns]
  *
  * Exit status 0 when every message arrived intact and in order.
  */
@@ -25,7 +25,7 @@
 
 static uint64_t n_messages = 2000000;
 static uint64_t capacity = 4096;
-static uint32_t spin = 100;
+static uint64_t spin_ns = 2000; /* busy-wait before sleeping */
 static void *mapping;
 static rb_snapshot snapshot; /* of the fresh ring, for both threads */
 
@@ -71,7 +71,7 @@ static void *writer_main(void *arg) {
                 fprintf(stderr, "writer: result %d at seq %" PRIu64 "\n", (int)res, seq);
                 exit(2);
             }
-            if (rb_spin_writable(&w, spin) != RB_WOKEN) rb_wait_writable(&w, rb_now_ns() + 50000000u);
+            if (rb_spin_writable(&w, spin_ns) != RB_WOKEN) rb_wait_writable(&w, rb_now_ns() + 50000000u);
         }
     }
     rb_writer_close(&w);
@@ -91,7 +91,7 @@ static void *reader_main(void *arg) {
         uint64_t len;
         rb_result res = rb_peek(&r, &payload, &len);
         if (res == RB_EMPTY) {
-            if (rb_spin_readable(&r, spin) != RB_WOKEN) rb_wait_readable(&r, rb_now_ns() + 50000000u);
+            if (rb_spin_readable(&r, spin_ns) != RB_WOKEN) rb_wait_readable(&r, rb_now_ns() + 50000000u);
             continue;
         }
         if (res == RB_CLOSED) break;
@@ -121,7 +121,7 @@ static void *reader_main(void *arg) {
 int main(int argc, char **argv) {
     if (argc > 1) n_messages = strtoull(argv[1], NULL, 0);
     if (argc > 2) capacity = strtoull(argv[2], NULL, 0);
-    if (argc > 3) spin = (uint32_t)strtoul(argv[3], NULL, 0);
+    if (argc > 3) spin_ns = strtoull(argv[3], NULL, 0);
     if (!rb_capacity_valid(capacity)) {
         fprintf(stderr, "capacity must be a power of two in [64, 2**32]\n");
         return 1;
