@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 
 from . import _bench
@@ -113,6 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "bench":
             return _bench_main(args)
+    except BrokenPipeError:
+        # The reader of our stdout went away (e.g. `| head -1`): exit quietly
+        # as a killed-by-SIGPIPE process would, without a second error at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except (RingError, OSError, ValueError) as e:
         print(f"ipc-ring {args.command}: {e}", file=sys.stderr)
         return 1
