@@ -9,6 +9,7 @@
  *   cc -std=c11 -O2 -Isrc/ipc_ring src/ipc_ring/_ring.c benchmarks/ring_bench.c \
  *      -o benchmarks/bin/ring_bench
  *   benchmarks/bin/ring_bench [--ring PATH] [--cap BYTES] [--messages N] [--msg-size S]
+ *                             [--no-populate]
  */
 #define _GNU_SOURCE
 #include <fcntl.h>
@@ -24,6 +25,8 @@
 
 #define SPIN_NS 10000u /* busy-wait before sleeping, as the extension's default */
 
+static int populate = 1; /* MAP_POPULATE, as the extension maps; --no-populate to compare */
+
 static void *map_ring(const char *path, uint64_t capacity, int create) {
     int fd = open(path, O_RDWR | (create ? O_CREAT | O_EXCL : 0), 0600);
     if (fd < 0) {
@@ -35,7 +38,12 @@ static void *map_ring(const char *path, uint64_t capacity, int create) {
         perror("ftruncate");
         exit(1);
     }
-    void *map = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+#ifdef MAP_POPULATE
+    int flags = MAP_SHARED | (populate ? MAP_POPULATE : 0);
+#else
+    int flags = MAP_SHARED;
+#endif
+    void *map = mmap(NULL, size, PROT_READ | PROT_WRITE, flags, fd, 0);
     if (map == MAP_FAILED) {
         perror("mmap");
         exit(1);
@@ -106,11 +114,19 @@ static void run_writer(void *map, uint64_t n, uint64_t msg_size) {
 int main(int argc, char **argv) {
     const char *path = "/dev/shm/ipc_ring.cbench";
     uint64_t capacity = 64u << 20, n = 5000000, msg_size = 256;
-    for (int i = 1; i + 1 < argc; i += 2) {
-        if (!strcmp(argv[i], "--ring")) path = argv[i + 1];
-        else if (!strcmp(argv[i], "--cap")) capacity = strtoull(argv[i + 1], NULL, 0);
-        else if (!strcmp(argv[i], "--messages")) n = strtoull(argv[i + 1], NULL, 0);
-        else if (!strcmp(argv[i], "--msg-size")) msg_size = strtoull(argv[i + 1], NULL, 0);
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--no-populate")) {
+            populate = 0;
+            continue;
+        }
+        if (i + 1 >= argc) {
+            fprintf(stderr, "option %s needs a value\n", argv[i]);
+            return 2;
+        }
+        if (!strcmp(argv[i], "--ring")) path = argv[i++ + 1];
+        else if (!strcmp(argv[i], "--cap")) capacity = strtoull(argv[i++ + 1], NULL, 0);
+        else if (!strcmp(argv[i], "--messages")) n = strtoull(argv[i++ + 1], NULL, 0);
+        else if (!strcmp(argv[i], "--msg-size")) msg_size = strtoull(argv[i++ + 1], NULL, 0);
         else {
             fprintf(stderr, "unknown option %s\n", argv[i]);
             return 2;
