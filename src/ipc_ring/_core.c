@@ -532,6 +532,9 @@ static PyObject *raise_result(HandleObject *h, rb_result res, uint64_t length) {
  * it is open its handle refuses other calls (HANDLE_SLOT). The mapping
  * outlives every exported buffer: close() defers the unmap (exports). */
 
+/* "release", interned once (module exec): memoryview.release per slot. */
+static PyObject *str_release;
+
 typedef struct {
     PyObject_HEAD
     HandleObject *owner; /* strong reference */
@@ -574,7 +577,7 @@ static int slot_finish(SlotObject *slot, Py_ssize_t size, int consume) {
         return -1;
     }
     if (slot->view) {
-        PyObject *r = PyObject_CallMethod(slot->view, "release", NULL);
+        PyObject *r = PyObject_CallMethodNoArgs(slot->view, str_release);
         if (r)
             Py_DECREF(r);
         else
@@ -1531,6 +1534,11 @@ static int core_exec(PyObject *module) {
         module, "RingBusy", "The ring already has a live writer (or reader) of this kind.",
         st->RingError);
     if (!st->RingBusy) return -1;
+
+    if (!str_release) {
+        str_release = PyUnicode_InternFromString("release");
+        if (!str_release) return -1;
+    }
 
     if (!atfork_registered) {
         if (pthread_atfork(NULL, NULL, fork_child) != 0) {
