@@ -71,7 +71,10 @@ static int run_reader(void *map, uint64_t n, uint64_t msg_size, int ready_fd) {
         uint64_t len;
         rb_result res = rb_peek(&r, &payload, &len);
         if (res == RB_EMPTY) {
-            if (rb_spin_readable(&r, SPIN_NS) != RB_WOKEN) rb_wait_readable(&r, 0);
+            if (rb_spin_readable(&r, SPIN_NS) != RB_WOKEN) {
+                rb_wait_readable(&r, 0);
+                rb_end_wait_readable(&r);
+            }
             continue;
         }
         if (res != RB_OK) {
@@ -105,7 +108,10 @@ static void run_writer(void *map, uint64_t n, uint64_t msg_size) {
     for (uint64_t seq = 0; seq < n; seq++) {
         memcpy(msg, &seq, sizeof seq);
         while (rb_try_push(&w, msg, msg_size) != RB_OK)
-            if (rb_spin_writable(&w, SPIN_NS) != RB_WOKEN) rb_wait_writable(&w, 0);
+            if (rb_spin_writable(&w, SPIN_NS) != RB_WOKEN) {
+                rb_wait_writable(&w, 0);
+                rb_end_wait_writable(&w);
+            }
     }
     rb_writer_close(&w);
     free(msg);

@@ -729,19 +729,25 @@ def test_forked_child_exiting_does_not_make_the_writer_think_the_reader_died(
 @contextlib.contextmanager
 def forked_idle_child() -> Iterator[int]:
     """A fork()ed copy of this process that touches nothing and waits (at most 20 s) until
-    the block ends; yields its pid."""
+    the block ends; yields its pid once the child runs (so its at-fork handlers, which drop
+    its copies of the ring descriptors, have run: until then it shares them)."""
     read_end, write_end = os.pipe()
+    ready_read, ready_write = os.pipe()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # fork() with threads, 3.12+
         pid = os.fork()
     if pid == 0:
         try:
             os.close(write_end)
+            os.write(ready_write, b"r")
             select.select([read_end], [], [], 20)
         finally:
             os._exit(0)
     os.close(read_end)
+    os.close(ready_write)
     try:
+        assert select.select([ready_read], [], [], 10)[0], "forked child did not start"
+        os.close(ready_read)
         yield pid
     finally:
         os.close(write_end)

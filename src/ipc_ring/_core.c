@@ -195,9 +195,28 @@ static int handle_map(core_state *st, HandleObject *h, int fd, uint64_t capacity
         }
     }
     size_t map_size = capacity ? (size_t)rb_file_size(capacity) : RB_DATA_OFFSET;
-    /* Pre-fault the page tables (README "Performance": a first lap through
-     * an unpopulated mapping costs a minor fault per page, ~1.5 us each). */
-    void *map = mmap(NULL, map_size, PROT_READ | PROT_WRITE, MAP_SHARED | RB_MAP_POPULATE, fd, 0);
+    /* A mapping keeps a reference to the open file description it was made
+     * from, and a fork() child inherits the mapping: mapped through `fd`,
+     * a child would keep the liveness lock on `fd` alive after the parent
+     * died (FORMAT.md "Liveness and roles"). So map through a second open
+     * file description of the same file where the system offers one. */
+    int map_fd = fd;
+#if defined(__linux__)
+    char self_fd[64];
+    PyOS_snprintf(self_fd, sizeof self_fd, "/proc/self/fd/%d", fd);
+    int reopened = open(self_fd, O_RDWR | O_CLOEXEC);
+    struct stat again;
+    if (reopened >= 0 && fstat(reopened, &again) == 0 && again.st_ino == sb.st_ino &&
+        again.st_dev == sb.st_dev)
+        map_fd = reopened;
+    else if (reopened >= 0)
+        close(reopened);
+#endif
+    /* Pre-fault the page tables (FORMAT.md "Mapping": a first lap through an
+     * unpopulated mapping costs a minor fault per page, ~1.6 us each). */
+    void *map =
+        mmap(NULL, map_size, PROT_READ | PROT_WRITE, MAP_SHARED | RB_MAP_POPULATE, map_fd, 0);
+    if (map_fd != fd) close(map_fd);
     if (map == MAP_FAILED) {
         PyErr_SetFromErrno(PyExc_OSError);
         return -1;
@@ -414,21 +433,38 @@ static void raise_timeout(HandleObject *h, const char *op, double timeout) {
     if (st) PyErr_SetString(st->RingTimeout, msg);
 }
 
+/* 1 if the ring file still covers the whole mapping (an fstat), else 0. */
+static int file_intact(HandleObject *h, long long *size) {
+    struct stat sb;
+    if (fstat(h->fd, &sb) != 0) return 1; /* cannot tell: assume it is */
+    *size = (long long)sb.st_size;
+    return (uint64_t)sb.st_size >= h->map_size;
+}
+
+/* Raises InvalidRing for a ring file truncated to `size` bytes under the
+ * mapping (FORMAT.md "Truncation"). Returns -1. */
+static int raise_truncated(HandleObject *h, long long size) {
+    core_state *st = state_of((PyObject *)h);
+    if (st)
+        PyErr_Format(st->InvalidRing,
+                     "%R was truncated to %lld bytes while mapped (it needs %zu); stop using it: "
+                     "touching the missing pages raises SIGBUS",
+                     h->path, size, h->map_size);
+    return -1;
+}
+
+/* 0 if the ring file still covers the mapping, else -1 with InvalidRing. */
+static int check_truncated(HandleObject *h) {
+    long long size = 0;
+    return file_intact(h, &size) ? 0 : raise_truncated(h, size);
+}
+
 /* Sets ws->peer_dead if the peer this side waits for is gone: for a reader,
  * nobody holds the writer's lock; for a writer, a reader has attached at
  * some point and nobody holds the reader's lock now. Also fails if the file
  * was truncated under the mapping. 0, or -1 with an exception set. */
 static int check_peer(HandleObject *h, wait_state *ws, int writer) {
-    struct stat sb;
-    if (fstat(h->fd, &sb) == 0 && (uint64_t)sb.st_size < h->map_size) {
-        core_state *st = state_of((PyObject *)h);
-        if (st)
-            PyErr_Format(st->InvalidRing,
-                         "%R was truncated to %lld bytes while mapped (it needs %zu); stop using "
-                         "it: touching the missing pages raises SIGBUS",
-                         h->path, (long long)sb.st_size, h->map_size);
-        return -1;
-    }
+    if (check_truncated(h) < 0) return -1;
     rb_header *hdr = (rb_header *)h->map;
     int alive;
     if (writer)
@@ -486,7 +522,19 @@ static int handle_wait(HandleObject *h, wait_state *ws, int writer, const char *
             PyErr_Format(st->RingClosed, "%s: the handle was closed while waiting", op);
         return -1;
     }
-    return signalled;
+    /* The file may have been truncated while we slept: look before touching
+     * the header again (a waiting flag left set costs the peer one needless
+     * wake-up call, never a lost one). */
+    long long size = 0;
+    int intact = file_intact(h, &size);
+    if (intact) {
+        if (writer)
+            rb_end_wait_writable(&((WriterObject *)h)->ring);
+        else
+            rb_end_wait_readable(&((ReaderObject *)h)->ring);
+    }
+    if (signalled < 0) return -1;
+    return intact ? 0 : raise_truncated(h, size);
 }
 
 static void raise_peer_died(HandleObject *h, int writer) {
@@ -1054,7 +1102,11 @@ static void writer_close_impl(WriterObject *self) {
     int busy = self->flags & HANDLE_BUSY;
     self->flags |= HANDLE_CLOSED;
     if (!self->map) return;
-    if (self->owner_pid == getpid()) rb_writer_close(&self->ring);
+    long long size = 0;
+    /* Not in a fork() child, nor in a file truncated under us (the store
+     * would raise SIGBUS): then the reader sees PeerDied instead. */
+    if (self->owner_pid == getpid() && file_intact((HandleObject *)self, &size))
+        rb_writer_close(&self->ring);
     if (busy) rb_wake_writer(self->ring.hdr);
     handle_release_if_idle((HandleObject *)self);
 }

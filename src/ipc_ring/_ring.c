@@ -303,8 +303,11 @@ rb_result rb_wait_writable(rb_writer *w, uint64_t deadline_ns) {
     uint64_t r = atomic_load_explicit(&hdr->read_pos, memory_order_seq_cst);
     rb_result res = RB_WOKEN;
     if (w->capacity - (w->write_pos - r) < w->need) res = rb_sleep_on(&hdr->space_seq, seq, deadline_ns);
-    atomic_store_explicit(&hdr->writer_waiting, 0u, memory_order_relaxed);
     return res;
+}
+
+void rb_end_wait_writable(rb_writer *w) {
+    atomic_store_explicit(&w->hdr->writer_waiting, 0u, memory_order_relaxed);
 }
 
 /* ---- reader ---------------------------------------------------------- */
@@ -385,6 +388,9 @@ rb_result rb_wait_readable(rb_reader *r, uint64_t deadline_ns) {
     atomic_store_explicit(&hdr->reader_waiting, 1u, memory_order_seq_cst);
     rb_result res = RB_WOKEN;
     if (!rb_readable_now(r, memory_order_seq_cst)) res = rb_sleep_on(&hdr->data_seq, seq, deadline_ns);
-    atomic_store_explicit(&hdr->reader_waiting, 0u, memory_order_relaxed);
     return res;
+}
+
+void rb_end_wait_readable(rb_reader *r) {
+    atomic_store_explicit(&r->hdr->reader_waiting, 0u, memory_order_relaxed);
 }

@@ -209,6 +209,13 @@ rb_result rb_spin_writable(rb_writer *w, uint64_t budget_ns);
 rb_result rb_wait_readable(rb_reader *r, uint64_t deadline_ns);
 rb_result rb_wait_writable(rb_writer *w, uint64_t deadline_ns);
 
+/* Clears the side's waiting flag after rb_wait_*: separate, so that the
+ * caller can first check that the file still covers the header (a wait is
+ * where a truncation is noticed: the glue fstat()s before touching it). A
+ * flag left set only costs the peer one needless wake-up call. */
+void rb_end_wait_readable(rb_reader *r);
+void rb_end_wait_writable(rb_writer *w);
+
 /* Wakes any thread of any process sleeping in rb_wait_readable /
  * rb_wait_writable on this ring, whether or not its flag is set. */
 void rb_wake_reader(rb_header *hdr);

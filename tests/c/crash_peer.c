@@ -43,7 +43,7 @@
 
 #include "_ring.h"
 
-#define SPIN_ROUNDS 100u
+#define SPIN_NS 2000u /* busy-wait before sleeping */
 #define WAIT_SLICE_NS 50000000u /* 50 ms, like the glue's sleep slice */
 #define BACKSTOP_SECONDS 120u
 
@@ -182,8 +182,10 @@ static int run_writer(const char *path, uint64_t capacity, uint64_t n) {
                         seq);
                 return EXIT_CORRUPT;
             }
-            if (rb_spin_writable(&w, SPIN_ROUNDS) != RB_WOKEN)
+            if (rb_spin_writable(&w, SPIN_NS) != RB_WOKEN) {
                 rb_wait_writable(&w, rb_now_ns() + WAIT_SLICE_NS);
+                rb_end_wait_writable(&w);
+            }
         }
         report(seq);
     }
@@ -248,8 +250,10 @@ static int run_reader(const char *path, uint64_t n) {
         uint64_t len;
         rb_result res = rb_peek(&r, &payload, &len);
         if (res == RB_EMPTY) {
-            if (rb_spin_readable(&r, SPIN_ROUNDS) != RB_WOKEN)
+            if (rb_spin_readable(&r, SPIN_NS) != RB_WOKEN) {
                 rb_wait_readable(&r, rb_now_ns() + WAIT_SLICE_NS);
+                rb_end_wait_readable(&r);
+            }
             continue;
         }
         if (res == RB_CLOSED) break;

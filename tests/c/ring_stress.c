@@ -71,7 +71,10 @@ static void *writer_main(void *arg) {
                 fprintf(stderr, "writer: result %d at seq %" PRIu64 "\n", (int)res, seq);
                 exit(2);
             }
-            if (rb_spin_writable(&w, spin_ns) != RB_WOKEN) rb_wait_writable(&w, rb_now_ns() + 50000000u);
+            if (rb_spin_writable(&w, spin_ns) != RB_WOKEN) {
+                rb_wait_writable(&w, rb_now_ns() + 50000000u);
+                rb_end_wait_writable(&w);
+            }
         }
     }
     rb_writer_close(&w);
@@ -91,7 +94,10 @@ static void *reader_main(void *arg) {
         uint64_t len;
         rb_result res = rb_peek(&r, &payload, &len);
         if (res == RB_EMPTY) {
-            if (rb_spin_readable(&r, spin_ns) != RB_WOKEN) rb_wait_readable(&r, rb_now_ns() + 50000000u);
+            if (rb_spin_readable(&r, spin_ns) != RB_WOKEN) {
+                rb_wait_readable(&r, rb_now_ns() + 50000000u);
+                rb_end_wait_readable(&r);
+            }
             continue;
         }
         if (res == RB_CLOSED) break;
