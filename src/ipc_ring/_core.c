@@ -335,24 +335,24 @@ static PyObject *handle_unusable(HandleObject *h, const char *what) {
     if (!st) return NULL;
     if (h->flags & HANDLE_CLOSED)
         PyErr_Format(st->RingClosed, "%s is closed", what);
-    else if (h->flags & HANDLE_SLOT)
-        PyErr_Format(PyExc_RuntimeError,
-                     "a reserve() or pop_view() block is open on this %s: finish it first",
-                     what);
-    else if (h->flags & HANDLE_BATCH)
-        PyErr_Format(PyExc_RuntimeError,
-                     "push_many() on this %s is iterating its messages: the iterable must not "
-                     "use the same handle",
-                     what);
     else if (h->flags & HANDLE_FORKED)
         PyErr_Format(st->RingError,
                      "this %s was inherited through fork(); only the process that opened it may "
                      "use it: open the ring again in the child",
                      what);
-    else
+    else if (h->flags & HANDLE_BUSY)
         PyErr_Format(PyExc_RuntimeError,
                      "another thread is blocked in a call on this %s; a handle is for one thread "
                      "at a time",
+                     what);
+    else if (h->flags & HANDLE_SLOT)
+        PyErr_Format(PyExc_RuntimeError,
+                     "a reserve() or pop_view() block is open on this %s: finish it first",
+                     what);
+    else
+        PyErr_Format(PyExc_RuntimeError,
+                     "push_many() on this %s is iterating its messages: the iterable must not "
+                     "use the same handle",
                      what);
     return NULL;
 }
@@ -600,6 +600,10 @@ static int slot_getbuffer(PyObject *op, Py_buffer *view, int flags) {
         PyErr_SetString(PyExc_ValueError, "the slot is finished: its memory is back in the ring");
         return -1;
     }
+    if (slot->owner->flags & (HANDLE_CLOSED | HANDLE_FORKED) || !slot->owner->map) {
+        PyErr_SetString(PyExc_ValueError, "the ring handle of this slot is closed");
+        return -1;
+    }
     if (PyBuffer_FillInfo(view, op, slot->payload, slot->size, !slot->writer, flags) < 0)
         return -1;
     slot->exports++;
@@ -649,7 +653,7 @@ static int slot_finish(SlotObject *slot, Py_ssize_t size, int consume) {
 
 static PyObject *slot_new_for(PyTypeObject *type, HandleObject *owner, void *payload,
                               uint64_t size, int writer) {
-    SlotObject *slot = PyObject_New(SlotObject, type);
+    SlotObject *slot = PyObject_GC_New(SlotObject, type);
     if (!slot) return NULL;
     slot->owner = (HandleObject *)Py_NewRef(owner);
     slot->payload = payload;
@@ -659,6 +663,7 @@ static PyObject *slot_new_for(PyTypeObject *type, HandleObject *owner, void *pay
     slot->writer = writer;
     slot->open = 1;
     owner->flags |= HANDLE_SLOT;
+    PyObject_GC_Track(slot);
     return (PyObject *)slot;
 }
 
@@ -742,16 +747,33 @@ static PyObject *slot_get_open(PyObject *op, void *Py_UNUSED(closure)) {
     return PyBool_FromLong(((SlotObject *)op)->open);
 }
 
+/* The slot and the memoryview __enter__ returned refer to each other (the
+ * view exports the slot's buffer): a cycle that only the collector can
+ * break when a block is entered and then abandoned. */
+static int slot_traverse(PyObject *op, visitproc visit, void *arg) {
+    SlotObject *slot = (SlotObject *)op;
+    Py_VISIT(Py_TYPE(op));
+    Py_VISIT(slot->view);
+    Py_VISIT(slot->owner);
+    return 0;
+}
+
+static int slot_clear(PyObject *op) {
+    Py_CLEAR(((SlotObject *)op)->view);
+    return 0;
+}
+
 static void slot_dealloc(PyObject *op) {
     SlotObject *slot = (SlotObject *)op;
     PyTypeObject *tp = Py_TYPE(op);
+    PyObject_GC_UnTrack(op);
     if (slot->open) {
         /* Dropped without a block: a reservation is discarded, a message stays. */
         if (slot_finish(slot, -1, 0) < 0) PyErr_WriteUnraisable(op);
     }
     Py_CLEAR(slot->view);
     Py_CLEAR(slot->owner);
-    PyObject_Free(op);
+    PyObject_GC_Del(op);
     Py_DECREF(tp);
 }
 
@@ -776,6 +798,8 @@ static PyType_Slot slot_slots[] = {
     {Py_tp_methods, slot_methods},
     {Py_tp_getset, slot_getset},
     {Py_bf_getbuffer, slot_getbuffer},
+    {Py_tp_traverse, slot_traverse},
+    {Py_tp_clear, slot_clear},
     {Py_bf_releasebuffer, slot_releasebuffer},
     {0, NULL},
 };
@@ -783,7 +807,8 @@ static PyType_Slot slot_slots[] = {
 static PyType_Spec slot_spec = {
     .name = "ipc_ring._core.Slot",
     .basicsize = sizeof(SlotObject),
-    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE | Py_TPFLAGS_DISALLOW_INSTANTIATION,
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE | Py_TPFLAGS_DISALLOW_INSTANTIATION |
+             Py_TPFLAGS_HAVE_GC,
     .slots = slot_slots,
 };
 
@@ -1042,10 +1067,9 @@ static PyObject *writer_push_many(PyObject *op, PyObject *const *args, Py_ssize_
         }
     }
     self->flags &= ~HANDLE_BATCH;
-    if (bs.staged && !(self->flags & HANDLE_CLOSED)) {
-        rb_flush(&self->ring);
-        bs.written += bs.staged;
-    }
+    if (bs.staged && !(self->flags & HANDLE_CLOSED)) rb_flush(&self->ring);
+    /* (closed by the iterable: close() published them) */
+    bs.written += bs.staged;
     if (self->flags & HANDLE_CLOSED) handle_release_if_idle((HandleObject *)self);
     if (failed || PyErr_Occurred()) {
         note_written(bs.written);
@@ -1105,8 +1129,12 @@ static void writer_close_impl(WriterObject *self) {
     long long size = 0;
     /* Not in a fork() child, nor in a file truncated under us (the store
      * would raise SIGBUS): then the reader sees PeerDied instead. */
-    if (self->owner_pid == getpid() && file_intact((HandleObject *)self, &size))
+    if (self->owner_pid == getpid() && file_intact((HandleObject *)self, &size)) {
+        /* Records a push_many() in progress has staged are complete:
+         * publish them before the end of stream. */
+        if (self->flags & HANDLE_BATCH) rb_flush(&self->ring);
         rb_writer_close(&self->ring);
+    }
     if (busy) rb_wake_writer(self->ring.hdr);
     handle_release_if_idle((HandleObject *)self);
 }
@@ -1257,8 +1285,9 @@ static PyObject *reader_pop_into(PyObject *op, PyObject *const *args, Py_ssize_t
 PyDoc_STRVAR(reader_pop_many_doc,
 "pop_many($self, max_messages, timeout=None, max_bytes=None)\n--\n\n"
 "Wait for at least one message like pop(), then return every message\n"
-"available, up to max_messages and (after the first) max_bytes of payload,\n"
-"as a list of bytes. The read position is published once for the batch.");
+"available, up to max_messages and up to max_bytes of payload in total (a\n"
+"first message longer than max_bytes comes alone), as a list of bytes. The\n"
+"read position is published once for the batch.");
 
 static PyObject *reader_pop_many(PyObject *op, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"max_messages", "timeout", "max_bytes", NULL};
