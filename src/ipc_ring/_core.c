@@ -280,12 +280,8 @@ static int handle_init(PyObject *self, PyObject *args, PyObject *kwds, int write
     if (handle_map(st, h, fd, capacity) < 0) return -1;
     h->fd = fd;
     if (capacity) rb_init(h->map, capacity);
-    rb_snapshot snap;
-    if (handle_validate(st, h, &snap) < 0) {
-        h->fd = -1; /* the caller still owns fd on failure */
-        handle_release(h);
-        return -1;
-    }
+    /* The role's lock first, then the snapshot: a predecessor that moves its
+     * position and exits in between cannot leave us a stale one. */
     rb_result locked = rb_lock_role(fd, writer ? RB_ROLE_WRITER : RB_ROLE_READER);
     if (locked != RB_OK) {
         if (locked == RB_BUSY)
@@ -293,7 +289,13 @@ static int handle_init(PyObject *self, PyObject *args, PyObject *kwds, int write
                          writer ? "writer" : "reader");
         else
             PyErr_SetFromErrno(PyExc_OSError);
-        h->fd = -1; /* closing it, which the caller does, drops the lock */
+        h->fd = -1; /* the caller still owns fd on failure; closing it drops the lock */
+        handle_release(h);
+        return -1;
+    }
+    rb_snapshot snap;
+    if (handle_validate(st, h, &snap) < 0) {
+        h->fd = -1;
         handle_release(h);
         return -1;
     }
@@ -1135,7 +1137,7 @@ static void writer_close_impl(WriterObject *self) {
         if (self->flags & HANDLE_BATCH) rb_flush(&self->ring);
         rb_writer_close(&self->ring);
     }
-    if (busy) rb_wake_writer(self->ring.hdr);
+    if (busy && file_intact((HandleObject *)self, &size)) rb_wake_writer(self->ring.hdr);
     handle_release_if_idle((HandleObject *)self);
 }
 
@@ -1382,7 +1384,8 @@ static void reader_close_impl(ReaderObject *self) {
     int busy = self->flags & HANDLE_BUSY;
     self->flags |= HANDLE_CLOSED;
     if (!self->map) return;
-    if (busy) rb_wake_reader(self->ring.hdr);
+    long long size = 0;
+    if (busy && file_intact((HandleObject *)self, &size)) rb_wake_reader(self->ring.hdr);
     handle_release_if_idle((HandleObject *)self);
 }
 
