@@ -40,6 +40,7 @@ def _configs(messages: int) -> list[Config]:
     big = str(max(messages // 20, 20_000))
     return [
         Config("single-256", [*BENCH, "--messages", n, "--api", "single"], "msgs_per_sec"),
+        Config("into-256", [*BENCH, "--messages", n, "--api", "into"], "msgs_per_sec"),
         Config("batch-256", [*BENCH, "--messages", n, "--api", "batch"], "msgs_per_sec"),
         Config("zero-copy-256", [*BENCH, "--messages", n, "--api", "zero-copy"], "msgs_per_sec"),
         Config(

@@ -9,7 +9,8 @@ Roles: ``both`` (default) removes a stale ring, starts a writer process and
 a reader process, lets the writer start once the reader is attached, and
 removes the ring at the end; ``writer`` and ``reader`` run one side alone.
 
-APIs (``--api``): ``single`` (push / pop), ``batch`` (push_many / pop_many of
+APIs (``--api``): ``single`` (push / pop), ``into`` (push / pop_into a reused
+buffer, as the seed's reader pops into a reused Vec), ``batch`` (push_many / pop_many of
 ``--batch`` messages), ``zero-copy`` (reserve / pop_view: the writer writes
 the whole message into the reserved record, the reader reads it in place).
 
@@ -35,7 +36,7 @@ from ._api import RingReader, RingWriter
 
 # A pop that waits longer than this means the writer is gone: fail, don't hang.
 STALL_TIMEOUT = 30.0
-APIS = ("single", "batch", "zero-copy")
+APIS = ("single", "into", "batch", "zero-copy")
 SEQUENCE = Struct("<Q")
 
 
@@ -74,10 +75,10 @@ def _pin(cfg: BenchConfig, role: str) -> None:
 def _write_single(writer: RingWriter, cfg: BenchConfig) -> None:
     message = bytearray(cfg.msg_size)
     sequence = memoryview(message)[:8].cast("Q")
-    push = writer.push
+    push, timeout = writer.push, STALL_TIMEOUT
     for i in range(cfg.messages):
         sequence[0] = i
-        push(message, STALL_TIMEOUT)
+        push(message, timeout)
 
 
 def _write_batch(writer: RingWriter, cfg: BenchConfig) -> None:
@@ -115,6 +116,7 @@ def _write_zero_copy(writer: RingWriter, cfg: BenchConfig) -> None:
 
 WRITERS: dict[str, Callable[[RingWriter, BenchConfig], None]] = {
     "single": _write_single,
+    "into": _write_single,
     "batch": _write_batch,
     "zero-copy": _write_zero_copy,
 }
@@ -122,15 +124,15 @@ WRITERS: dict[str, Callable[[RingWriter, BenchConfig], None]] = {
 
 def _read_single(reader: RingReader, cfg: BenchConfig) -> tuple[float, int]:
     unpack = SEQUENCE.unpack_from
-    pop = reader.pop
+    pop, timeout, size = reader.pop, STALL_TIMEOUT, cfg.msg_size
     errors = 0
-    first = pop(STALL_TIMEOUT)
+    first = pop(timeout)
     start = time.perf_counter()
-    if len(first) != cfg.msg_size or unpack(first)[0] != 0:
+    if len(first) != size or unpack(first)[0] != 0:
         errors += 1
     for expected in range(1, cfg.messages):
-        msg = pop(STALL_TIMEOUT)
-        if unpack(msg)[0] != expected or len(msg) != cfg.msg_size:
+        msg = pop(timeout)
+        if unpack(msg)[0] != expected or len(msg) != size:
             errors += 1
     return start, errors
 
@@ -140,6 +142,21 @@ def _count_errors(batch: list[bytes], following: range, size: int) -> int:
     unpack = SEQUENCE.unpack_from
     pairs = zip(batch, following, strict=True)
     return sum(len(msg) != size or unpack(msg)[0] != want for msg, want in pairs)
+
+
+def _read_into(reader: RingReader, cfg: BenchConfig) -> tuple[float, int]:
+    # pop_into a reused buffer, as the seed's reader pops into a reused Vec.
+    buffer = bytearray(cfg.msg_size)
+    sequence = memoryview(buffer)[:8].cast("Q")
+    pop_into, timeout, size = reader.pop_into, STALL_TIMEOUT, cfg.msg_size
+    errors = 0
+    if pop_into(buffer, timeout) != size or sequence[0] != 0:
+        errors += 1
+    start = time.perf_counter()
+    for expected in range(1, cfg.messages):
+        if pop_into(buffer, timeout) != size or sequence[0] != expected:
+            errors += 1
+    return start, errors
 
 
 def _read_batch(reader: RingReader, cfg: BenchConfig) -> tuple[float, int]:
@@ -185,6 +202,7 @@ def _read_zero_copy(reader: RingReader, cfg: BenchConfig) -> tuple[float, int]:
 
 READERS: dict[str, Callable[[RingReader, BenchConfig], tuple[float, int]]] = {
     "single": _read_single,
+    "into": _read_into,
     "batch": _read_batch,
     "zero-copy": _read_zero_copy,
 }

@@ -1254,9 +1254,29 @@ PyDoc_STRVAR(reader_pop_into_doc,
 "Waits like pop(). If the message is longer than the buffer, raises\n"
 "ValueError and the message stays in the ring.");
 
+static PyObject *reader_pop_into_slow(ReaderObject *self, PyObject *const *args,
+                                      Py_ssize_t nargs, PyObject *kwnames);
+
 static PyObject *reader_pop_into(PyObject *op, PyObject *const *args, Py_ssize_t nargs,
                                  PyObject *kwnames) {
     ReaderObject *self = (ReaderObject *)op;
+    const void *payload;
+    uint64_t length;
+    /* Fast path: a bytearray target needs no buffer export while the GIL is
+     * held and nothing waits. */
+    if (RB_LIKELY((nargs == 1 || (nargs == 2 && timeout_trivially_valid(args[1]))) &&
+                  kwnames == NULL && self->flags == 0 && PyByteArray_CheckExact(args[0]) &&
+                  rb_peek(&self->ring, &payload, &length) == RB_OK &&
+                  length <= (uint64_t)PyByteArray_GET_SIZE(args[0]))) {
+        memcpy(PyByteArray_AS_STRING(args[0]), payload, (size_t)length);
+        rb_consume(&self->ring);
+        return PyLong_FromUnsignedLongLong(length);
+    }
+    return reader_pop_into_slow(self, args, nargs, kwnames);
+}
+
+static PyObject *reader_pop_into_slow(ReaderObject *self, PyObject *const *args,
+                                      Py_ssize_t nargs, PyObject *kwnames) {
     PyObject *target, *timeout_obj;
     double timeout;
     if (unpack_timeout_args("pop_into", args, nargs, kwnames, 1, &target, &timeout_obj) < 0)

@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--api",
         choices=_bench.APIS,
         default="single",
-        help="single: push/pop; batch: push_many/pop_many; zero-copy: reserve/pop_view",
+        help="single: push/pop; into: push/pop_into a reused buffer; batch: push_many/pop_many; "
+        "zero-copy: reserve/pop_view",
     )
     bench.add_argument("--batch", type=_positive, default=256, help="messages per batch")
     bench.add_argument(
