@@ -301,9 +301,13 @@ rb_result rb_wait_writable(rb_writer *w, uint64_t deadline_ns) {
     uint32_t seq = atomic_load_explicit(&hdr->space_seq, memory_order_seq_cst);
     atomic_store_explicit(&hdr->writer_waiting, 1u, memory_order_seq_cst);
     uint64_t r = atomic_load_explicit(&hdr->read_pos, memory_order_seq_cst);
-    rb_result res = RB_WOKEN;
-    if (w->capacity - (w->write_pos - r) < w->need) res = rb_sleep_on(&hdr->space_seq, seq, deadline_ns);
-    return res;
+    if (w->capacity - (w->write_pos - r) >= w->need) {
+        /* No sleep after all: take the flag down at once, or the reader
+         * would make a wake-up call for nobody. */
+        atomic_store_explicit(&hdr->writer_waiting, 0u, memory_order_relaxed);
+        return RB_WOKEN;
+    }
+    return rb_sleep_on(&hdr->space_seq, seq, deadline_ns);
 }
 
 void rb_end_wait_writable(rb_writer *w) {
@@ -386,9 +390,11 @@ rb_result rb_wait_readable(rb_reader *r, uint64_t deadline_ns) {
     rb_header *hdr = r->hdr;
     uint32_t seq = atomic_load_explicit(&hdr->data_seq, memory_order_seq_cst);
     atomic_store_explicit(&hdr->reader_waiting, 1u, memory_order_seq_cst);
-    rb_result res = RB_WOKEN;
-    if (!rb_readable_now(r, memory_order_seq_cst)) res = rb_sleep_on(&hdr->data_seq, seq, deadline_ns);
-    return res;
+    if (rb_readable_now(r, memory_order_seq_cst)) {
+        atomic_store_explicit(&hdr->reader_waiting, 0u, memory_order_relaxed);
+        return RB_WOKEN;
+    }
+    return rb_sleep_on(&hdr->data_seq, seq, deadline_ns);
 }
 
 void rb_end_wait_readable(rb_reader *r) {
