@@ -823,10 +823,11 @@ def test_create_with_a_bad_spin_fails_and_leaves_no_file(ring_path: Path, spin: 
     assert os.listdir(ring_path.parent) == []
 
 
-def test_create_leaves_only_the_ring_file_in_the_directory(ring_path: Path) -> None:
+def test_create_leaves_only_the_ring_file_and_its_fifos_in_the_directory(ring_path: Path) -> None:
+    expected = sorted([ring_path.name, f"{ring_path.name}.rd", f"{ring_path.name}.wr"])
     with RingWriter.create(ring_path, 64):
-        assert os.listdir(ring_path.parent) == [ring_path.name]
-    assert os.listdir(ring_path.parent) == [ring_path.name]
+        assert sorted(os.listdir(ring_path.parent)) == expected
+    assert sorted(os.listdir(ring_path.parent)) == expected
     assert ring_path.stat().st_size == 4096 + 64
 
 

@@ -444,9 +444,9 @@ def test_sleeping_writer_sets_writer_waiting_until_space_is_freed(ring_file: Pat
 # ---- Creating a ring -------------------------------------------------------------------------
 
 
-def test_create_leaves_only_the_ring_in_the_directory(tmp_path: Path) -> None:
+def test_create_leaves_only_the_ring_and_its_fifos_in_the_directory(tmp_path: Path) -> None:
     with RingWriter.create(tmp_path / "ring", 64):
-        assert sorted(os.listdir(tmp_path)) == ["ring"]
+        assert sorted(os.listdir(tmp_path)) == ["ring", "ring.rd", "ring.wr"]
 
 
 def test_create_applies_mode_exactly(tmp_path: Path) -> None:

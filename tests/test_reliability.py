@@ -876,7 +876,7 @@ def test_create_larger_than_free_space_raises_enospc_and_leaves_no_file(
     # The space came back: a ring that fits can be created there.
     with RingWriter.create(small_tmpfs / "fits", 1 << 19) as writer:
         writer.push(b"x" * 1000)
-    assert os.listdir(small_tmpfs) == ["fits"]
+    assert sorted(os.listdir(small_tmpfs)) == ["fits", "fits.rd", "fits.wr"]
 
 
 # ---- a file truncated under a waiting side --------------------------------------------------
@@ -1018,8 +1018,12 @@ def test_failed_create_and_open_release_descriptor_and_mapping(
         "empty",
         "garbage",
         "ring",
+        "ring.rd",
+        "ring.wr",
         "short",
         "truncated",
+        "truncated.rd",
+        "truncated.wr",
     ], "a temporary file was left behind"
 
 

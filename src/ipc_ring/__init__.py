@@ -11,7 +11,7 @@ passing byte messages between two processes on one Unix machine.
             ...
 """
 
-from ._api import RingReader, RingWriter
+from ._api import RingReader, RingWriter, unlink
 from ._core import (
     FORMAT_VERSION,
     InvalidRing,
@@ -34,5 +34,6 @@ __all__ = [
     "RingReader",
     "RingTimeout",
     "RingWriter",
+    "unlink",
 ]
 __version__ = "0.1.0"

@@ -12,12 +12,21 @@ import os
 import secrets
 import stat
 from types import TracebackType
-from typing import Self, TypeVar
+from typing import TYPE_CHECKING, Self, TypeVar
 
 from . import _core
-from ._core import InvalidRing
+from ._core import InvalidRing, RingClosed
 
-__all__ = ["RingReader", "RingWriter"]
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
+__all__ = ["RingReader", "RingWriter", "unlink"]
+
+#: Suffixes of the notification FIFOs next to a ring file (docs/FORMAT.md,
+#: "Waiting on a file descriptor"): data for the reader, space for the writer.
+READER_FIFO = ".rd"
+WRITER_FIFO = ".wr"
+_FIFO_FLAGS = os.O_RDWR | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | os.O_NOFOLLOW
 
 StrPath = str | os.PathLike[str]
 
@@ -45,6 +54,68 @@ def _reserve_space(fd: int, size: int) -> None:
             raise
 
 
+def _open_fifo(path: str) -> int | None:
+    """Open a notification FIFO O_RDWR | O_NONBLOCK (never blocks, never sees
+    EOF); None if it does not exist (a ring made without FIFOs)."""
+    try:
+        fd = os.open(path, _FIFO_FLAGS)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise InvalidRing(f"{path!r} is not a FIFO")
+    return fd
+
+
+def _attach_notify(handle: _core.Writer | _core.Reader, path: str, own: str, peer: str) -> None:
+    """Give the handle its own FIFO (for fileno()) and the peer's (to wake it)."""
+    rx = _open_fifo(path + own)
+    if rx is None:
+        return
+    try:
+        tx = _open_fifo(path + peer)
+        if tx is None:
+            os.close(rx)
+            return
+    except BaseException:
+        os.close(rx)
+        raise
+    handle._attach_notify(rx, tx)
+
+
+def _make_fifo(path: str, mode: int) -> bool:
+    """Create a notification FIFO with exactly `mode`. True if created here;
+    False if a FIFO of that name exists already (a stale one from a ring
+    removed without ipc_ring.unlink: reused, at worst one spurious wake-up)."""
+    try:
+        os.mkfifo(path, mode)
+    except FileExistsError:
+        if stat.S_ISFIFO(os.lstat(path).st_mode):
+            return False
+        raise
+    fd = os.open(path, _FIFO_FLAGS)
+    try:
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
+    return True
+
+
+def unlink(path: StrPath) -> None:
+    """Remove the ring file at ``path`` and its notification FIFOs
+    (``path + ".rd"``, ``path + ".wr"``). ``FileNotFoundError`` if the ring
+    file does not exist; missing FIFOs (an older ring) are fine. Handles that
+    are open keep working; nobody new can open the ring."""
+    target = _fspath(path)
+    os.unlink(target)
+    for suffix in (READER_FIFO, WRITER_FIFO):
+        try:
+            if stat.S_ISFIFO(os.lstat(target + suffix).st_mode):
+                os.unlink(target + suffix)
+        except FileNotFoundError:
+            pass
+
+
 def _attach_existing(cls: type[_H], path: StrPath, spin: float | None) -> _H:
     """Open an existing ring file and hand it to the C handle, which maps,
     validates and locks it; the descriptor is closed again on any failure."""
@@ -57,10 +128,19 @@ def _attach_existing(cls: type[_H], path: StrPath, spin: float | None) -> _H:
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise InvalidRing(f"{target!r} is not a regular file")
-        return cls(fd, target, spin=spin)
+        handle = cls(fd, target, spin=spin)
     except BaseException:
         os.close(fd)
         raise
+    try:
+        if isinstance(handle, _core.Writer):
+            _attach_notify(handle, target, WRITER_FIFO, READER_FIFO)
+        else:
+            _attach_notify(handle, target, READER_FIFO, WRITER_FIFO)
+    except BaseException:
+        handle.close()
+        raise
+    return handle
 
 
 class RingWriter(_core.Writer):
@@ -104,13 +184,26 @@ class RingWriter(_core.Writer):
             os.close(fd)
             os.unlink(tmp)
             raise
+        made: list[str] = []
         try:
+            # The FIFOs exist before the ring's name, so every reader that
+            # finds the ring finds them too.
+            for suffix in (READER_FIFO, WRITER_FIFO):
+                if _make_fifo(target + suffix, mode):
+                    made.append(target + suffix)
             os.link(tmp, target)
         except BaseException:
             self.close()
+            for fifo in made:
+                os.unlink(fifo)
             raise
         finally:
             os.unlink(tmp)
+        try:
+            _attach_notify(self, target, WRITER_FIFO, READER_FIFO)
+        except BaseException:
+            self.close()
+            raise
         return self
 
     @classmethod
@@ -124,6 +217,15 @@ class RingWriter(_core.Writer):
         for ``RingReader.open``.
         """
         return _attach_existing(cls, path, spin)
+
+    async def push_async(self, data: Buffer, /, timeout: float | None = None) -> None:
+        """Like :meth:`push`, but awaits free space in the running asyncio loop
+        (on :meth:`fileno`, no thread). ``RingTimeout`` when ``timeout``
+        expires, ``PeerDied`` as for ``push``. Cancelled while waiting, it has
+        written nothing. One awaiting call per handle at a time."""
+        from . import _async  # asyncio is imported on first use only
+
+        await _async.push_async(self, data, timeout)
 
     def __enter__(self) -> Self:
         return self
@@ -156,6 +258,30 @@ class RingReader(_core.Reader):
         inconsistent positions, not a regular file).
         """
         return _attach_existing(cls, path, spin)
+
+    async def pop_async(self, timeout: float | None = None) -> bytes:
+        """Like :meth:`pop`, but awaits the next message in the running asyncio
+        loop (on :meth:`fileno`, no thread). ``RingTimeout`` when ``timeout``
+        expires, ``RingClosed`` at the end of the stream, ``PeerDied`` as for
+        ``pop``. Cancelled while waiting, it has consumed nothing: the message
+        is taken only by the call that returns it. One awaiting call per
+        handle at a time."""
+        from . import _async  # asyncio is imported on first use only
+
+        return await _async.pop_async(self, timeout)
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> bytes:
+        """``async for msg in reader``: ends at the end of stream, raises
+        ``PeerDied`` like the blocking iteration."""
+        from . import _async
+
+        try:
+            return await _async.pop_async(self)
+        except RingClosed:
+            raise StopAsyncIteration from None
 
     def __enter__(self) -> Self:
         return self

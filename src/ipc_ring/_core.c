@@ -78,6 +78,9 @@ enum handle_flags {
     uint64_t capacity;  /* validated once at attach; never re-read */         \
     Py_ssize_t exports; /* buffers of open slots pointing into the mapping */  \
     PyObject *path;     /* str, as given */                                    \
+    int notify_rx;      /* own FIFO, read end for fileno(); -1 if none */      \
+    int notify_tx;      /* peer's FIFO, to wake it; -1 if none */              \
+    _Atomic uint32_t *notify_key; /* peer's flag it is registered under */     \
     uint64_t spin_ns;   /* busy-wait before sleeping */                        \
     pid_t owner_pid;    /* process that attached; a forked child is not it */  \
     struct HandleObject *prev, *next; /* live_handles list, for fork() */
@@ -89,6 +92,8 @@ typedef struct HandleObject {
 /* Every attached handle of this process, so that the child of a fork() can
  * disown them (fork_child). Changed only with the GIL held. */
 static HandleObject *live_handles;
+
+static void handle_release_notify(HandleObject *h);
 
 static void live_handles_add(HandleObject *h) {
     h->prev = NULL;
@@ -113,6 +118,7 @@ static void live_handles_remove(HandleObject *h) {
 static void fork_child(void) {
     for (HandleObject *h = live_handles; h; h = h->next) {
         h->flags |= HANDLE_FORKED;
+        handle_release_notify(h);
         if (h->fd >= 0) {
             close(h->fd);
             h->fd = -1;
@@ -130,11 +136,24 @@ typedef struct {
     rb_reader ring;
 } ReaderObject;
 
+/* Forgets and closes the notification FIFOs (FORMAT.md "Waiting on a file
+ * descriptor"), if any. */
+static void handle_release_notify(HandleObject *h) {
+    if (h->notify_key) {
+        rb_notify_unregister(h->notify_key);
+        h->notify_key = NULL;
+    }
+    if (h->notify_rx >= 0) close(h->notify_rx);
+    if (h->notify_tx >= 0) close(h->notify_tx);
+    h->notify_rx = h->notify_tx = -1;
+}
+
 /* Releases the mapping and the descriptor. Never called while a thread
  * sleeps on the mapping (HANDLE_BUSY) or a buffer points into it
  * (exports > 0): see handle_release_if_idle. */
 static void handle_release(HandleObject *h) {
     live_handles_remove(h);
+    handle_release_notify(h);
     if (h->map) {
         munmap(h->map, h->map_size);
         h->map = NULL;
@@ -326,6 +345,7 @@ static PyObject *handle_new(PyTypeObject *type, PyObject *args, PyObject *kwds) 
     HandleObject *h = (HandleObject *)type->tp_alloc(type, 0);
     if (!h) return NULL;
     h->fd = -1;
+    h->notify_rx = h->notify_tx = -1;
     h->flags = HANDLE_CLOSED;
     return (PyObject *)h;
 }
@@ -1136,6 +1156,7 @@ static void writer_close_impl(WriterObject *self) {
          * publish them before the end of stream. */
         if (self->flags & HANDLE_BATCH) rb_flush(&self->ring);
         rb_writer_close(&self->ring);
+        if (self->notify_tx >= 0) rb_notify_fd(self->notify_tx); /* a reader on its FIFO */
     }
     if (busy && file_intact((HandleObject *)self, &size)) rb_wake_writer(self->ring.hdr);
     handle_release_if_idle((HandleObject *)self);
@@ -1472,6 +1493,112 @@ static PyObject *reader_get_writer_alive(PyObject *op, void *Py_UNUSED(closure))
     return role_alive((HandleObject *)op, RB_ROLE_WRITER);
 }
 
+/* ---- waiting on a file descriptor (FORMAT.md "Waiting on a file
+ * descriptor"): the primitives under fileno() and ipc_ring._async ------ */
+
+/* 1 if `op` is a Writer, 0 if a Reader, -1 with an exception set. */
+static int handle_is_writer(PyObject *op) {
+    core_state *st = state_of(op);
+    return st ? PyObject_TypeCheck(op, st->WriterType) : -1;
+}
+
+PyDoc_STRVAR(handle_attach_notify_doc,
+"_attach_notify($self, rx, tx, /)\n--\n\n"
+"Internal: take ownership of the descriptors of the own FIFO (rx) and the\n"
+"peer's FIFO (tx), both open O_RDWR | O_NONBLOCK.");
+
+static PyObject *handle_attach_notify(PyObject *op, PyObject *args) {
+    HandleObject *h = (HandleObject *)op;
+    int rx, tx;
+    if (!PyArg_ParseTuple(args, "ii:_attach_notify", &rx, &tx)) return NULL;
+    CHECK_USABLE(h, "ring handle");
+    if (h->notify_rx >= 0 || h->notify_tx >= 0) {
+        PyErr_SetString(PyExc_RuntimeError, "notification FIFOs are already attached");
+        return NULL;
+    }
+    int writer = handle_is_writer(op);
+    if (writer < 0) return NULL;
+    rb_header *hdr = (rb_header *)h->map;
+    _Atomic uint32_t *key = writer ? &hdr->reader_waiting : &hdr->writer_waiting;
+    h->notify_rx = rx;
+    h->notify_tx = tx;
+    /* A full table leaves the peer to notice by polling, never blocked. */
+    if (rb_notify_register(key, tx) == 0) h->notify_key = key;
+    Py_RETURN_NONE;
+}
+
+/* -1 with RingError set if `h` has no notification FIFOs, else 0. */
+static int require_notify(HandleObject *h) {
+    if (h->notify_rx >= 0) return 0;
+    core_state *st = state_of((PyObject *)h);
+    if (st)
+        PyErr_Format(st->RingError,
+                     "%R has no notification FIFOs (%U.rd and %U.wr): it was created by a version "
+                     "of ipc_ring without fileno() support, or they were removed; fileno() and the "
+                     "async methods need them, the blocking API works without",
+                     h->path, h->path, h->path);
+    return -1;
+}
+
+PyDoc_STRVAR(handle_fileno_doc,
+"fileno($self, /)\n--\n\n"
+"A file descriptor that becomes readable when this side was armed and the\n"
+"peer then published (reader: a message or end of stream; writer: free\n"
+"space). For event loops; see docs/FORMAT.md, \"Waiting on a file\n"
+"descriptor\". RingError if the ring has no notification FIFOs.");
+
+static PyObject *handle_fileno(PyObject *op, PyObject *Py_UNUSED(ignored)) {
+    HandleObject *h = (HandleObject *)op;
+    CHECK_USABLE(h, "ring handle");
+    if (require_notify(h) < 0) return NULL;
+    return PyLong_FromLong(h->notify_rx);
+}
+
+PyDoc_STRVAR(handle_arm_doc,
+"_arm($self, /)\n--\n\n"
+"Set this side's waiting flag to 2 (asleep on its FIFO), then re-check.\n"
+"True: armed, wait for fileno() to become readable, then call _disarm().\n"
+"False: the condition holds already (flag taken down), retry now.");
+
+static PyObject *handle_arm(PyObject *op, PyObject *Py_UNUSED(ignored)) {
+    HandleObject *h = (HandleObject *)op;
+    CHECK_USABLE(h, "ring handle");
+    if (require_notify(h) < 0) return NULL;
+    if (check_truncated(h) < 0) return NULL;
+    int writer = handle_is_writer(op);
+    if (writer < 0) return NULL;
+    int armed = writer ? rb_arm_writable(&((WriterObject *)h)->ring)
+                    : rb_arm_readable(&((ReaderObject *)h)->ring);
+    return PyBool_FromLong(armed);
+}
+
+PyDoc_STRVAR(handle_disarm_doc,
+"_disarm($self, /)\n--\n\n"
+"Drain fileno() and take this side's waiting flag down. Idempotent; does\n"
+"nothing on a closed handle or a truncated file.");
+
+static PyObject *handle_disarm(PyObject *op, PyObject *Py_UNUSED(ignored)) {
+    HandleObject *h = (HandleObject *)op;
+    long long size = 0;
+    if (h->flags & (HANDLE_CLOSED | HANDLE_FORKED) || !h->map || h->notify_rx < 0)
+        Py_RETURN_NONE;
+    rb_drain_fd(h->notify_rx);
+    if (!file_intact(h, &size)) Py_RETURN_NONE;
+    int writer = handle_is_writer(op);
+    if (writer < 0) return NULL;
+    if (writer)
+        rb_end_wait_writable(&((WriterObject *)h)->ring);
+    else
+        rb_end_wait_readable(&((ReaderObject *)h)->ring);
+    Py_RETURN_NONE;
+}
+
+#define HANDLE_NOTIFY_METHODS                                                          \
+    {"fileno", handle_fileno, METH_NOARGS, handle_fileno_doc},                        \
+    {"_attach_notify", handle_attach_notify, METH_VARARGS, handle_attach_notify_doc}, \
+    {"_arm", handle_arm, METH_NOARGS, handle_arm_doc},                                \
+    {"_disarm", handle_disarm, METH_NOARGS, handle_disarm_doc},
+
 #define HANDLE_GETSET_ENTRIES \
     {"capacity", handle_get_capacity, NULL, "Size of the data area in bytes (a power of two).", \
      NULL}, \
@@ -1505,6 +1632,7 @@ static PyMethodDef writer_methods[] = {
     {"reserve", _PyCFunction_CAST(writer_reserve), METH_FASTCALL | METH_KEYWORDS,
      writer_reserve_doc},
     {"close", writer_close, METH_NOARGS, writer_close_doc},
+    HANDLE_NOTIFY_METHODS
     {NULL, NULL, 0, NULL},
 };
 
@@ -1536,6 +1664,7 @@ static PyMethodDef reader_methods[] = {
     {"pop_into", _PyCFunction_CAST(reader_pop_into), METH_FASTCALL | METH_KEYWORDS,
      reader_pop_into_doc},
     {"close", reader_close, METH_NOARGS, reader_close_doc},
+    HANDLE_NOTIFY_METHODS
     {NULL, NULL, 0, NULL},
 };
 

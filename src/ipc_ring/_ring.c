@@ -99,9 +99,58 @@ static void rb_wake_on(_Atomic uint32_t *word) {
 void rb_wake_reader(rb_header *hdr) { rb_wake_on(&hdr->data_seq); }
 void rb_wake_writer(rb_header *hdr) { rb_wake_on(&hdr->space_seq); }
 
+/* Process-wide map from a peer's waiting flag (its address in one of this
+ * process's mappings) to the FIFO descriptor that wakes that peer. */
+static struct {
+    _Atomic uintptr_t flag; /* 0 = free slot */
+    _Atomic int fd;
+} rb_notify_table[RB_NOTIFY_SLOTS];
+
+int rb_notify_register(_Atomic uint32_t *peer_waiting, int fd) {
+    for (int i = 0; i < RB_NOTIFY_SLOTS; i++) {
+        if (atomic_load_explicit(&rb_notify_table[i].flag, memory_order_relaxed)) continue;
+        atomic_store_explicit(&rb_notify_table[i].fd, fd, memory_order_relaxed);
+        atomic_store_explicit(&rb_notify_table[i].flag, (uintptr_t)peer_waiting,
+                              memory_order_release);
+        return 0;
+    }
+    return -1;
+}
+
+void rb_notify_unregister(_Atomic uint32_t *peer_waiting) {
+    for (int i = 0; i < RB_NOTIFY_SLOTS; i++)
+        if (atomic_load_explicit(&rb_notify_table[i].flag, memory_order_acquire) ==
+            (uintptr_t)peer_waiting)
+            atomic_store_explicit(&rb_notify_table[i].flag, 0, memory_order_release);
+}
+
+void rb_notify_fd(int fd) {
+    char byte = 1;
+    ssize_t n = write(fd, &byte, 1);
+    (void)n; /* EAGAIN: the FIFO is full, a wake-up is pending anyway */
+}
+
+void rb_drain_fd(int fd) {
+    char buf[256];
+    while (read(fd, buf, sizeof buf) > 0) {
+    }
+}
+
+static void rb_notify_peer(_Atomic uint32_t *peer_waiting) {
+    for (int i = 0; i < RB_NOTIFY_SLOTS; i++)
+        if (atomic_load_explicit(&rb_notify_table[i].flag, memory_order_acquire) ==
+            (uintptr_t)peer_waiting) {
+            rb_notify_fd(atomic_load_explicit(&rb_notify_table[i].fd, memory_order_relaxed));
+            return;
+        }
+}
+
 void rb_wake_waiting_peer(_Atomic uint32_t *peer_waiting, _Atomic uint32_t *peer_seq) {
-    /* Whoever clears the flag makes the one system call. */
-    if (atomic_exchange_explicit(peer_waiting, 0u, memory_order_seq_cst)) rb_wake_on(peer_seq);
+    /* Whoever clears the flag makes the system calls: the futex wake (a
+     * no-op for a peer on its FIFO) and, for RB_WAITING_FD, the FIFO byte. */
+    uint32_t was = atomic_exchange_explicit(peer_waiting, 0u, memory_order_seq_cst);
+    if (was) rb_wake_on(peer_seq);
+    if (was == RB_WAITING_FD) rb_notify_peer(peer_waiting);
 }
 
 /* ---- crash points ---------------------------------------------------- */
@@ -399,4 +448,25 @@ rb_result rb_wait_readable(rb_reader *r, uint64_t deadline_ns) {
 
 void rb_end_wait_readable(rb_reader *r) {
     atomic_store_explicit(&r->hdr->reader_waiting, 0u, memory_order_relaxed);
+}
+
+/* ---- waiting on a file descriptor (FORMAT.md "Waiting on a file descriptor") */
+
+int rb_arm_readable(rb_reader *r) {
+    atomic_store_explicit(&r->hdr->reader_waiting, RB_WAITING_FD, memory_order_seq_cst);
+    if (rb_readable_now(r, memory_order_seq_cst)) {
+        atomic_store_explicit(&r->hdr->reader_waiting, 0u, memory_order_relaxed);
+        return 0;
+    }
+    return 1;
+}
+
+int rb_arm_writable(rb_writer *w) {
+    atomic_store_explicit(&w->hdr->writer_waiting, RB_WAITING_FD, memory_order_seq_cst);
+    uint64_t r = atomic_load_explicit(&w->hdr->read_pos, memory_order_seq_cst);
+    if (w->capacity - (w->write_pos - r) >= w->need) {
+        atomic_store_explicit(&w->hdr->writer_waiting, 0u, memory_order_relaxed);
+        return 0;
+    }
+    return 1;
 }

@@ -216,6 +216,39 @@ rb_result rb_wait_writable(rb_writer *w, uint64_t deadline_ns);
 void rb_end_wait_readable(rb_reader *r);
 void rb_end_wait_writable(rb_writer *w);
 
+/* ---- waiting on a file descriptor (FORMAT.md "Waiting on a file descriptor")
+ * A waiting flag says how its side sleeps: RB_WAITING_FUTEX in rb_wait_*,
+ * RB_WAITING_FD when an event loop watches the side's notification FIFO.
+ * The publisher that clears a flag of RB_WAITING_FD also writes one byte
+ * to the peer's FIFO (rb_wake_waiting_peer, on the rare branch only). */
+#define RB_WAITING_FUTEX 1u
+#define RB_WAITING_FD 2u
+
+/* Arms the side for a wait on its FIFO: sets its flag to RB_WAITING_FD
+ * (seq_cst), then re-checks the condition (seq_cst), as rb_wait_* do.
+ * 1: armed, the caller may wait for its FIFO to become readable; 0: the
+ * condition holds now (flag taken down again), retry the operation. The
+ * writer's condition is the free space its last RB_FULL asked for. */
+int rb_arm_readable(rb_reader *r);
+int rb_arm_writable(rb_writer *w);
+
+/* Registers `fd` (the write end of the peer's FIFO, opened by this process)
+ * as the one to notify when a publication through this mapping clears the
+ * peer's flag `peer_waiting` from RB_WAITING_FD. 0, or -1 if the table of
+ * RB_NOTIFY_SLOTS is full (then the peer only notices by polling). The
+ * table is process-wide; register and unregister with the caller's lock
+ * held (the glue: the GIL). */
+#define RB_NOTIFY_SLOTS 256
+int rb_notify_register(_Atomic uint32_t *peer_waiting, int fd);
+void rb_notify_unregister(_Atomic uint32_t *peer_waiting);
+
+/* Writes one byte to the FIFO `fd` without blocking; a full FIFO (EAGAIN)
+ * already has a wake-up pending, so errors are ignored. */
+void rb_notify_fd(int fd);
+
+/* Reads the FIFO `fd` (non-blocking) until it is empty. */
+void rb_drain_fd(int fd);
+
 /* Wakes any thread of any process sleeping in rb_wait_readable /
  * rb_wait_writable on this ring, whether or not its flag is set. */
 void rb_wake_reader(rb_header *hdr);
