@@ -394,3 +394,33 @@ def test_bench_json_prints_only_the_json_line(ring_dir: Path) -> None:
     assert len(lines) == 1
     assert json.loads(lines[0])["messages"] == 2000
     assert result.stderr == b""  # no progress line when stderr is not a terminal
+
+
+def test_bench_progress_line_reports_the_readers_position(
+    ring_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ipc_ring import _bench
+
+    monkeypatch.setattr(_bench, "PROGRESS_AFTER", 0.0)
+    monkeypatch.setattr(_bench, "PROGRESS_EVERY", 0.02)
+    cfg = _bench.BenchConfig(str(ring_path), 4096, messages=4, msg_size=8, progress=True)
+    with RingWriter.create(ring_path, 4096) as writer, RingReader.open(ring_path) as reader:
+        for _ in range(2):
+            writer.push(b"12345678", timeout=5)
+        with _bench._Progress(cfg):
+            reader.pop(timeout=5)
+            reader.pop(timeout=5)
+            wait_until(lambda: "50.0%" in capsys.readouterr().err, "a progress line at 50%")
+
+
+def test_write_splits_lines_that_span_several_reads_of_stdin(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import io
+
+    from ipc_ring import cli
+
+    monkeypatch.setattr(cli, "OUT_BUFFER", 3)
+    data = b"abcdefgh\n\nij\nklmnopq"
+    lines = [line for batch in cli._read_lines(io.BytesIO(data)) for line in batch]
+    assert lines == [b"abcdefgh", b"", b"ij", b"klmnopq"]

@@ -214,16 +214,24 @@ def _cat_main(args: argparse.Namespace) -> int:
 
 
 def _read_lines(stream: BinaryIO) -> Iterator[list[bytes]]:
-    partial = b""
-    while (
-        chunk := stream.read1(OUT_BUFFER) if hasattr(stream, "read1") else stream.read(OUT_BUFFER)
-    ):
-        lines = (partial + chunk).split(b"\n")
-        partial = lines.pop()
-        if lines:
-            yield lines
-    if partial:
-        yield [partial]
+    """Batches of lines without their newline; a last line without one counts too."""
+    read = getattr(stream, "read1", stream.read)
+    pending: list[bytes] = []  # pieces of a line that spans reads
+    while chunk := read(OUT_BUFFER):
+        if b"\n" not in chunk:
+            pending.append(chunk)
+            continue
+        if pending:
+            pending.append(chunk)
+            chunk = b"".join(pending)
+            pending.clear()
+        lines = chunk.split(b"\n")
+        rest = lines.pop()
+        if rest:
+            pending.append(rest)
+        yield lines
+    if pending:
+        yield [b"".join(pending)]
 
 
 def _read_chunks(stream: BinaryIO, size: int) -> Iterator[list[bytes]]:
