@@ -277,17 +277,6 @@ def run_writer(cfg: BenchConfig, wait_for_go: bool) -> int:
     return 0
 
 
-def _open_when_created(path: str, patience: float, spin: float | None) -> RingReader:
-    deadline = time.monotonic() + patience
-    while True:
-        try:
-            return RingReader.open(path, spin=spin)
-        except FileNotFoundError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.01)
-
-
 def run_reader(cfg: BenchConfig, announce: bool) -> int:
     """Pop and check every message, then print the results."""
     _pin(cfg, "reader")
@@ -415,7 +404,7 @@ def run_latency_echo(cfg: BenchConfig) -> int:
         print("ready", flush=True)
         if sys.stdin.readline().strip() != "go":
             return 1
-        with _open_when_created(cfg.ring, STALL_TIMEOUT, cfg.spin) as ping:
+        with RingReader.open(cfg.ring, spin=cfg.spin, wait=STALL_TIMEOUT) as ping:
             for _ in range(cfg.messages + _warmup(cfg)):
                 pong.push(ping.pop(STALL_TIMEOUT), STALL_TIMEOUT)
             wakes = []
@@ -431,7 +420,7 @@ def run_latency_client(cfg: BenchConfig) -> int:
     """Near side: round trips with both sides spinning, then one message
     every millisecond to the sleeping far side, which times its wake-up."""
     _pin(cfg, "reader")
-    pong = _open_when_created(_pong_path(cfg), STALL_TIMEOUT, cfg.spin)
+    pong = RingReader.open(_pong_path(cfg), spin=cfg.spin, wait=STALL_TIMEOUT)
     with pong, RingWriter.create(cfg.ring, cfg.cap, spin=cfg.spin) as ping:
         print("ready", flush=True)
         message = bytearray(cfg.msg_size)
