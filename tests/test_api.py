@@ -964,9 +964,12 @@ def test_constructors_have_keyword_only_options() -> None:
     assert create["mode"].default == 0o600
     assert create["spin"].kind is inspect.Parameter.KEYWORD_ONLY
     assert create["spin"].default is None
-    open_ = inspect.signature(RingReader.open).parameters
-    assert list(open_) == ["path", "spin"]
-    assert open_["spin"].kind is inspect.Parameter.KEYWORD_ONLY
+    for cls in (RingReader, RingWriter):
+        open_ = inspect.signature(cls.open).parameters
+        assert list(open_) == ["path", "spin", "wait"]
+        assert open_["spin"].kind is inspect.Parameter.KEYWORD_ONLY
+        assert open_["wait"].kind is inspect.Parameter.KEYWORD_ONLY
+        assert open_["wait"].default is None
 
 
 # ---- threads ---------------------------------------------------------------

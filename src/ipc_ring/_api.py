@@ -11,11 +11,12 @@ import errno
 import os
 import secrets
 import stat
+import time
 from types import TracebackType
 from typing import TYPE_CHECKING, Self, TypeVar
 
 from . import _core
-from ._core import InvalidRing, RingClosed
+from ._core import InvalidRing, RingBusy, RingClosed
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -32,6 +33,11 @@ StrPath = str | os.PathLike[str]
 
 _OPEN_FLAGS = os.O_RDWR | getattr(os, "O_CLOEXEC", 0)
 _H = TypeVar("_H", bound=_core.Writer | _core.Reader)
+
+# How often open(wait=...) retries while the file is missing or the role is taken.
+_RETRY_INTERVAL = 0.005
+# How long unpickling a handle waits for the sending process to release the role.
+UNPICKLE_WAIT = 30.0
 
 
 def _fspath(path: StrPath) -> str:
@@ -143,6 +149,40 @@ def _attach_existing(cls: type[_H], path: StrPath, spin: float | None) -> _H:
     return handle
 
 
+def _attach_waiting(cls: type[_H], path: StrPath, spin: float | None, wait: float | None) -> _H:
+    """`_attach_existing`, retried every few milliseconds for up to `wait` seconds while
+    the file does not exist yet or the role is held by a live process. Anything else
+    (InvalidRing, RingClosed, permissions) fails at once: create links a complete ring
+    into place, so a file that exists is never a ring "not yet"."""
+    if wait is None or wait <= 0:
+        return _attach_existing(cls, path, spin)
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return _attach_existing(cls, path, spin)
+        except (FileNotFoundError, RingBusy):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise
+            time.sleep(min(_RETRY_INTERVAL, remaining))
+
+
+def _reopen_writer(path: str, spin: float) -> RingWriter:
+    """Unpickle a RingWriter: re-attach by path once the sender released the role."""
+    return RingWriter.open(path, spin=spin, wait=UNPICKLE_WAIT)
+
+
+def _reopen_reader(path: str, spin: float) -> RingReader:
+    """Unpickle a RingReader: attach by path once the sender released the role; reading
+    continues from the last committed position."""
+    return RingReader.open(path, spin=spin, wait=UNPICKLE_WAIT)
+
+
+def _check_picklable(handle: _core.Writer | _core.Reader) -> None:
+    if handle.closed:
+        raise RingClosed(f"cannot pickle a closed {type(handle).__name__} ({handle.path!r})")
+
+
 class RingWriter(_core.Writer):
     """The producing end of a ring. Create one with :meth:`RingWriter.create`."""
 
@@ -207,16 +247,27 @@ class RingWriter(_core.Writer):
         return self
 
     @classmethod
-    def open(cls, path: StrPath, *, spin: float | None = None) -> Self:
-        """Re-attach a writer to the existing ring at ``path`` whose writer died.
+    def open(cls, path: StrPath, *, spin: float | None = None, wait: float | None = None) -> Self:
+        """Re-attach a writer to the existing ring at ``path`` whose writer died
+        (or handed the role over by closing its handle without ending the stream,
+        as pickling does).
 
-        The stream continues after the last message the dead writer
+        The stream continues after the last message the previous writer
         published; a record it had reserved but not published is discarded.
         ``RingBusy`` if a live writer is attached, ``RingClosed`` if the
         previous writer ended the stream with ``close()``, ``InvalidRing`` as
-        for ``RingReader.open``.
+        for ``RingReader.open``. ``wait``: seconds to keep retrying while the
+        file does not exist yet or a live writer holds the role (None or 0:
+        fail at once).
         """
-        return _attach_existing(cls, path, spin)
+        return _attach_waiting(cls, path, spin, wait)
+
+    def __reduce__(self) -> tuple[object, tuple[str, float]]:
+        """Pickle by path: the receiving process re-attaches with
+        ``RingWriter.open(path, wait=30)``, so the sender must let go of the role
+        without ending the stream (its process exits, or the handle is dropped)."""
+        _check_picklable(self)
+        return _reopen_writer, (self.path, self.spin)
 
     async def push_async(self, data: Buffer, /, timeout: float | None = None) -> None:
         """Like :meth:`push`, but awaits free space in the running asyncio loop
@@ -249,15 +300,25 @@ class RingReader(_core.Reader):
     __slots__ = ()
 
     @classmethod
-    def open(cls, path: StrPath, *, spin: float | None = None) -> Self:
+    def open(cls, path: StrPath, *, spin: float | None = None, wait: float | None = None) -> Self:
         """Attach to the ring file at ``path``.
 
-        ``FileNotFoundError`` if it does not exist; ``InvalidRing`` at once if
-        it is not a complete, valid ring (wrong magic or version, a capacity
-        that is not a power of two, a file shorter than its header says,
-        inconsistent positions, not a regular file).
+        ``FileNotFoundError`` if it does not exist; ``RingBusy`` if a live
+        reader holds the role; ``InvalidRing`` at once if it is not a complete,
+        valid ring (wrong magic or version, a capacity that is not a power of
+        two, a file shorter than its header says, inconsistent positions, not
+        a regular file). ``wait``: seconds to keep retrying while the file does
+        not exist yet or the role is taken (None or 0: fail at once);
+        ``InvalidRing`` is never retried.
         """
-        return _attach_existing(cls, path, spin)
+        return _attach_waiting(cls, path, spin, wait)
+
+    def __reduce__(self) -> tuple[object, tuple[str, float]]:
+        """Pickle by path: the receiving process attaches with
+        ``RingReader.open(path, wait=30)`` once the sender closed its handle, and
+        continues from the last committed read position."""
+        _check_picklable(self)
+        return _reopen_reader, (self.path, self.spin)
 
     async def pop_async(self, timeout: float | None = None) -> bytes:
         """Like :meth:`pop`, but awaits the next message in the running asyncio

@@ -27,12 +27,14 @@ import platform
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from struct import Struct
 
 from ._api import RingReader, RingWriter
+from ._core import RingError
 
 # A pop that waits longer than this means the writer is gone: fail, don't hang.
 STALL_TIMEOUT = 30.0
@@ -57,11 +59,63 @@ class BenchConfig:
     spin: float | None = None
     pin: tuple[int, int] | None = None  # writer's CPU, reader's CPU
     latency_samples: int = 2000
+    json_only: bool = False  # print only the JSON lines
+    progress: bool = False  # a \r progress line on stderr for runs longer than 2 s
 
 
 def _remove(path: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
+
+
+class _Progress:
+    """From PROGRESS_AFTER seconds on, a thread rewrites one stderr line every
+    PROGRESS_EVERY seconds with the reader's progress, read from the ring
+    file's header (read_pos) without touching the ring."""
+
+    def __init__(self, cfg: BenchConfig) -> None:
+        self.cfg = cfg
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.shown = False
+
+    def __enter__(self) -> _Progress:
+        if self.cfg.progress:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.done.set()
+        if self.thread.is_alive():
+            self.thread.join(timeout=2)
+        if self.shown:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+
+    def _run(self) -> None:
+        from ._inspect import inspect_ring
+
+        record = (8 + self.cfg.msg_size + 7) & ~7
+        total = record * self.cfg.messages
+        start = time.monotonic()
+        if self.done.wait(PROGRESS_AFTER):
+            return
+        while not self.done.wait(PROGRESS_EVERY):
+            try:
+                read_pos = int(inspect_ring(self.cfg.ring)["read_pos"])
+            except (OSError, ValueError, RingError):
+                continue
+            percent = min(100.0 * read_pos / total, 100.0)
+            elapsed = time.monotonic() - start
+            sys.stderr.write(
+                f"\r{percent:5.1f}% of {self.cfg.messages:,} messages, {elapsed:.0f} s"
+            )
+            sys.stderr.flush()
+            self.shown = True
+
+
+PROGRESS_AFTER = 2.0
+PROGRESS_EVERY = 0.5
 
 
 def _pin(cfg: BenchConfig, role: str) -> None:
@@ -223,24 +277,14 @@ def run_writer(cfg: BenchConfig, wait_for_go: bool) -> int:
     return 0
 
 
-def _open_when_created(path: str, patience: float, spin: float | None) -> RingReader:
-    deadline = time.monotonic() + patience
-    while True:
-        try:
-            return RingReader.open(path, spin=spin)
-        except FileNotFoundError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.01)
-
-
 def run_reader(cfg: BenchConfig, announce: bool) -> int:
     """Pop and check every message, then print the results."""
     _pin(cfg, "reader")
-    with _open_when_created(cfg.ring, STALL_TIMEOUT, cfg.spin) as reader:
+    with RingReader.open(cfg.ring, spin=cfg.spin, wait=STALL_TIMEOUT) as reader:
         if announce:
             print("ready", flush=True)
-        start, errors = READERS[cfg.api](reader, cfg)
+        with _Progress(cfg):
+            start, errors = READERS[cfg.api](reader, cfg)
         elapsed = time.perf_counter() - start
     # The clock starts when message 0 arrives, so it times messages 1..N-1.
     timed = max(cfg.messages - 1, 1)
@@ -251,7 +295,9 @@ def run_reader(cfg: BenchConfig, announce: bool) -> int:
         f'{{"messages":{cfg.messages},"msg_size":{cfg.msg_size},'
         f'"elapsed_sec":{elapsed:.6f},"msgs_per_sec":{rate:.0f},"MiB_per_sec":{mib:.2f}}}'
     )
-    print(line)
+    print(line, flush=cfg.json_only)
+    if cfg.json_only:
+        return 1 if errors else 0
     api = cfg.api if cfg.api != "batch" else f"batch of {cfg.batch}"
     print(
         f"ipc_ring ({api}) {cfg.messages:,} messages of {cfg.msg_size} B through a "
@@ -288,7 +334,9 @@ def _expect_line(proc: subprocess.Popen[str], want: str, who: str) -> None:
         raise RuntimeError(f"bench {who} failed to start (said {line!r})")
 
 
-def _run_pair(first: list[str], second: list[str], rings: list[str]) -> int:
+def _run_pair(
+    first: list[str], second: list[str], rings: list[str], cfg: BenchConfig | None = None
+) -> int:
     """Start `first` (it creates a ring and waits for "go" on stdin), then
     `second` (it attaches and says "ready"), then let `first` go; relay
     `second`'s output. Removes `rings` at the end."""
@@ -305,8 +353,11 @@ def _run_pair(first: list[str], second: list[str], rings: list[str]) -> int:
         assert one.stdin is not None and two.stdout is not None
         one.stdin.write("go\n")
         one.stdin.flush()
-        for line in two.stdout:
-            print(line, end="", flush=True)
+        json_only = cfg is not None and cfg.json_only
+        with _Progress(cfg) if cfg is not None else contextlib.nullcontext():
+            for line in two.stdout:
+                if not json_only or line.startswith("{"):
+                    print(line, end="", flush=True)
         codes = [p.wait(timeout=STALL_TIMEOUT) for p in procs]
         return 0 if codes == [0, 0] else 1
     finally:
@@ -320,7 +371,7 @@ def _run_pair(first: list[str], second: list[str], rings: list[str]) -> int:
 
 def run_both(cfg: BenchConfig) -> int:
     """Writer and reader in two fresh processes; the writer starts once the reader is attached."""
-    return _run_pair(_child("writer", cfg), _child("reader", cfg), [cfg.ring])
+    return _run_pair(_child("writer", cfg), _child("reader", cfg), [cfg.ring], cfg)
 
 
 # ---- latency ---------------------------------------------------------------
@@ -353,7 +404,7 @@ def run_latency_echo(cfg: BenchConfig) -> int:
         print("ready", flush=True)
         if sys.stdin.readline().strip() != "go":
             return 1
-        with _open_when_created(cfg.ring, STALL_TIMEOUT, cfg.spin) as ping:
+        with RingReader.open(cfg.ring, spin=cfg.spin, wait=STALL_TIMEOUT) as ping:
             for _ in range(cfg.messages + _warmup(cfg)):
                 pong.push(ping.pop(STALL_TIMEOUT), STALL_TIMEOUT)
             wakes = []
@@ -369,7 +420,7 @@ def run_latency_client(cfg: BenchConfig) -> int:
     """Near side: round trips with both sides spinning, then one message
     every millisecond to the sleeping far side, which times its wake-up."""
     _pin(cfg, "reader")
-    pong = _open_when_created(_pong_path(cfg), STALL_TIMEOUT, cfg.spin)
+    pong = RingReader.open(_pong_path(cfg), spin=cfg.spin, wait=STALL_TIMEOUT)
     with pong, RingWriter.create(cfg.ring, cfg.cap, spin=cfg.spin) as ping:
         print("ready", flush=True)
         message = bytearray(cfg.msg_size)
@@ -398,6 +449,8 @@ def run_latency_client(cfg: BenchConfig) -> int:
     rt = _percentiles(rounds)
     wk = _percentiles(wakes)
     print(json.dumps({"msg_size": cfg.msg_size, "round_trip_us": rt, "wakeup_us": wk}))
+    if cfg.json_only:
+        return 0
     print(
         f"round trip, both sides spinning ({len(rounds):,} messages of {cfg.msg_size} B): "
         f"p50 {rt['p50']:.2f} us, p99 {rt['p99']:.2f} us, p99.9 {rt['p99.9']:.2f} us\n"
@@ -410,7 +463,10 @@ def run_latency_client(cfg: BenchConfig) -> int:
 
 def run_latency(cfg: BenchConfig) -> int:
     return _run_pair(
-        _child("latency-echo", cfg), _child("latency-client", cfg), [cfg.ring, _pong_path(cfg)]
+        _child("latency-echo", cfg),
+        _child("latency-client", cfg),
+        [cfg.ring, _pong_path(cfg)],
+        BenchConfig(cfg.ring, cfg.cap, 1, cfg.msg_size, json_only=cfg.json_only),
     )
 
 
