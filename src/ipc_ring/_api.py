@@ -12,12 +12,27 @@ import os
 import secrets
 import stat
 from types import TracebackType
-from typing import Self, TypeVar
+from typing import Self, TypedDict, TypeVar
 
 from . import _core
 from ._core import InvalidRing
 
-__all__ = ["RingReader", "RingWriter"]
+__all__ = ["RingReader", "RingStats", "RingWriter"]
+
+
+class RingStats(TypedDict):
+    """What ``stats()`` returns: docs/FORMAT.md "Counters", read from the header."""
+
+    capacity: int
+    used: int
+    messages_pushed: int
+    bytes_pushed: int
+    messages_popped: int
+    bytes_popped: int
+    writer_full_waits: int
+    reader_empty_waits: int
+    high_water: int
+
 
 StrPath = str | os.PathLike[str]
 
