@@ -33,15 +33,39 @@ CAPACITY_AT = 16
 DATA_OFFSET_AT = 24
 MAX_MESSAGE_SIZE_AT = 32
 WRITE_POS_AT = 128
+MESSAGES_PUSHED_AT = 136
+BYTES_PUSHED_AT = 144
 READ_POS_AT = 256
+MESSAGES_POPPED_AT = 264
+BYTES_POPPED_AT = 272
 READER_WAITING_AT = 384
 DATA_SEQ_AT = 388
 WRITER_WAITING_AT = 512
 SPACE_SEQ_AT = 516
 WRITER_CLOSED_AT = 520
-# (start, end) of every reserved range of the header page: zero in version 1.
+WRITER_FULL_WAITS_AT = 528
+HIGH_WATER_AT = 536
 READER_ATTACHED_AT = 392
-RESERVED = [(40, 128), (136, 256), (264, 384), (396, 512), (524, 4096)]
+READER_EMPTY_WAITS_AT = 400
+COUNTERS_AT = {
+    "messages_pushed": MESSAGES_PUSHED_AT,
+    "bytes_pushed": BYTES_PUSHED_AT,
+    "messages_popped": MESSAGES_POPPED_AT,
+    "bytes_popped": BYTES_POPPED_AT,
+    "reader_empty_waits": READER_EMPTY_WAITS_AT,
+    "writer_full_waits": WRITER_FULL_WAITS_AT,
+    "high_water": HIGH_WATER_AT,
+}
+# (start, end) of every reserved range of the header page: zero in version 1.
+RESERVED = [
+    (40, 128),
+    (152, 256),
+    (280, 384),
+    (396, 400),
+    (408, 512),
+    (524, 528),
+    (544, 4096),
+]
 
 # FORMAT.md "Records"
 RECORD_HEADER = 8
@@ -137,6 +161,50 @@ def test_fresh_ring_has_zero_positions_flags_and_reserved_bytes(ring_file: Path)
         assert struct.unpack_from("<I", data, WRITER_CLOSED_AT)[0] == 0
         for start, end in RESERVED:
             assert data[start:end] == bytes(end - start), f"reserved bytes {start}..{end}"
+
+
+def test_fresh_ring_has_zero_counters(ring_file: Path) -> None:
+    with RingWriter.create(ring_file, 4096):
+        data = file_bytes(ring_file)
+        for name, offset in COUNTERS_AT.items():
+            assert struct.unpack_from("<Q", data, offset)[0] == 0, name
+
+
+def test_counters_are_little_endian_u64_at_documented_offsets(ring_file: Path) -> None:
+    with RingWriter.create(ring_file, 64) as w, RingReader.open(ring_file, spin=0) as r:
+        w.push(b"abc", timeout=TIMEOUT)  # record of 16 bytes
+        w.push_many([b"x" * 20, b""], timeout=TIMEOUT)  # 32 + 8 bytes: the ring holds 56
+        assert u64(ring_file, MESSAGES_PUSHED_AT) == 3
+        assert u64(ring_file, BYTES_PUSHED_AT) == 23
+        assert u64(ring_file, MESSAGES_POPPED_AT) == 0
+        # 16 bytes do not fit in the 8 before the end: the wrap rule publishes a padding record
+        # of 8 first, then the reload of read_pos finds 64 bytes used: full.
+        assert not w.try_push(b"y" * 8)
+        assert u64(ring_file, HIGH_WATER_AT) == 64
+        assert r.pop(timeout=TIMEOUT) == b"abc"
+        assert r.pop(timeout=TIMEOUT) == b"x" * 20
+        assert u64(ring_file, MESSAGES_POPPED_AT) == 2
+        assert u64(ring_file, BYTES_POPPED_AT) == 23
+        assert r.pop(timeout=TIMEOUT) == b""
+        assert u64(ring_file, READER_EMPTY_WAITS_AT) == 0
+        with pytest.raises(RingTimeout):
+            r.pop(timeout=0.01)  # one sleep slice of 10 ms
+        assert u64(ring_file, READER_EMPTY_WAITS_AT) == 1
+        assert u64(ring_file, WRITER_FULL_WAITS_AT) == 0
+        data = file_bytes(ring_file)
+        assert {
+            name: struct.unpack_from("<Q", data, at)[0] for name, at in COUNTERS_AT.items()
+        } == {name: value for name, value in w.stats().items() if name in COUNTERS_AT}
+
+
+def test_a_push_that_sleeps_on_a_full_ring_counts_writer_full_waits(ring_file: Path) -> None:
+    with RingWriter.create(ring_file, 64, spin=0) as w:
+        while w.try_push(b"z" * 8):
+            pass
+        with pytest.raises(RingTimeout):
+            w.push(b"z" * 8, timeout=0.01)  # one sleep slice of 10 ms
+        assert u64(ring_file, WRITER_FULL_WAITS_AT) == 1
+        assert u64(ring_file, HIGH_WATER_AT) == 64
 
 
 def test_reserved_header_bytes_stay_zero_through_pushes_pops_and_close(ring_file: Path) -> None:

@@ -11,7 +11,7 @@ passing byte messages between two processes on one Unix machine.
             ...
 """
 
-from ._api import RingReader, RingWriter, unlink
+from ._api import RingReader, RingStats, RingWriter, unlink
 from ._core import (
     FORMAT_VERSION,
     InvalidRing,
@@ -32,6 +32,7 @@ __all__ = [
     "RingClosed",
     "RingError",
     "RingReader",
+    "RingStats",
     "RingTimeout",
     "RingWriter",
     "unlink",

@@ -13,7 +13,7 @@ import secrets
 import stat
 import time
 from types import TracebackType
-from typing import TYPE_CHECKING, Self, TypeVar
+from typing import TYPE_CHECKING, Self, TypedDict, TypeVar
 
 from . import _core
 from ._core import InvalidRing, RingBusy, RingClosed
@@ -21,13 +21,28 @@ from ._core import InvalidRing, RingBusy, RingClosed
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
-__all__ = ["RingReader", "RingWriter", "unlink"]
+__all__ = ["RingReader", "RingStats", "RingWriter", "unlink"]
 
 #: Suffixes of the notification FIFOs next to a ring file (docs/FORMAT.md,
 #: "Waiting on a file descriptor"): data for the reader, space for the writer.
 READER_FIFO = ".rd"
 WRITER_FIFO = ".wr"
 _FIFO_FLAGS = os.O_RDWR | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | os.O_NOFOLLOW
+
+
+class RingStats(TypedDict):
+    """What ``stats()`` returns: docs/FORMAT.md "Counters", read from the header."""
+
+    capacity: int
+    used: int
+    messages_pushed: int
+    bytes_pushed: int
+    messages_popped: int
+    bytes_popped: int
+    writer_full_waits: int
+    reader_empty_waits: int
+    high_water: int
+
 
 StrPath = str | os.PathLike[str]
 

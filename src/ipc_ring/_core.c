@@ -1598,6 +1598,52 @@ static PyObject *handle_disarm(PyObject *op, PyObject *Py_UNUSED(ignored)) {
     {"_attach_notify", handle_attach_notify, METH_VARARGS, handle_attach_notify_doc}, \
     {"_arm", handle_arm, METH_NOARGS, handle_arm_doc},                                \
     {"_disarm", handle_disarm, METH_NOARGS, handle_disarm_doc},
+/* ---- stats() --------------------------------------------------------- */
+
+PyDoc_STRVAR(handle_stats_doc,
+"stats($self, /)\n--\n\n"
+"Return the ring's counters as a dict, read from the shared header, so\n"
+"each side also sees the other's: messages_pushed, bytes_pushed,\n"
+"messages_popped, bytes_popped (payload bytes), writer_full_waits,\n"
+"reader_empty_waits (sleep slices of up to 50 ms on a full / empty ring),\n"
+"high_water (the fullest the writer found the ring, in bytes, when it\n"
+"reloaded the reader's position), plus capacity and used (bytes published\n"
+"and not yet consumed). See docs/FORMAT.md \"Counters\".");
+
+/* Reads the counters of FORMAT.md "Counters" from the header. A new dict,
+ * or NULL with RingClosed / RingError / InvalidRing set. GIL held. */
+static PyObject *handle_stats(HandleObject *h, int writer, const char *what) {
+    if (h->flags & (HANDLE_CLOSED | HANDLE_FORKED) || !h->map) return handle_unusable(h, what);
+    if (check_truncated(h) < 0) return NULL;
+    rb_header *hdr = (rb_header *)h->map;
+    /* Own position from the handle, the peer's from the header: the
+     * difference cannot be torn by the peer moving between two loads. */
+    uint64_t used;
+    if (writer)
+        used = ((WriterObject *)h)->ring.write_pos -
+               atomic_load_explicit(&hdr->read_pos, memory_order_relaxed);
+    else
+        used = atomic_load_explicit(&hdr->write_pos, memory_order_relaxed) -
+               ((ReaderObject *)h)->ring.read_pos;
+    if (used > h->capacity) used = h->capacity; /* only a hostile peer gets here */
+#define RB_LOAD(field) \
+    (unsigned long long)atomic_load_explicit(&hdr->field, memory_order_relaxed)
+    return Py_BuildValue(
+        "{sKsKsKsKsKsKsKsKsK}", "capacity", (unsigned long long)h->capacity, "used",
+        (unsigned long long)used, "messages_pushed", RB_LOAD(messages_pushed), "bytes_pushed",
+        RB_LOAD(bytes_pushed), "messages_popped", RB_LOAD(messages_popped), "bytes_popped",
+        RB_LOAD(bytes_popped), "writer_full_waits", RB_LOAD(writer_full_waits),
+        "reader_empty_waits", RB_LOAD(reader_empty_waits), "high_water", RB_LOAD(high_water));
+#undef RB_LOAD
+}
+
+static PyObject *writer_stats(PyObject *op, PyObject *Py_UNUSED(ignored)) {
+    return handle_stats((HandleObject *)op, 1, "RingWriter");
+}
+
+static PyObject *reader_stats(PyObject *op, PyObject *Py_UNUSED(ignored)) {
+    return handle_stats((HandleObject *)op, 0, "RingReader");
+}
 
 #define HANDLE_GETSET_ENTRIES \
     {"capacity", handle_get_capacity, NULL, "Size of the data area in bytes (a power of two).", \
@@ -1633,6 +1679,7 @@ static PyMethodDef writer_methods[] = {
      writer_reserve_doc},
     {"close", writer_close, METH_NOARGS, writer_close_doc},
     HANDLE_NOTIFY_METHODS
+    {"stats", writer_stats, METH_NOARGS, handle_stats_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1665,6 +1712,7 @@ static PyMethodDef reader_methods[] = {
      reader_pop_into_doc},
     {"close", reader_close, METH_NOARGS, reader_close_doc},
     HANDLE_NOTIFY_METHODS
+    {"stats", reader_stats, METH_NOARGS, handle_stats_doc},
     {NULL, NULL, 0, NULL},
 };
 

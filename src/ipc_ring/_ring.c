@@ -280,6 +280,13 @@ void rb_writer_attach(rb_writer *w, void *base, const rb_snapshot *snap) {
     w->write_pos = snap->write_pos;
     w->read_pos_seen = snap->read_pos;
     w->need = 0;
+    /* Counters continue from the header; they are statistics, trusted for
+     * nothing (FORMAT.md "Counters"). */
+    rb_header *hdr = w->hdr;
+    w->messages_pushed = atomic_load_explicit(&hdr->messages_pushed, memory_order_relaxed);
+    w->bytes_pushed = atomic_load_explicit(&hdr->bytes_pushed, memory_order_relaxed);
+    w->full_waits = atomic_load_explicit(&hdr->writer_full_waits, memory_order_relaxed);
+    w->high_water = atomic_load_explicit(&hdr->high_water, memory_order_relaxed);
 }
 
 /* RB_OK if `need` bytes are free, reloading read_pos only when the cached
@@ -290,6 +297,10 @@ static inline rb_result rb_ensure_free(rb_writer *w, uint64_t need) {
     uint64_t used = w->write_pos - r;
     if (RB_UNLIKELY(used > w->capacity || (r & (RB_ALIGN - 1)))) return RB_CORRUPT;
     w->read_pos_seen = r;
+    if (RB_UNLIKELY(used > w->high_water)) {
+        w->high_water = used;
+        atomic_store_explicit(&w->hdr->high_water, used, memory_order_relaxed);
+    }
     if (w->capacity - used >= need) return RB_OK;
     w->need = need;
     return RB_FULL;
@@ -361,6 +372,7 @@ rb_result rb_wait_writable(rb_writer *w, uint64_t deadline_ns) {
 
 void rb_end_wait_writable(rb_writer *w) {
     atomic_store_explicit(&w->hdr->writer_waiting, 0u, memory_order_relaxed);
+    atomic_store_explicit(&w->hdr->writer_full_waits, ++w->full_waits, memory_order_relaxed);
 }
 
 /* ---- reader ---------------------------------------------------------- */
@@ -373,6 +385,11 @@ void rb_reader_attach(rb_reader *r, void *base, const rb_snapshot *snap) {
     r->read_pos = snap->read_pos;
     r->write_pos_seen = snap->write_pos;
     r->peeked = 0;
+    r->peeked_length = 0;
+    rb_header *hdr = r->hdr;
+    r->messages_popped = atomic_load_explicit(&hdr->messages_popped, memory_order_relaxed);
+    r->bytes_popped = atomic_load_explicit(&hdr->bytes_popped, memory_order_relaxed);
+    r->empty_waits = atomic_load_explicit(&hdr->reader_empty_waits, memory_order_relaxed);
     atomic_store_explicit(&r->hdr->reader_attached, 1u, memory_order_seq_cst);
 }
 
@@ -409,6 +426,7 @@ rb_result rb_peek_slow(rb_reader *r, const void **payload, uint64_t *length) {
             *payload = r->data + index + RB_RECORD_HEADER;
             *length = len;
             r->peeked = size;
+            r->peeked_length = len;
             return RB_OK;
         }
         if (kind != RB_KIND_PADDING || len != to_end - RB_RECORD_HEADER || to_end > avail)
@@ -448,6 +466,7 @@ rb_result rb_wait_readable(rb_reader *r, uint64_t deadline_ns) {
 
 void rb_end_wait_readable(rb_reader *r) {
     atomic_store_explicit(&r->hdr->reader_waiting, 0u, memory_order_relaxed);
+    atomic_store_explicit(&r->hdr->reader_empty_waits, ++r->empty_waits, memory_order_relaxed);
 }
 
 /* ---- waiting on a file descriptor (FORMAT.md "Waiting on a file descriptor") */

@@ -51,23 +51,32 @@ typedef struct rb_header {
 
     /* block 1 (offset 128): producer-owned, written on every push */
     _Atomic uint64_t write_pos;  /* bytes ever published by the writer */
-    uint8_t reserved1[128 - 8];  /* zero */
+    _Atomic uint64_t messages_pushed; /* messages ever published; stored with write_pos */
+    _Atomic uint64_t bytes_pushed;    /* their payload bytes; stored with write_pos */
+    uint8_t reserved1[128 - 24]; /* zero */
 
     /* block 2 (offset 256): consumer-owned, written on every pop */
     _Atomic uint64_t read_pos;   /* bytes ever consumed by the reader */
-    uint8_t reserved2[128 - 8];  /* zero */
+    _Atomic uint64_t messages_popped; /* messages ever consumed; stored with read_pos */
+    _Atomic uint64_t bytes_popped;    /* their payload bytes; stored with read_pos */
+    uint8_t reserved2[128 - 24]; /* zero */
 
     /* block 3 (offset 384): the reader's sleep (FORMAT.md "Waiting") */
     _Atomic uint32_t reader_waiting; /* 1 while the reader may be asleep; set by reader, cleared by either */
     _Atomic uint32_t data_seq;       /* futex word the reader sleeps on; bumped by whoever wakes it */
     _Atomic uint32_t reader_attached; /* 1 once any reader has attached; never cleared */
-    uint8_t reserved3[128 - 12];     /* zero */
+    uint32_t reserved3a;             /* zero */
+    _Atomic uint64_t reader_empty_waits; /* sleep slices of the reader on an empty ring */
+    uint8_t reserved3[128 - 24];     /* zero */
 
     /* block 4 (offset 512): the writer's sleep and end of stream */
     _Atomic uint32_t writer_waiting; /* 1 while the writer may be asleep; set by writer, cleared by either */
     _Atomic uint32_t space_seq;      /* futex word the writer sleeps on; bumped by whoever wakes it */
     _Atomic uint32_t writer_closed;  /* 1 once the writer has closed: end of stream */
-    uint8_t reserved4[128 - 12];     /* zero */
+    uint32_t reserved4a;             /* zero */
+    _Atomic uint64_t writer_full_waits; /* sleep slices of the writer on a full ring */
+    _Atomic uint64_t high_water;     /* largest write_pos - read_pos the writer saw on a reload */
+    uint8_t reserved4[128 - 32];     /* zero */
 
     uint8_t reserved5[RB_DATA_OFFSET - 640]; /* zero; rest of the header page */
 } rb_header;
@@ -79,13 +88,20 @@ _Static_assert(offsetof(rb_header, capacity) == 16, "FORMAT.md: capacity");
 _Static_assert(offsetof(rb_header, data_offset) == 24, "FORMAT.md: data_offset");
 _Static_assert(offsetof(rb_header, max_message_size) == 32, "FORMAT.md: max_message_size");
 _Static_assert(offsetof(rb_header, write_pos) == 128, "FORMAT.md: write_pos");
+_Static_assert(offsetof(rb_header, messages_pushed) == 136, "FORMAT.md: messages_pushed");
+_Static_assert(offsetof(rb_header, bytes_pushed) == 144, "FORMAT.md: bytes_pushed");
 _Static_assert(offsetof(rb_header, read_pos) == 256, "FORMAT.md: read_pos");
+_Static_assert(offsetof(rb_header, messages_popped) == 264, "FORMAT.md: messages_popped");
+_Static_assert(offsetof(rb_header, bytes_popped) == 272, "FORMAT.md: bytes_popped");
 _Static_assert(offsetof(rb_header, reader_waiting) == 384, "FORMAT.md: reader_waiting");
 _Static_assert(offsetof(rb_header, data_seq) == 388, "FORMAT.md: data_seq");
 _Static_assert(offsetof(rb_header, reader_attached) == 392, "FORMAT.md: reader_attached");
+_Static_assert(offsetof(rb_header, reader_empty_waits) == 400, "FORMAT.md: reader_empty_waits");
 _Static_assert(offsetof(rb_header, writer_waiting) == 512, "FORMAT.md: writer_waiting");
 _Static_assert(offsetof(rb_header, space_seq) == 516, "FORMAT.md: space_seq");
 _Static_assert(offsetof(rb_header, writer_closed) == 520, "FORMAT.md: writer_closed");
+_Static_assert(offsetof(rb_header, writer_full_waits) == 528, "FORMAT.md: writer_full_waits");
+_Static_assert(offsetof(rb_header, high_water) == 536, "FORMAT.md: high_water");
 _Static_assert(sizeof(rb_header) == RB_DATA_OFFSET, "FORMAT.md: header page is 4096 bytes");
 _Static_assert(sizeof(_Atomic uint64_t) == 8 && sizeof(_Atomic uint32_t) == 4,
                "atomics must have the size of their plain types");
@@ -140,6 +156,13 @@ typedef struct rb_writer {
     uint64_t write_pos;     /* own position; the shared one is a copy of it */
     uint64_t read_pos_seen; /* last read_pos loaded from the file */
     uint64_t need;          /* free bytes the last RB_FULL was waiting for */
+    /* Counters (FORMAT.md "Counters"), private copies. The two that every
+     * message bumps are not adjacent: GCC would pair their additions into a
+     * slower SSE sequence. */
+    uint64_t messages_pushed; /* stored into the header by rb_flush */
+    uint64_t full_waits;      /* stored by rb_end_wait_writable */
+    uint64_t bytes_pushed;    /* stored into the header by rb_flush */
+    uint64_t high_water;      /* stored by rb_ensure_free when it grows */
 } rb_writer;
 
 typedef struct rb_reader {
@@ -150,6 +173,12 @@ typedef struct rb_reader {
     uint64_t read_pos;       /* own position; the shared one is a copy of it */
     uint64_t write_pos_seen; /* last write_pos loaded from the file */
     uint64_t peeked;         /* bytes of the record returned by rb_peek, 0 if none */
+    /* Counters (FORMAT.md "Counters"), private copies; not adjacent, as in
+     * rb_writer. */
+    uint64_t messages_popped; /* stored into the header by rb_release */
+    uint64_t peeked_length;   /* payload length of the peeked record */
+    uint64_t empty_waits;     /* stored by rb_end_wait_readable */
+    uint64_t bytes_popped;    /* stored into the header by rb_release */
 } rb_reader;
 
 /* ---- functions --------------------------------------------------------
@@ -209,10 +238,12 @@ rb_result rb_spin_writable(rb_writer *w, uint64_t budget_ns);
 rb_result rb_wait_readable(rb_reader *r, uint64_t deadline_ns);
 rb_result rb_wait_writable(rb_writer *w, uint64_t deadline_ns);
 
-/* Clears the side's waiting flag after rb_wait_*: separate, so that the
- * caller can first check that the file still covers the header (a wait is
- * where a truncation is noticed: the glue fstat()s before touching it). A
- * flag left set only costs the peer one needless wake-up call. */
+/* Clears the side's waiting flag after rb_wait_* and counts the slice in
+ * reader_empty_waits / writer_full_waits (FORMAT.md "Counters"). Separate
+ * from rb_wait_*, so that the caller can first check that the file still
+ * covers the header (a wait is where a truncation is noticed: the glue
+ * fstat()s before touching it). A flag left set only costs the peer one
+ * needless wake-up call, and the slice goes uncounted. */
 void rb_end_wait_readable(rb_reader *r);
 void rb_end_wait_writable(rb_writer *w);
 
@@ -335,11 +366,20 @@ static inline void rb_stage(rb_writer *w, uint64_t length) {
     memcpy(w->data + (w->write_pos & w->mask), &rec, sizeof rec);
     RB_CRASH_POINT("writer_header_written");
     w->write_pos += rb_record_size(length);
+    w->messages_pushed++;
+    w->bytes_pushed += length;
 }
 
-/* Writer: publishes every staged record and wakes a sleeping reader. */
+/* Writer: publishes every staged record and wakes a sleeping reader. The
+ * counters go first, with relaxed stores, on the line write_pos is about to
+ * dirty anyway (FORMAT.md "Counters"). */
 static inline void rb_flush(rb_writer *w) {
-    rb_publish(&w->hdr->write_pos, w->write_pos, &w->hdr->reader_waiting, &w->hdr->data_seq);
+    /* Locals: the compiler cannot tell that the stores leave *w alone. */
+    rb_header *hdr = w->hdr;
+    uint64_t write_pos = w->write_pos, messages = w->messages_pushed, bytes = w->bytes_pushed;
+    atomic_store_explicit(&hdr->messages_pushed, messages, memory_order_relaxed);
+    atomic_store_explicit(&hdr->bytes_pushed, bytes, memory_order_relaxed);
+    rb_publish(&hdr->write_pos, write_pos, &hdr->reader_waiting, &hdr->data_seq);
     RB_CRASH_POINT("writer_published");
 }
 
@@ -375,6 +415,7 @@ static inline rb_result rb_peek(rb_reader *r, const void **payload, uint64_t *le
             *payload = r->data + index + RB_RECORD_HEADER;
             *length = (uint32_t)word;
             r->peeked = size;
+            r->peeked_length = (uint32_t)word;
             return RB_OK;
         }
     }
@@ -386,12 +427,19 @@ static inline rb_result rb_peek(rb_reader *r, const void **payload, uint64_t *le
 static inline void rb_skip(rb_reader *r) {
     r->read_pos += r->peeked;
     r->peeked = 0;
+    r->messages_popped++;
+    r->bytes_popped += r->peeked_length;
 }
 
 /* Reader: publishes read_pos, handing back the space of every message
- * skipped so far, and wakes a sleeping writer. */
+ * skipped so far, and wakes a sleeping writer; the counters go first, as
+ * in rb_flush. */
 static inline void rb_release(rb_reader *r) {
-    rb_publish(&r->hdr->read_pos, r->read_pos, &r->hdr->writer_waiting, &r->hdr->space_seq);
+    rb_header *hdr = r->hdr;
+    uint64_t read_pos = r->read_pos, messages = r->messages_popped, bytes = r->bytes_popped;
+    atomic_store_explicit(&hdr->messages_popped, messages, memory_order_relaxed);
+    atomic_store_explicit(&hdr->bytes_popped, bytes, memory_order_relaxed);
+    rb_publish(&hdr->read_pos, read_pos, &hdr->writer_waiting, &hdr->space_seq);
     RB_CRASH_POINT("reader_consumed");
 }
 
