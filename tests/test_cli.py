@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -115,7 +116,7 @@ def test_a_million_json_lines_cross_two_shell_pipelines_byte_for_byte(ring_dir: 
     producer = subprocess.Popen(
         f'"{python}" -c "$GENERATOR" | "{python}" -m ipc_ring write "{ring}" --capacity 4194304',
         shell=True,
-        env={"GENERATOR": GENERATOR, "PATH": "/usr/bin:/bin"},
+        env=dict(os.environ, GENERATOR=GENERATOR),
         stderr=subprocess.PIPE,
     )
     consumer = subprocess.Popen(
