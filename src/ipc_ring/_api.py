@@ -198,7 +198,34 @@ def _check_picklable(handle: _core.Writer | _core.Reader) -> None:
         raise RingClosed(f"cannot pickle a closed {type(handle).__name__} ({handle.path!r})")
 
 
-class RingWriter(_core.Writer):
+class _Handle:
+    """What both handles add to their C type: a context manager and a repr."""
+
+    __slots__ = ()
+    if TYPE_CHECKING:  # provided by the C type that comes after this class in the MRO
+        closed: bool
+        capacity: int
+        path: str
+
+        def close(self) -> None: ...
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"capacity={self.capacity}"
+        return f"<{type(self).__name__} path={self.path!r} {state}>"
+
+
+class RingWriter(_Handle, _core.Writer):
     """The producing end of a ring. Create one with :meth:`RingWriter.create`."""
 
     __slots__ = ()
@@ -263,9 +290,7 @@ class RingWriter(_core.Writer):
 
     @classmethod
     def open(cls, path: StrPath, *, spin: float | None = None, wait: float | None = None) -> Self:
-        """Re-attach a writer to the existing ring at ``path`` whose writer died
-        (or handed the role over by closing its handle without ending the stream,
-        as pickling does).
+        """Re-attach a writer to the existing ring at ``path`` whose writer died.
 
         The stream continues after the last message the previous writer
         published; a record it had reserved but not published is discarded.
@@ -293,23 +318,8 @@ class RingWriter(_core.Writer):
 
         await _async.push_async(self, data, timeout)
 
-    def __enter__(self) -> Self:
-        return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        state = "closed" if self.closed else f"capacity={self.capacity}"
-        return f"<RingWriter path={self.path!r} {state}>"
-
-
-class RingReader(_core.Reader):
+class RingReader(_Handle, _core.Reader):
     """The consuming end of a ring. Open one with :meth:`RingReader.open`."""
 
     __slots__ = ()
@@ -358,18 +368,3 @@ class RingReader(_core.Reader):
             return await _async.pop_async(self)
         except RingClosed:
             raise StopAsyncIteration from None
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        state = "closed" if self.closed else f"capacity={self.capacity}"
-        return f"<RingReader path={self.path!r} {state}>"
