@@ -11,6 +11,7 @@ import statistics
 import tempfile
 import time
 
+import ipc_ring
 from ipc_ring import RingReader, RingWriter
 
 
@@ -29,7 +30,7 @@ def main() -> None:
             opens.append(t2 - t1)
             reader.close()
             writer.close()
-            os.unlink(path)
+            ipc_ring.unlink(path)
         print(
             f"{capacity >> 20:5d} MiB: create {statistics.median(creates) * 1e3:7.1f} ms, "
             f"open {statistics.median(opens) * 1e3:6.1f} ms (median of 5)"

@@ -19,6 +19,7 @@ import sys
 import tempfile
 from multiprocessing.synchronize import Event
 
+import ipc_ring
 from ipc_ring import RingClosed, RingReader, RingWriter
 
 
@@ -71,7 +72,7 @@ def main() -> int:
         print(f"writer: {count} JSON documents sent")
         return child.exitcode or 0
     finally:
-        os.unlink(path)
+        ipc_ring.unlink(path)
 
 
 if __name__ == "__main__":

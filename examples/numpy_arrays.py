@@ -19,6 +19,7 @@ import tempfile
 
 import numpy as np
 
+import ipc_ring
 from ipc_ring import RingClosed, RingReader, RingWriter
 
 SHAPE = (256, 256)
@@ -59,7 +60,7 @@ def main() -> int:
         print(f"{COUNT} arrays of {SHAPE} float64 received; sums {verdict}")
         return 0 if sums == expected and child.exitcode == 0 else 1
     finally:
-        os.unlink(path)
+        ipc_ring.unlink(path)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from struct import Struct
 
-from ._api import RingReader, RingWriter
+from ._api import RingReader, RingWriter, unlink
 from ._core import RingError
 
 # A pop that waits longer than this means the writer is gone: fail, don't hang.
@@ -64,8 +64,9 @@ class BenchConfig:
 
 
 def _remove(path: str) -> None:
+    """Remove a ring and its notification FIFOs, if there."""
     with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
+        unlink(path)
 
 
 class _Progress:
