@@ -178,6 +178,50 @@ def test_writer_handed_to_a_child_by_a_process_that_then_exits(
             writer_owner.join(timeout=10)
 
 
+@pytest.mark.parametrize("method", START_METHODS)
+def test_writer_handed_to_a_child_with_detach_continues_the_stream(
+    ring_path: Path, method: str
+) -> None:
+    ctx = multiprocessing.get_context(method)
+    writer = RingWriter.create(ring_path, 4096)
+    with RingReader.open(ring_path) as reader:
+        writer.push(b"parent", timeout=10)
+        child = ctx.Process(
+            target=_mp_children.write_and_close, args=(writer, [b"child 1", b"child 2"])
+        )
+        child.start()
+        try:
+            writer.detach()  # the role goes to the child; the stream does not end
+            assert writer.closed
+            got = [_pop_across_handover(reader) for _ in range(3)]
+            with pytest.raises(RingClosed):
+                reader.pop(timeout=30)
+            assert got == [b"parent", b"child 1", b"child 2"]
+            child.join(timeout=60)
+            assert child.exitcode == 0
+        finally:
+            if child.is_alive():
+                child.kill()
+                child.join(timeout=10)
+
+
+def test_detach_releases_the_writer_role_without_ending_the_stream(ring_path: Path) -> None:
+    writer = RingWriter.create(ring_path, 4096)
+    with RingReader.open(ring_path) as reader:
+        writer.push(b"before", timeout=10)
+        writer.detach()
+        writer.detach()  # idempotent
+        assert not reader.writer_alive
+        assert reader.pop(timeout=10) == b"before"
+        with pytest.raises(PeerDied):  # drained, and no live writer: not the end of stream
+            reader.pop(timeout=1)
+        with RingWriter.open(ring_path) as again:
+            again.push(b"after", timeout=10)
+        assert reader.pop(timeout=10) == b"after"
+        with pytest.raises(RingClosed):
+            reader.pop(timeout=10)
+
+
 def test_pickling_a_closed_handle_raises(ring_path: Path) -> None:
     writer = RingWriter.create(ring_path, 4096)
     reader = RingReader.open(ring_path)

@@ -305,7 +305,7 @@ class RingWriter(_Handle, _core.Writer):
     def __reduce__(self) -> tuple[object, tuple[str, float]]:
         """Pickle by path: the receiving process re-attaches with
         ``RingWriter.open(path, wait=30)``, so the sender must let go of the role
-        without ending the stream (its process exits, or the handle is dropped)."""
+        without ending the stream: ``detach()`` (or its process exits)."""
         _check_picklable(self)
         return _reopen_writer, (self.path, self.spin)
 

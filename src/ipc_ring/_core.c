@@ -1141,9 +1141,9 @@ static PyObject *writer_reserve(PyObject *op, PyObject *const *args, Py_ssize_t 
     }
 }
 
-/* Marks end of stream (only in the process that attached) and unmaps, or
- * leaves the unmap to a thread sleeping in this handle. */
-static void writer_close_impl(WriterObject *self) {
+/* Marks end of stream if `end_stream` (only in the process that attached)
+ * and unmaps, or leaves the unmap to a thread sleeping in this handle. */
+static void writer_close_impl(WriterObject *self, int end_stream) {
     if (self->flags & HANDLE_CLOSED) return;
     int busy = self->flags & HANDLE_BUSY;
     self->flags |= HANDLE_CLOSED;
@@ -1155,11 +1155,26 @@ static void writer_close_impl(WriterObject *self) {
         /* Records a push_many() in progress has staged are complete:
          * publish them before the end of stream. */
         if (self->flags & HANDLE_BATCH) rb_flush(&self->ring);
-        rb_writer_close(&self->ring);
-        if (self->notify_tx >= 0) rb_notify_fd(self->notify_tx); /* a reader on its FIFO */
+        if (end_stream) {
+            rb_writer_close(&self->ring);
+            if (self->notify_tx >= 0) rb_notify_fd(self->notify_tx); /* a reader on its FIFO */
+        }
     }
     if (busy && file_intact((HandleObject *)self, &size)) rb_wake_writer(self->ring.hdr);
     handle_release_if_idle((HandleObject *)self);
+}
+
+PyDoc_STRVAR(writer_detach_doc,
+"detach($self, /)\n--\n\n"
+"Release the writer role without ending the stream, so that another process\n"
+"continues it: RingWriter.open(path), or unpickling a copy of this handle\n"
+"(how a writer is handed to a child process). Until one attaches, the reader\n"
+"sees no live writer: it drains the ring, then gets PeerDied. The handle is\n"
+"closed afterwards. Idempotent.");
+
+static PyObject *writer_detach(PyObject *op, PyObject *Py_UNUSED(ignored)) {
+    writer_close_impl((WriterObject *)op, 0);
+    Py_RETURN_NONE;
 }
 
 PyDoc_STRVAR(writer_close_doc,
@@ -1168,13 +1183,13 @@ PyDoc_STRVAR(writer_close_doc,
 "Releases the mapping and the file descriptor. Idempotent.");
 
 static PyObject *writer_close(PyObject *op, PyObject *Py_UNUSED(ignored)) {
-    writer_close_impl((WriterObject *)op);
+    writer_close_impl((WriterObject *)op, 1);
     Py_RETURN_NONE;
 }
 
 static void writer_dealloc(PyObject *op) {
     PyTypeObject *tp = Py_TYPE(op);
-    writer_close_impl((WriterObject *)op);
+    writer_close_impl((WriterObject *)op, 1);
     handle_release((HandleObject *)op);
     Py_CLEAR(((HandleObject *)op)->path);
     tp->tp_free(op);
@@ -1678,6 +1693,7 @@ static PyMethodDef writer_methods[] = {
     {"reserve", _PyCFunction_CAST(writer_reserve), METH_FASTCALL | METH_KEYWORDS,
      writer_reserve_doc},
     {"close", writer_close, METH_NOARGS, writer_close_doc},
+    {"detach", writer_detach, METH_NOARGS, writer_detach_doc},
     HANDLE_NOTIFY_METHODS
     {"stats", writer_stats, METH_NOARGS, handle_stats_doc},
     {NULL, NULL, 0, NULL},
