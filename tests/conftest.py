@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import shutil
@@ -54,7 +55,8 @@ def ring_path(ring_dir: Path) -> Path:
 class Child:
     """A Python child process that runs `module.function(*args)` and exits with its return
     value. Its stdout and stderr are merged and read line by line in a thread, so that
-    every wait on it has a timeout; on any failure it is killed and its output is shown."""
+    every wait on it has a timeout; on any failure it is killed and its output is shown.
+    `send()` writes a command line to its stdin."""
 
     def __init__(self, module: str, function: str, args: tuple[object, ...]) -> None:
         code = f"import sys, {module}; sys.exit({module}.{function}(*sys.argv[1:]))"
@@ -67,7 +69,7 @@ class Child:
         self._lines: queue.Queue[str | None] = queue.Queue()
         self.process = subprocess.Popen(
             [sys.executable, "-c", code, *map(str, args)],
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -127,6 +129,12 @@ class Child:
         if returncode != expected_returncode:
             self.fail(f"exited with {returncode}, expected {expected_returncode}")
 
+    def send(self, command: str) -> None:
+        """Writes one line to the child's stdin."""
+        assert self.process.stdin is not None
+        self.process.stdin.write(command + "\n")
+        self.process.stdin.flush()
+
     def send_signal(self, signum: signal.Signals) -> None:
         self.process.send_signal(signum)
 
@@ -138,8 +146,10 @@ class Child:
 
     def close(self) -> None:
         self.kill()
-        assert self.process.stdout is not None
-        self.process.stdout.close()
+        for stream in (self.process.stdin, self.process.stdout):
+            if stream is not None:
+                with contextlib.suppress(BrokenPipeError):
+                    stream.close()
 
 
 @pytest.fixture

@@ -19,7 +19,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -142,20 +141,6 @@ def crash_peer(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if built.returncode != 0:
         pytest.fail(f"building crash_peer failed:\n{' '.join(command)}\n{built.stderr}")
     return binary
-
-
-@pytest.fixture
-def ring_dir(tmp_path: Path) -> Iterator[Path]:
-    """A fresh directory for ring files: in /dev/shm when writable, else under tmp_path."""
-    if os.access("/dev/shm", os.W_OK | os.X_OK):
-        directory = Path(tempfile.mkdtemp(prefix="ipc_ring-crash-", dir="/dev/shm"))
-    else:
-        directory = tmp_path / "rings"
-        directory.mkdir()
-    try:
-        yield directory
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 class Peer:

@@ -18,13 +18,11 @@ from __future__ import annotations
 import mmap
 import os
 import random
-import shutil
 import struct
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -498,19 +496,6 @@ def driver_main(kind: str, directory: str, seconds: str, seed: str) -> int:
     return 0
 
 
-@pytest.fixture
-def fuzz_dir(tmp_path: Path) -> Iterator[Path]:
-    if os.access("/dev/shm", os.W_OK | os.X_OK):
-        directory = Path(tempfile.mkdtemp(prefix="ipc_ring-fuzz-", dir="/dev/shm"))
-    else:
-        directory = tmp_path / "rings"
-        directory.mkdir()
-    try:
-        yield directory
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
-
-
 def run_driver(kind: str, directory: Path, seconds: float) -> list[str]:
     """Runs driver_main in a child; fails with the case seed and a replay command if the
     child crashed, hung, or found a disallowed outcome."""
@@ -551,23 +536,23 @@ def run_driver(kind: str, directory: Path, seconds: float) -> list[str]:
 
 
 def test_reader_of_a_corrupted_ring_only_gets_messages_or_documented_errors(
-    fuzz_dir: Path,
+    ring_dir: Path,
 ) -> None:
-    lines = run_driver("corruption", fuzz_dir, FUZZ_SECONDS * 0.5)
+    lines = run_driver("corruption", ring_dir, FUZZ_SECONDS * 0.5)
     assert int(lines[-1].split()[1]) > 0
 
 
 def test_writer_with_a_hostile_reader_only_succeeds_or_raises_documented_errors(
-    fuzz_dir: Path,
+    ring_dir: Path,
 ) -> None:
-    lines = run_driver("hostile_reader", fuzz_dir, FUZZ_SECONDS * 0.2)
+    lines = run_driver("hostile_reader", ring_dir, FUZZ_SECONDS * 0.2)
     assert int(lines[-1].split()[1]) > 0
 
 
 def test_reader_and_writer_survive_another_process_rewriting_the_file_under_them(
-    fuzz_dir: Path,
+    ring_dir: Path,
 ) -> None:
-    lines = run_driver("concurrent", fuzz_dir, FUZZ_SECONDS * 0.3)
+    lines = run_driver("concurrent", ring_dir, FUZZ_SECONDS * 0.3)
     transient = [line for line in lines if line.startswith("outcomes transient")]
     assert transient, lines
     assert "'message'" in transient[0], f"no message got through: {transient[0]}"

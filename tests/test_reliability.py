@@ -13,20 +13,18 @@ import contextlib
 import errno
 import gc
 import os
-import queue
 import select
 import shutil
 import signal
 import struct
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import pytest
 
@@ -42,6 +40,9 @@ from ipc_ring import (
     RingWriter,
 )
 
+if TYPE_CHECKING:
+    from conftest import Child
+
 TESTS_DIR = Path(__file__).resolve().parent
 HEADER_SIZE = 4096
 READER_ATTACHED_OFFSET = 392
@@ -53,124 +54,6 @@ def numbered(i: int, size: int = 16) -> bytes:
 
 
 # ---- fixtures and child processes ---------------------------------------------------------
-
-
-@pytest.fixture
-def ring_dir(tmp_path: Path) -> Iterator[Path]:
-    """A fresh directory for ring files: in /dev/shm when writable, else under tmp_path."""
-    if os.access("/dev/shm", os.W_OK | os.X_OK):
-        directory = Path(tempfile.mkdtemp(prefix="ipc_ring-rel-", dir="/dev/shm"))
-    else:
-        directory = tmp_path / "rings"
-        directory.mkdir()
-    try:
-        yield directory
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
-
-
-@pytest.fixture
-def ring_path(ring_dir: Path) -> Path:
-    return ring_dir / "ring"
-
-
-class Child:
-    """A fresh interpreter running `test_reliability.<function>(*args)`, exiting with its
-    return value. Output lines are collected by a thread so that every wait has a timeout;
-    commands go to its stdin. On failure it is killed and its output shown."""
-
-    def __init__(self, function: str, args: tuple[object, ...]) -> None:
-        code = (
-            "import sys; sys.path.insert(0, sys.argv[1]); import test_reliability as t; "
-            f"sys.exit(t.{function}(*sys.argv[2:]))"
-        )
-        self.name = f"{function}{args!r}"
-        self.output: list[str] = []
-        self._lines: queue.Queue[str | None] = queue.Queue()
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", code, str(TESTS_DIR), *map(str, args)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"),
-        )
-        self._thread = threading.Thread(target=self._read_output, daemon=True)
-        self._thread.start()
-
-    def _read_output(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.output.append(line.rstrip("\n"))
-            self._lines.put(line.rstrip("\n"))
-        self._lines.put(None)
-
-    def fail(self, reason: str) -> NoReturn:
-        self.kill()
-        shown = "\n".join(self.output) or "(nothing)"
-        pytest.fail(f"child {self.name}: {reason}\n--- child output ---\n{shown}")
-
-    def expect(self, prefix: str, timeout: float = 20.0) -> str:
-        """Waits for the next output line starting with `prefix` and returns it."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                line = self._lines.get(timeout=max(deadline - time.monotonic(), 0.0))
-            except queue.Empty:
-                self.fail(f"printed no line starting with {prefix!r} within {timeout} s")
-            if line is None:
-                self.process.wait(timeout=10)
-                self.fail(f"exited with {self.process.returncode} before {prefix!r}")
-            if line.startswith(prefix):
-                return line
-
-    def send(self, command: str) -> None:
-        assert self.process.stdin is not None
-        self.process.stdin.write(command + "\n")
-        self.process.stdin.flush()
-
-    def wait(self, timeout: float = 20.0) -> int:
-        """Waits for the child to exit (and its output to be collected); returns the exit
-        status, negative for a signal."""
-        try:
-            returncode = self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.fail(f"did not exit within {timeout} s")
-        self._thread.join(timeout=5)
-        return returncode
-
-    def finish(self, expected: int = 0, timeout: float = 20.0) -> None:
-        returncode = self.wait(timeout)
-        if returncode != expected:
-            self.fail(f"exited with {returncode}, expected {expected}")
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=10)
-
-    def close(self) -> None:
-        self.kill()
-        self._thread.join(timeout=5)
-        for stream in (self.process.stdin, self.process.stdout):
-            if stream is not None:
-                with contextlib.suppress(BrokenPipeError):
-                    stream.close()
-
-
-@pytest.fixture
-def spawn() -> Iterator[Callable[..., Child]]:
-    """spawn("function", *args) starts a Child; every child is killed at teardown."""
-    children: list[Child] = []
-
-    def start(function: str, *args: object) -> Child:
-        child = Child(function, args)
-        children.append(child)
-        return child
-
-    yield start
-    for child in children:
-        child.close()
 
 
 def wait_for_command() -> str:
@@ -293,7 +176,7 @@ def test_reader_drains_every_committed_message_then_raises_peer_died_after_write
     spawn: Callable[..., Child], ring_path: Path
 ) -> None:
     writer = spawn("child_writer", ring_path, 4096, 20, "die")
-    writer.expect("pushed")
+    writer.expect_line("pushed")
     with RingReader.open(ring_path) as reader:
         assert reader.writer_alive
         writer.send("go")
@@ -314,7 +197,7 @@ def test_reader_opened_after_writer_died_still_gets_every_committed_message(
     spawn: Callable[..., Child], ring_path: Path
 ) -> None:
     writer = spawn("child_writer", ring_path, 4096, 5, "die")
-    writer.expect("pushed")
+    writer.expect_line("pushed")
     writer.send("go")
     writer.finish()
     with RingReader.open(ring_path) as reader:
@@ -333,7 +216,7 @@ def test_iteration_ends_with_peer_died_not_stop_iteration_when_writer_died(
     spawn: Callable[..., Child], ring_path: Path
 ) -> None:
     writer = spawn("child_writer", ring_path, 4096, 7, "die")
-    writer.expect("pushed")
+    writer.expect_line("pushed")
     writer.send("go")
     writer.finish()
     got = []
@@ -347,7 +230,7 @@ def test_reader_blocked_in_pop_raises_peer_died_within_a_second_of_writer_death(
     spawn: Callable[..., Child], ring_path: Path
 ) -> None:
     writer = spawn("child_writer", ring_path, 4096, 3, "die")
-    writer.expect("pushed")
+    writer.expect_line("pushed")
     with RingReader.open(ring_path) as reader:
         for _ in range(3):
             reader.pop(timeout=5)
@@ -376,7 +259,7 @@ def test_reader_sees_ring_closed_not_peer_died_when_writer_closed_then_died(
     spawn: Callable[..., Child], ring_path: Path
 ) -> None:
     writer = spawn("child_writer", ring_path, 4096, 4, "close")
-    writer.expect("pushed")
+    writer.expect_line("pushed")
     with RingReader.open(ring_path) as reader:
         writer.send("go")
         writer.finish()
@@ -406,7 +289,7 @@ def test_writer_raises_peer_died_when_its_reader_process_died_and_ring_fills(
         for i in range(3):
             writer.push(numbered(i))
         reader = spawn("child_reader", ring_path, 3, "die")
-        assert reader.expect("popped") == "popped 0 1 2"
+        assert reader.expect_line("popped") == "popped 0 1 2"
         reader.finish()
         assert not writer.reader_attached
         following = fill(writer, 3)
@@ -440,11 +323,11 @@ def test_writer_times_out_instead_of_peer_died_when_no_reader_ever_attached(
             writer.push(numbered(following), timeout=0)
         # A reader that attaches now lets the blocked writer go on.
         reader = spawn("child_reader", ring_path, 0, "drain")
-        reader.expect("attached")
+        reader.expect_line("attached")
         writer.push(numbered(following), timeout=10)
         writer.push(numbered(following + 1), timeout=10)
         total = following + 2
-    line = reader.expect("end")
+    line = reader.expect_line("end")
     assert line == "end RingClosed " + " ".join(map(str, range(total)))
     reader.finish()
 
@@ -454,7 +337,7 @@ def test_writer_continues_after_peer_died_once_a_new_reader_attaches(
 ) -> None:
     with RingWriter.create(ring_path, 256) as writer:
         first = spawn("child_reader", ring_path, 2, "die")
-        first.expect("attached")
+        first.expect_line("attached")
         writer.push(numbered(0))
         writer.push(numbered(1))
         first.finish()
@@ -462,11 +345,11 @@ def test_writer_continues_after_peer_died_once_a_new_reader_attaches(
         with pytest.raises(PeerDied):
             writer.push(numbered(following), timeout=5)
         second = spawn("child_reader", ring_path, 0, "drain")
-        second.expect("attached")
+        second.expect_line("attached")
         writer.push(numbered(following), timeout=10)
         assert writer.reader_attached
         total = following + 1
-    line = second.expect("end")
+    line = second.expect_line("end")
     assert line == "end RingClosed " + " ".join(map(str, range(2, total)))
     second.finish()
 
@@ -488,7 +371,7 @@ def test_second_reader_raises_ring_busy_while_another_process_reads(
 ) -> None:
     with RingWriter.create(ring_path, 256):
         reader = spawn("child_reader", ring_path, 0, "hold")
-        reader.expect("popped")
+        reader.expect_line("popped")
         with pytest.raises(RingBusy):
             RingReader.open(ring_path)
         reader.send("go")
@@ -500,7 +383,7 @@ def test_second_writer_raises_ring_busy_while_another_process_writes(
     spawn: Callable[..., Child], ring_path: Path
 ) -> None:
     writer = spawn("child_writer", ring_path, 256, 0, "die")
-    writer.expect("pushed")
+    writer.expect_line("pushed")
     with pytest.raises(RingBusy):
         RingWriter.open(ring_path)
     with pytest.raises(FileExistsError):
@@ -517,7 +400,7 @@ def test_reader_whose_predecessor_died_continues_from_committed_read_position(
         for i in range(10):
             writer.push(numbered(i))
         first = spawn("child_reader", ring_path, 4, "die")
-        assert first.expect("popped") == "popped 0 1 2 3"
+        assert first.expect_line("popped") == "popped 0 1 2 3"
         first.finish()
         with RingReader.open(ring_path) as reader:
             got = [struct.unpack_from("<Q", reader.pop(timeout=5))[0] for _ in range(6)]
@@ -529,7 +412,7 @@ def test_reopened_writer_continues_the_stream_after_writer_process_died(
     spawn: Callable[..., Child], ring_path: Path
 ) -> None:
     old = spawn("child_writer", ring_path, 4096, 10, "die")
-    old.expect("pushed")
+    old.expect_line("pushed")
     old.send("go")
     old.finish()
     with RingReader.open(ring_path) as reader:
@@ -544,7 +427,7 @@ def test_reopened_writer_after_death_mid_read_continues_without_gap(
     spawn: Callable[..., Child], ring_path: Path
 ) -> None:
     old = spawn("child_writer", ring_path, 256, 6, "die")
-    old.expect("pushed")
+    old.expect_line("pushed")
     with RingReader.open(ring_path) as reader:
         assert struct.unpack_from("<Q", reader.pop(timeout=5))[0] == 0
         old.send("go")
@@ -563,7 +446,7 @@ def test_reopening_the_writer_of_a_closed_stream_raises_ring_closed(
         RingWriter.open(ring_path)
     other = ring_path.with_name("other")
     writer = spawn("child_writer", other, 256, 2, "close")
-    writer.expect("pushed")
+    writer.expect_line("pushed")
     writer.send("go")
     writer.finish()
     with pytest.raises(RingClosed):
@@ -577,7 +460,7 @@ def test_reader_attached_and_writer_alive_follow_the_peer_process(
     with RingWriter.create(path, 256) as writer:
         assert not writer.reader_attached
         reader = spawn("child_reader", path, 0, "hold")
-        reader.expect("popped")
+        reader.expect_line("popped")
         assert writer.reader_attached
         with path.open("rb") as f:
             assert struct.unpack_from("<I", f.read(HEADER_SIZE), READER_ATTACHED_OFFSET)[0] == 1
@@ -589,7 +472,7 @@ def test_reader_attached_and_writer_alive_follow_the_peer_process(
 
     path = ring_dir / "b"
     writer_child = spawn("child_writer", path, 256, 0, "die")
-    writer_child.expect("pushed")
+    writer_child.expect_line("pushed")
     with RingReader.open(path) as reader_handle:
         assert reader_handle.writer_alive
         writer_child.send("go")
@@ -598,7 +481,7 @@ def test_reader_attached_and_writer_alive_follow_the_peer_process(
 
     path = ring_dir / "c"
     writer_child = spawn("child_writer", path, 256, 0, "close")
-    writer_child.expect("pushed")
+    writer_child.expect_line("pushed")
     with RingReader.open(path) as reader_handle:
         assert reader_handle.writer_alive
         writer_child.send("go")
@@ -708,10 +591,10 @@ def test_forked_child_exiting_does_not_make_the_reader_think_the_writer_died(
         writer.push(b"x")
         assert fork_and_report(lambda: ["exited"]) == ["exited"]
         probe = spawn("child_probe_writer_alive", ring_path)
-        assert probe.expect("probe") == "probe True message:1"
+        assert probe.expect_line("probe") == "probe True message:1"
         probe.finish()
         probe = spawn("child_probe_writer_alive", ring_path)
-        assert probe.expect("probe") == "probe True RingTimeout"
+        assert probe.expect_line("probe") == "probe True RingTimeout"
         probe.finish()
 
 
@@ -788,7 +671,7 @@ def test_reader_sees_peer_died_when_writer_process_dies_while_its_forked_child_l
     spawn: Callable[..., Child], ring_path: Path, grandchildren: list[int]
 ) -> None:
     middle = spawn("child_forks_sleeper_then_dies", ring_path, "writer")
-    grandchildren.append(int(middle.expect("grandchild").split()[1]))
+    grandchildren.append(int(middle.expect_line("grandchild").split()[1]))
     middle.finish()
     os.kill(grandchildren[0], 0)  # the grandchild, which inherited the handle, still lives
     with RingReader.open(ring_path) as reader:
@@ -805,7 +688,7 @@ def test_writer_sees_peer_died_when_reader_process_dies_while_its_forked_child_l
 ) -> None:
     with RingWriter.create(ring_path, 256) as writer:
         middle = spawn("child_forks_sleeper_then_dies", ring_path, "reader")
-        grandchildren.append(int(middle.expect("grandchild").split()[1]))
+        grandchildren.append(int(middle.expect_line("grandchild").split()[1]))
         middle.finish()
         os.kill(grandchildren[0], 0)
         assert not writer.reader_attached, "the forked grandchild keeps the dead reader's lock"
@@ -887,9 +770,9 @@ def test_reader_waiting_in_pop_raises_invalid_ring_when_file_is_truncated(
     spawn: Callable[..., Child], ring_path: Path, size: int
 ) -> None:
     writer = spawn("child_writer", ring_path, 4096, 0, "die")  # alive: no PeerDied
-    writer.expect("pushed")
+    writer.expect_line("pushed")
     reader = spawn("child_reader_blocked_while_truncated", ring_path)
-    reader.expect("waiting")
+    reader.expect_line("waiting")
     time.sleep(0.3)  # the reader is asleep in a wait slice by now
     os.truncate(ring_path, size)
     returncode = reader.wait(timeout=10)
@@ -904,7 +787,7 @@ def test_writer_waiting_in_push_raises_invalid_ring_when_file_is_truncated(
     spawn: Callable[..., Child], ring_path: Path, size: int
 ) -> None:
     writer = spawn("child_writer_blocked_while_truncated", ring_path)
-    writer.expect("waiting")
+    writer.expect_line("waiting")
     with RingReader.open(ring_path):  # a live reader: the writer waits, no PeerDied
         time.sleep(0.3)
         os.truncate(ring_path, size)
