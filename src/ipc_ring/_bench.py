@@ -30,7 +30,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from struct import Struct
 
 from ._api import RingReader, RingWriter, unlink
@@ -469,7 +469,3 @@ def run_latency(cfg: BenchConfig) -> int:
         [cfg.ring, _pong_path(cfg)],
         BenchConfig(cfg.ring, cfg.cap, 1, cfg.msg_size, json_only=cfg.json_only),
     )
-
-
-def describe(cfg: BenchConfig) -> str:
-    return json.dumps(asdict(cfg))

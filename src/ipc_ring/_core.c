@@ -840,61 +840,6 @@ static int writer_init(PyObject *self, PyObject *args, PyObject *kwds) {
     return handle_init(self, args, kwds, 1);
 }
 
-/* Copies `data` into the ring, waiting per `timeout`. Returns 1 if written,
- * 0 if full and timeout == 0 with `report_full` (no exception), -1 with an
- * exception set. */
-static int writer_put(WriterObject *self, PyObject *data, double timeout, int report_full,
-                      const char *op) {
-    const void *buf;
-    Py_ssize_t len;
-    Py_buffer view;
-    int have_view = 0;
-    if (PyBytes_CheckExact(data)) {
-        buf = PyBytes_AS_STRING(data);
-        len = PyBytes_GET_SIZE(data);
-    }
-    else {
-        if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0) return -1;
-        have_view = 1;
-        buf = view.buf;
-        len = view.len;
-    }
-    int ret = 1;
-    wait_state ws = {timeout, 0, 0, 0};
-    for (;;) {
-        rb_result res = rb_try_push(&self->ring, buf, (uint64_t)len);
-        if (RB_LIKELY(res == RB_OK)) break;
-        if (res != RB_FULL) {
-            raise_result((HandleObject *)self, res, (uint64_t)len);
-            ret = -1;
-            break;
-        }
-        if (report_full) {
-            ret = 0;
-            break;
-        }
-        if (ws.peer_dead) {
-            raise_peer_died((HandleObject *)self, 1);
-            ret = -1;
-            break;
-        }
-        if (handle_wait((HandleObject *)self, &ws, 1, op) < 0) {
-            ret = -1;
-            break;
-        }
-    }
-    if (have_view) PyBuffer_Release(&view);
-    return ret;
-}
-
-PyDoc_STRVAR(writer_push_doc,
-"push($self, data, /, timeout=None)\n--\n\n"
-"Write one message: any C-contiguous bytes-like object.\n\n"
-"Blocks while the ring is full: timeout=None waits forever, 0 tries once,\n"
-"a positive number is a limit in seconds. Raises RingTimeout when it\n"
-"expires, MessageTooLarge (before waiting) for more than max_message_size\n"
-"bytes, RingClosed on a closed writer.");
-
 /* A timeout argument the fast path may skip parsing: absent, None, or a
  * float >= 0 (NaN fails the comparison). Anything else takes the slow path,
  * which parses it properly or raises. */
@@ -917,6 +862,96 @@ static inline int borrow_simple_bytes(PyObject *data, const void **buf, Py_ssize
     }
     return 0;
 }
+
+/* The writer's side of waiting: PeerDied once the last wait found the
+ * reader gone, else one step of handle_wait. 0 to retry, -1 with an
+ * exception set. */
+static int writer_wait_space(WriterObject *self, wait_state *ws, const char *op) {
+    if (ws->peer_dead) {
+        raise_peer_died((HandleObject *)self, 1);
+        return -1;
+    }
+    return handle_wait((HandleObject *)self, ws, 1, op);
+}
+
+typedef struct {
+    wait_state ws;
+    Py_ssize_t written; /* published */
+    Py_ssize_t staged;  /* copied into the ring, not yet published */
+} batch_state;
+
+/* Copies one message into the ring without publishing it (rb_stage),
+ * waiting for space as `bs->ws` says; what is staged is published first
+ * before any wait or error. Returns 1 when staged, 0 when the ring is full
+ * and `report_full` (no exception), -1 with an exception set. The slow
+ * path of push and try_push, and every message of push_many. */
+static int writer_stage(WriterObject *self, PyObject *item, batch_state *bs, int report_full,
+                        const char *op) {
+    Py_buffer view;
+    const void *buf = NULL;
+    Py_ssize_t len = 0;
+    int have_view = 0, ret = 1;
+    if (!PyBytes_CheckExact(item) && !PyByteArray_CheckExact(item)) {
+        if (PyObject_GetBuffer(item, &view, PyBUF_SIMPLE) < 0) return -1;
+        have_view = 1;
+        buf = view.buf;
+        len = view.len;
+    }
+    for (;;) {
+        void *payload;
+        /* bytes and bytearray are read without a buffer export, afresh on
+         * every attempt: a wait releases the GIL, and another thread may
+         * resize a bytearray meanwhile. */
+        if (!have_view) borrow_simple_bytes(item, &buf, &len);
+        rb_result res = rb_reserve(&self->ring, (uint64_t)len, &payload);
+        if (RB_LIKELY(res == RB_OK)) {
+            memcpy(payload, buf, (size_t)len);
+            rb_stage(&self->ring, (uint64_t)len);
+            bs->staged++;
+            bs->ws.spun = 0;
+            break;
+        }
+        /* Hand the reader what is staged before waiting or failing. */
+        if (bs->staged) {
+            rb_flush(&self->ring);
+            bs->written += bs->staged;
+            bs->staged = 0;
+        }
+        if (res != RB_FULL) {
+            raise_result((HandleObject *)self, res, (uint64_t)len);
+            ret = -1;
+            break;
+        }
+        if (report_full) {
+            ret = 0;
+            break;
+        }
+        if (writer_wait_space(self, &bs->ws, op) < 0) {
+            ret = -1;
+            break;
+        }
+    }
+    if (have_view) PyBuffer_Release(&view);
+    return ret;
+}
+
+/* Writes one message, waiting per `timeout`: 1 if written, 0 if full and
+ * `report_full`, -1 with an exception set. */
+static int writer_put(WriterObject *self, PyObject *data, double timeout, int report_full,
+                      const char *op) {
+    batch_state bs = {{timeout, 0, 0, 0}, 0, 0};
+    int ret = writer_stage(self, data, &bs, report_full, op);
+    if (bs.staged) rb_flush(&self->ring);
+    return ret;
+}
+
+PyDoc_STRVAR(writer_push_doc,
+"push($self, data, /, timeout=None)\n--\n\n"
+"Write one message: any C-contiguous bytes-like object.\n\n"
+"Blocks while the ring is full: timeout=None waits forever, 0 tries once,\n"
+"a positive number is a limit in seconds. Raises RingTimeout when it\n"
+"expires, MessageTooLarge (before waiting) for more than max_message_size\n"
+"bytes, RingClosed on a closed writer.");
 
 static PyObject *writer_push_slow(WriterObject *self, PyObject *const *args, Py_ssize_t nargs,
                                   PyObject *kwnames) {
@@ -986,69 +1021,14 @@ PyDoc_STRVAR(writer_push_many_doc,
 "exception's `written` attribute says how many, so a retry with\n"
 "messages[e.written:] neither loses nor duplicates anything.");
 
-typedef struct {
-    wait_state ws;
-    Py_ssize_t written; /* published */
-    Py_ssize_t staged;  /* copied into the ring, not yet published */
-} batch_state;
-
-/* Stages one message of push_many, waiting for space as needed (and
- * publishing what is staged first). 0, or -1 with an exception set. */
-static int batch_put(WriterObject *self, PyObject *item, batch_state *bs) {
+/* One message of push_many: 1 (stop) if the handle was closed by Python code
+ * the iterable or a buffer export ran (sets *closed) or on an error. */
+static int push_many_item(WriterObject *self, PyObject *item, batch_state *bs, int *closed) {
     if (self->flags & HANDLE_CLOSED) {
-        /* closed by Python code the iterable or a buffer export ran */
-        self->flags &= ~HANDLE_BATCH;
-        handle_unusable((HandleObject *)self, "RingWriter");
-        self->flags |= HANDLE_BATCH;
-        return -1;
+        *closed = 1;
+        return 1;
     }
-    Py_buffer view;
-    const void *buf = NULL;
-    Py_ssize_t len = 0;
-    int have_view = 0, ret = 0;
-    if (!PyBytes_CheckExact(item) && !PyByteArray_CheckExact(item)) {
-        if (PyObject_GetBuffer(item, &view, PyBUF_SIMPLE) < 0) return -1;
-        have_view = 1;
-        buf = view.buf;
-        len = view.len;
-    }
-    for (;;) {
-        void *payload;
-        /* bytes and bytearray are read without a buffer export, afresh on
-         * every attempt: a wait releases the GIL, and another thread may
-         * resize a bytearray meanwhile. */
-        if (!have_view) borrow_simple_bytes(item, &buf, &len);
-        rb_result res = rb_reserve(&self->ring, (uint64_t)len, &payload);
-        if (RB_LIKELY(res == RB_OK)) {
-            memcpy(payload, buf, (size_t)len);
-            rb_stage(&self->ring, (uint64_t)len);
-            bs->staged++;
-            bs->ws.spun = 0;
-            break;
-        }
-        /* Hand the reader what is staged before waiting or failing. */
-        if (bs->staged) {
-            rb_flush(&self->ring);
-            bs->written += bs->staged;
-            bs->staged = 0;
-        }
-        if (res != RB_FULL) {
-            raise_result((HandleObject *)self, res, (uint64_t)len);
-            ret = -1;
-            break;
-        }
-        if (bs->ws.peer_dead) {
-            raise_peer_died((HandleObject *)self, 1);
-            ret = -1;
-            break;
-        }
-        if (handle_wait((HandleObject *)self, &bs->ws, 1, "push_many") < 0) {
-            ret = -1;
-            break;
-        }
-    }
-    if (have_view) PyBuffer_Release(&view);
-    return ret;
+    return writer_stage(self, item, bs, 0, "push_many") < 0;
 }
 
 static PyObject *writer_push_many(PyObject *op, PyObject *const *args, Py_ssize_t nargs,
@@ -1062,6 +1042,7 @@ static PyObject *writer_push_many(PyObject *op, PyObject *const *args, Py_ssize_
     CHECK_USABLE(self, "RingWriter");
     batch_state bs = {{timeout, 0, 0, 0}, 0, 0};
     int failed = 0;
+    int closed = 0;
     /* Python code may run mid-batch (an iterator, a buffer export): it may
      * call this handle (refused) or close it (the unmap waits for us). */
     self->flags |= HANDLE_BATCH;
@@ -1070,7 +1051,7 @@ static PyObject *writer_push_many(PyObject *op, PyObject *const *args, Py_ssize_
          * shrink a list. */
         for (Py_ssize_t i = 0; !failed && i < PySequence_Fast_GET_SIZE(messages); i++) {
             PyObject *item = Py_NewRef(PySequence_Fast_GET_ITEM(messages, i));
-            failed = batch_put(self, item, &bs) < 0;
+            failed = push_many_item(self, item, &bs, &closed);
             Py_DECREF(item);
         }
     }
@@ -1082,13 +1063,14 @@ static PyObject *writer_push_many(PyObject *op, PyObject *const *args, Py_ssize_
         else {
             PyObject *item;
             while (!failed && (item = PyIter_Next(iter)) != NULL) {
-                failed = batch_put(self, item, &bs) < 0;
+                failed = push_many_item(self, item, &bs, &closed);
                 Py_DECREF(item);
             }
             Py_DECREF(iter);
         }
     }
     self->flags &= ~HANDLE_BATCH;
+    if (closed) handle_unusable((HandleObject *)self, "RingWriter");
     if (bs.staged && !(self->flags & HANDLE_CLOSED)) rb_flush(&self->ring);
     /* (closed by the iterable: close() published them) */
     bs.written += bs.staged;
@@ -1133,11 +1115,7 @@ static PyObject *writer_reserve(PyObject *op, PyObject *const *args, Py_ssize_t 
         if (res == RB_OK) return slot_new_for(slot_type, (HandleObject *)self, payload,
                                               (uint64_t)size, 1);
         if (res != RB_FULL) return raise_result((HandleObject *)self, res, (uint64_t)size);
-        if (ws.peer_dead) {
-            raise_peer_died((HandleObject *)self, 1);
-            return NULL;
-        }
-        if (handle_wait((HandleObject *)self, &ws, 1, "reserve") < 0) return NULL;
+        if (writer_wait_space(self, &ws, "reserve") < 0) return NULL;
     }
 }
 
