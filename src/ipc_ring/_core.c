@@ -232,7 +232,7 @@ static int handle_map(core_state *st, HandleObject *h, int fd, uint64_t capacity
         close(reopened);
 #endif
     /* Pre-fault the page tables (FORMAT.md "Mapping": a first lap through an
-     * unpopulated mapping costs a minor fault per page, ~1.6 us each). */
+     * unpopulated mapping costs a minor fault per page on the first lap). */
     void *map =
         mmap(NULL, map_size, PROT_READ | PROT_WRITE, MAP_SHARED | RB_MAP_POPULATE, map_fd, 0);
     if (map_fd != fd) close(map_fd);
