@@ -384,7 +384,6 @@ void rb_reader_attach(rb_reader *r, void *base, const rb_snapshot *snap) {
     r->mask = snap->capacity - 1;
     r->read_pos = snap->read_pos;
     r->write_pos_seen = snap->write_pos;
-    r->peeked = 0;
     r->peeked_length = 0;
     rb_header *hdr = r->hdr;
     r->messages_popped = atomic_load_explicit(&hdr->messages_popped, memory_order_relaxed);
@@ -425,7 +424,6 @@ rb_result rb_peek_slow(rb_reader *r, const void **payload, uint64_t *length) {
             if (size > avail || size > to_end) return RB_CORRUPT;
             *payload = r->data + index + RB_RECORD_HEADER;
             *length = len;
-            r->peeked = size;
             r->peeked_length = len;
             return RB_OK;
         }

@@ -172,11 +172,10 @@ typedef struct rb_reader {
     uint64_t mask;           /* capacity - 1 */
     uint64_t read_pos;       /* own position; the shared one is a copy of it */
     uint64_t write_pos_seen; /* last write_pos loaded from the file */
-    uint64_t peeked;         /* bytes of the record returned by rb_peek, 0 if none */
     /* Counters (FORMAT.md "Counters"), private copies; not adjacent, as in
      * rb_writer. */
     uint64_t messages_popped; /* stored into the header by rb_release */
-    uint64_t peeked_length;   /* payload length of the peeked record */
+    uint64_t peeked_length;   /* payload length of the message rb_peek returned */
     uint64_t empty_waits;     /* stored by rb_end_wait_readable */
     uint64_t bytes_popped;    /* stored into the header by rb_release */
 } rb_reader;
@@ -414,7 +413,6 @@ static inline rb_result rb_peek(rb_reader *r, const void **payload, uint64_t *le
                       size <= r->write_pos_seen - r->read_pos && size <= r->capacity - index)) {
             *payload = r->data + index + RB_RECORD_HEADER;
             *length = (uint32_t)word;
-            r->peeked = size;
             r->peeked_length = (uint32_t)word;
             return RB_OK;
         }
@@ -425,8 +423,7 @@ static inline rb_result rb_peek(rb_reader *r, const void **payload, uint64_t *le
 /* Reader: moves past the message returned by rb_peek without publishing
  * read_pos: its space is not handed back until rb_release. */
 static inline void rb_skip(rb_reader *r) {
-    r->read_pos += r->peeked;
-    r->peeked = 0;
+    r->read_pos += rb_record_size(r->peeked_length);
     r->messages_popped++;
     r->bytes_popped += r->peeked_length;
 }
