@@ -159,7 +159,12 @@ def _attach_existing(cls: type[_H], path: StrPath, spin: float | None) -> _H:
         else:
             _attach_notify(handle, target, READER_FIFO, WRITER_FIFO)
     except BaseException:
-        handle.close()
+        # A re-attaching writer that fails here must not end a stream it
+        # never wrote to: give the role back as it found it.
+        if isinstance(handle, _core.Writer):
+            handle.detach()
+        else:
+            handle.close()
         raise
     return handle
 

@@ -1127,9 +1127,10 @@ static void writer_close_impl(WriterObject *self, int end_stream) {
     self->flags |= HANDLE_CLOSED;
     if (!self->map) return;
     long long size = 0;
+    int intact = file_intact((HandleObject *)self, &size);
     /* Not in a fork() child, nor in a file truncated under us (the store
      * would raise SIGBUS): then the reader sees PeerDied instead. */
-    if (self->owner_pid == getpid() && file_intact((HandleObject *)self, &size)) {
+    if (self->owner_pid == getpid() && intact) {
         /* Records a push_many() in progress has staged are complete:
          * publish them before the end of stream. */
         if (self->flags & HANDLE_BATCH) rb_flush(&self->ring);
@@ -1138,7 +1139,7 @@ static void writer_close_impl(WriterObject *self, int end_stream) {
             if (self->notify_tx >= 0) rb_notify_fd(self->notify_tx); /* a reader on its FIFO */
         }
     }
-    if (busy && file_intact((HandleObject *)self, &size)) rb_wake_writer(self->ring.hdr);
+    if (busy && intact) rb_wake_writer(self->ring.hdr);
     handle_release_if_idle((HandleObject *)self);
 }
 
