@@ -29,8 +29,8 @@ if os.environ.get("IPC_RING_SANITIZE"):
 
 core = Extension(
     "ipc_ring._core",
-    sources=["src/ipc_ring/_core.c", "src/ipc_ring/_ring.c"],
-    depends=["src/ipc_ring/_ring.h"],
+    sources=["src/ipc_ring/_core.c", "src/ipc_ring/_handle.c", "src/ipc_ring/_ring.c"],
+    depends=["src/ipc_ring/_ring.h", "src/ipc_ring/_handle.h"],
     extra_compile_args=flags if sys.platform != "win32" else [],
     extra_link_args=link_flags,
 )

@@ -67,7 +67,8 @@ def _build_c_driver() -> None:
     out.parent.mkdir(exist_ok=True)
     subprocess.run(
         ["cc", "-std=c11", "-O2", "-I", str(ROOT / "src" / "ipc_ring"),
-         str(ROOT / "src" / "ipc_ring" / "_ring.c"), str(HERE / "ring_bench.c"), "-o", str(out)],
+         str(ROOT / "src" / "ipc_ring" / "_ring.c"), str(ROOT / "src" / "ipc_ring" / "_handle.c"),
+         str(HERE / "ring_bench.c"), "-pthread", "-o", str(out)],
         check=True,
     )  # fmt: skip
 

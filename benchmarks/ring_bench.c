@@ -6,8 +6,10 @@
  * first 8 bytes of each message and the reader checks every one, timing
  * from the first message to the last.
  *
- *   cc -std=c11 -O2 -Isrc/ipc_ring src/ipc_ring/_ring.c benchmarks/ring_bench.c \
- *      -o benchmarks/bin/ring_bench
+ *   cc -std=c11 -O2 -Isrc/ipc_ring src/ipc_ring/_ring.c src/ipc_ring/_handle.c \
+ *      benchmarks/ring_bench.c -o benchmarks/bin/ring_bench -pthread
+ *
+ * It attaches and waits through the extension's own functions (_handle.h).
  *   benchmarks/bin/ring_bench [--ring PATH] [--cap BYTES] [--messages N] [--msg-size S]
  *                             [--no-populate]
  */
@@ -17,76 +19,66 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include "_ring.h"
-
-#define SPIN_NS 10000u /* busy-wait before sleeping, as the extension's default */
+#include "_handle.h"
 
 static int populate = 1; /* MAP_POPULATE, as the extension maps; --no-populate to compare */
 
-static void *map_ring(const char *path, uint64_t capacity, int create) {
-    int fd = open(path, O_RDWR | (create ? O_CREAT | O_EXCL : 0), 0600);
+/* Attaches `h` as `role` through the library's own attach (lock, map,
+ * validate); with `create`, makes the file first. Exits on failure. */
+static void attach(rb_handle *h, const char *path, uint64_t capacity, rb_role role, int create) {
+    int fd = open(path, O_RDWR | O_CLOEXEC | (create ? O_CREAT | O_EXCL : 0), 0600);
     if (fd < 0) {
         perror(path);
         exit(1);
     }
-    size_t size = (size_t)rb_file_size(capacity);
-    if (create && ftruncate(fd, (off_t)size) != 0) {
-        perror("ftruncate");
+    rb_options opt = {.path = path, .capacity = create ? capacity : 0,
+                      .spin_ns = RB_DEFAULT_SPIN_NS, .no_populate = !populate};
+    rb_error err;
+    rb_handle_init(h);
+    if (rb_handle_attach(h, fd, role, &opt, &err) != RB_OK) {
+        fprintf(stderr, "%s\n", err.message);
         exit(1);
     }
-#ifdef MAP_POPULATE
-    int flags = MAP_SHARED | (populate ? MAP_POPULATE : 0);
-#else
-    int flags = MAP_SHARED;
-#endif
-    void *map = mmap(NULL, size, PROT_READ | PROT_WRITE, flags, fd, 0);
-    if (map == MAP_FAILED) {
-        perror("mmap");
-        exit(1);
-    }
-    close(fd);
-    if (create) rb_init(map, capacity);
-    rb_snapshot snap;
-    if (rb_validate_header(map, size, &snap) != RB_VALID) {
-        fprintf(stderr, "%s is not a valid ring\n", path);
-        exit(1);
-    }
-    return map;
 }
 
-static int run_reader(void *map, uint64_t n, uint64_t msg_size, int ready_fd) {
-    rb_reader r;
-    rb_snapshot snap;
-    rb_validate_header(map, rb_file_size(((rb_header *)map)->capacity), &snap);
-    rb_reader_attach(&r, map, &snap);
+/* Waits as the extension's blocking calls do (spin, then futex slices). */
+static void wait_or_die(rb_handle *h, rb_wait_state *ws) {
+    rb_error err;
+    if (rb_wait(h, ws, &err) != RB_OK) {
+        fprintf(stderr, "%s\n", err.message);
+        exit(1);
+    }
+}
+
+static int run_reader(rb_handle *h, uint64_t n, uint64_t msg_size, int ready_fd) {
+    rb_reader *r = &h->ring.reader;
     if (write(ready_fd, "r", 1) != 1) return 1;
     uint64_t errors = 0, start = 0;
     uint8_t *copy = malloc(msg_size); /* pop() copies every message out, so this does too */
+    rb_wait_state ws;
+    rb_wait_init(&ws, RB_FOREVER, "pop");
     for (uint64_t expected = 0; expected < n;) {
         const void *payload;
         uint64_t len;
-        rb_result res = rb_peek(&r, &payload, &len);
+        rb_result res = rb_peek(r, &payload, &len);
         if (res == RB_EMPTY) {
-            if (rb_spin_readable(&r, SPIN_NS) != RB_WOKEN) {
-                rb_wait_readable(&r, 0);
-                rb_end_wait_readable(&r);
-            }
+            wait_or_die(h, &ws);
             continue;
         }
         if (res != RB_OK) {
             fprintf(stderr, "reader: result %d\n", (int)res);
             return 1;
         }
+        rb_wait_init(&ws, RB_FOREVER, "pop");
         if (expected == 0) start = rb_now_ns();
         uint64_t seq;
         memcpy(copy, payload, len);
         memcpy(&seq, copy, sizeof seq);
         if (seq != expected || len != msg_size) errors++;
-        rb_consume(&r);
+        rb_consume(r);
         expected++;
     }
     double elapsed = (double)(rb_now_ns() - start) / 1e9;
@@ -99,21 +91,16 @@ static int run_reader(void *map, uint64_t n, uint64_t msg_size, int ready_fd) {
     return errors ? 1 : 0;
 }
 
-static void run_writer(void *map, uint64_t n, uint64_t msg_size) {
-    rb_writer w;
-    rb_snapshot snap;
-    rb_validate_header(map, rb_file_size(((rb_header *)map)->capacity), &snap);
-    rb_writer_attach(&w, map, &snap);
+static void run_writer(rb_handle *h, uint64_t n, uint64_t msg_size) {
+    rb_writer *w = &h->ring.writer;
     uint8_t *msg = calloc(1, msg_size);
+    rb_wait_state ws;
     for (uint64_t seq = 0; seq < n; seq++) {
         memcpy(msg, &seq, sizeof seq);
-        while (rb_try_push(&w, msg, msg_size) != RB_OK)
-            if (rb_spin_writable(&w, SPIN_NS) != RB_WOKEN) {
-                rb_wait_writable(&w, 0);
-                rb_end_wait_writable(&w);
-            }
+        rb_wait_init(&ws, RB_FOREVER, "push");
+        while (rb_try_push(w, msg, msg_size) != RB_OK) wait_or_die(h, &ws);
     }
-    rb_writer_close(&w);
+    rb_handle_release(h, 1, 0);
     free(msg);
 }
 
@@ -143,20 +130,23 @@ int main(int argc, char **argv) {
         return 2;
     }
     unlink(path);
-    void *map = map_ring(path, capacity, 1);
+    rb_handle writer;
+    attach(&writer, path, capacity, RB_ROLE_WRITER, 1);
     int ready[2];
     if (pipe(ready) != 0) return 1;
     pid_t child = fork();
     if (child == 0) {
-        /* A separate mapping in the reader, as two unrelated processes have. */
-        void *own = map_ring(path, capacity, 0);
-        int rc = run_reader(own, n, msg_size, ready[1]);
+        /* Its own handle and mapping, as an unrelated process has (the
+         * inherited writer handle is disowned by the fork handler). */
+        rb_handle reader;
+        attach(&reader, path, capacity, RB_ROLE_READER, 0);
+        int rc = run_reader(&reader, n, msg_size, ready[1]);
         fflush(stdout);
         _exit(rc);
     }
     char c;
     if (read(ready[0], &c, 1) != 1) return 1;
-    run_writer(map, n, msg_size);
+    run_writer(&writer, n, msg_size);
     int status = 1;
     waitpid(child, &status, 0);
     unlink(path);

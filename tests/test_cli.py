@@ -378,7 +378,7 @@ def test_inspect_of_a_file_that_is_not_a_ring_exits_1_with_one_line(tmp_path: Pa
     junk.write_bytes(b"hello world\n" * 1000)
     result = run("inspect", str(junk))
     assert result.returncode == 1
-    assert "not a ring file" in one_error_line(result.stderr, "inspect")
+    assert "not an ipc_ring file" in one_error_line(result.stderr, "inspect")
     short = tmp_path / "short"
     short.write_bytes(b"x")
     assert run("inspect", str(short)).returncode == 1

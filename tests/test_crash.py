@@ -133,7 +133,9 @@ def crash_peer(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "-DRB_CRASH_POINTS",
         f"-I{CORE_DIR}",
         str(CORE_DIR / "_ring.c"),
+        str(CORE_DIR / "_handle.c"),
         str(TESTS_DIR / "c" / "crash_peer.c"),
+        "-pthread",
         "-o",
         str(binary),
     ]

@@ -285,13 +285,13 @@ def test_writer_raises_peer_died_when_its_reader_process_died_and_ring_fills(
     spawn: Callable[..., Child], ring_path: Path
 ) -> None:
     with RingWriter.create(ring_path, 256) as writer:
-        assert not writer.reader_attached
+        assert not writer.reader_alive
         for i in range(3):
             writer.push(numbered(i))
         reader = spawn("child_reader", ring_path, 3, "die")
         assert reader.expect_line("popped") == "popped 0 1 2"
         reader.finish()
-        assert not writer.reader_attached
+        assert not writer.reader_alive
         following = fill(writer, 3)
         assert not writer.try_push(numbered(following)), "try_push must not raise"
         started = time.monotonic()
@@ -347,7 +347,7 @@ def test_writer_continues_after_peer_died_once_a_new_reader_attaches(
         second = spawn("child_reader", ring_path, 0, "drain")
         second.expect_line("attached")
         writer.push(numbered(following), timeout=10)
-        assert writer.reader_attached
+        assert writer.reader_alive
         total = following + 1
     line = second.expect_line("end")
     assert line == "end RingClosed " + " ".join(map(str, range(2, total)))
@@ -458,15 +458,15 @@ def test_reader_attached_and_writer_alive_follow_the_peer_process(
 ) -> None:
     path = ring_dir / "a"
     with RingWriter.create(path, 256) as writer:
-        assert not writer.reader_attached
+        assert not writer.reader_alive
         reader = spawn("child_reader", path, 0, "hold")
         reader.expect_line("popped")
-        assert writer.reader_attached
+        assert writer.reader_alive
         with path.open("rb") as f:
             assert struct.unpack_from("<I", f.read(HEADER_SIZE), READER_ATTACHED_OFFSET)[0] == 1
         reader.send("go")
         reader.finish()
-        assert not writer.reader_attached
+        assert not writer.reader_alive
         with path.open("rb") as f:  # reader_attached is never cleared
             assert struct.unpack_from("<I", f.read(HEADER_SIZE), READER_ATTACHED_OFFSET)[0] == 1
 
@@ -561,7 +561,7 @@ def test_forked_child_cannot_use_inherited_handles_and_parent_keeps_working(
                 "try_pop": reader.try_pop,
                 "pop_into": lambda: reader.pop_into(bytearray(64), timeout=0.1),
                 "next": lambda: next(reader),
-                "reader_attached": lambda: writer.reader_attached,
+                "reader_alive": lambda: writer.reader_alive,
                 "writer_alive": lambda: reader.writer_alive,
             }
             lines = [f"{name} -> {outcome(call)}" for name, call in calls.items()]
@@ -579,7 +579,7 @@ def test_forked_child_cannot_use_inherited_handles_and_parent_keeps_working(
         writer.push(b"after")
         assert reader.pop(timeout=1) == b"after"
         assert reader.writer_alive
-        assert writer.reader_attached
+        assert writer.reader_alive
         with pytest.raises(RingTimeout):
             reader.pop(timeout=0.2)
 
@@ -603,7 +603,7 @@ def test_forked_child_exiting_does_not_make_the_writer_think_the_reader_died(
 ) -> None:
     with RingWriter.create(ring_path, 256) as writer, RingReader.open(ring_path):
         assert fork_and_report(lambda: ["exited"]) == ["exited"]
-        assert writer.reader_attached
+        assert writer.reader_alive
         following = fill(writer)
         with pytest.raises(RingTimeout):
             writer.push(numbered(following), timeout=0.3)
@@ -650,7 +650,7 @@ def test_reader_close_releases_the_reader_role_while_a_forked_child_lives(
         reader = RingReader.open(ring_path)
         with forked_idle_child():
             reader.close()
-            assert not writer.reader_attached, "closed reader still counts as attached"
+            assert not writer.reader_alive, "closed reader still counts as attached"
             RingReader.open(ring_path).close()  # not RingBusy
             following = fill(writer)
             with pytest.raises(PeerDied):
@@ -691,7 +691,7 @@ def test_writer_sees_peer_died_when_reader_process_dies_while_its_forked_child_l
         grandchildren.append(int(middle.expect_line("grandchild").split()[1]))
         middle.finish()
         os.kill(grandchildren[0], 0)
-        assert not writer.reader_attached, "the forked grandchild keeps the dead reader's lock"
+        assert not writer.reader_alive, "the forked grandchild keeps the dead reader's lock"
         following = fill(writer)
         with pytest.raises(PeerDied):
             writer.push(numbered(following), timeout=10)

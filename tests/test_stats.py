@@ -37,7 +37,7 @@ def test_fresh_ring_stats_are_zero_with_capacity(ring_path: Path) -> None:
     with RingWriter.create(ring_path, 4096) as w, RingReader.open(ring_path) as r:
         expected = {
             "capacity": 4096,
-            "used": 0,
+            "used_bytes": 0,
             **dict.fromkeys(COUNTERS_AT, 0),
         }
         assert w.stats() == expected
@@ -53,17 +53,17 @@ def test_stats_count_messages_and_payload_bytes_of_push_and_pop(ring_path: Path)
             assert s["messages_pushed"] == 3
             assert s["bytes_pushed"] == 23
             assert s["messages_popped"] == 0
-            assert s["used"] == 16 + 8 + 32
+            assert s["used_bytes"] == 16 + 8 + 32
         assert r.pop(timeout=TIMEOUT) == b"abc"
         assert r.try_pop() == b""
         for s in (w.stats(), r.stats()):
             assert s["messages_popped"] == 2
             assert s["bytes_popped"] == 3
-            assert s["used"] == 32
+            assert s["used_bytes"] == 32
         buf = bytearray(64)
         assert r.pop_into(buf, timeout=TIMEOUT) == 20
         s = r.stats()
-        assert (s["messages_popped"], s["bytes_popped"], s["used"]) == (3, 23, 0)
+        assert (s["messages_popped"], s["bytes_popped"], s["used_bytes"]) == (3, 23, 0)
 
 
 def test_stats_count_each_message_of_batches(ring_path: Path) -> None:
@@ -112,7 +112,7 @@ def test_high_water_records_fill_seen_when_writer_finds_ring_full(ring_path: Pat
         assert w.stats()["high_water"] == 0
         while w.try_push(b"z" * 8):  # records of 16 bytes
             pass
-        assert w.stats()["used"] == 64
+        assert w.stats()["used_bytes"] == 64
         assert w.stats()["high_water"] == 64
         assert r.stats()["high_water"] == 64
         while r.try_pop() is not None:

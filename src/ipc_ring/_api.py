@@ -7,7 +7,6 @@ between; this module only adds creating, opening and context management.
 
 from __future__ import annotations
 
-import errno
 import os
 import secrets
 import stat
@@ -34,7 +33,7 @@ class RingStats(TypedDict):
     """What ``stats()`` returns: docs/FORMAT.md "Counters", read from the header."""
 
     capacity: int
-    used: int
+    used_bytes: int
     messages_pushed: int
     bytes_pushed: int
     messages_popped: int
@@ -60,19 +59,6 @@ def _fspath(path: StrPath) -> str:
     if not isinstance(p, str):
         raise TypeError(f"path must be str or os.PathLike[str], got {type(p).__name__}")
     return p
-
-
-def _reserve_space(fd: int, size: int) -> None:
-    """Allocate the file's blocks now, so a full file system (a 64 MiB /dev/shm
-    in Docker) is ENOSPC here instead of SIGBUS on first touch later."""
-    fallocate = getattr(os, "posix_fallocate", None)
-    if fallocate is None:
-        return
-    try:
-        fallocate(fd, 0, size)
-    except OSError as e:
-        if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-            raise
 
 
 def _open_fifo(path: str) -> int | None:
@@ -147,8 +133,6 @@ def _attach_existing(cls: type[_H], path: StrPath, spin: float | None) -> _H:
     except IsADirectoryError as e:
         raise InvalidRing(f"{target!r} is a directory, not a ring file") from e
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise InvalidRing(f"{target!r} is not a regular file")
         handle = cls(fd, target, spin=spin)
     except BaseException:
         os.close(fd)
@@ -249,13 +233,6 @@ class RingWriter(_Handle, _core.Writer):
         (the umask does not narrow it).
         """
         target = _fspath(path)
-        if isinstance(capacity, bool) or not isinstance(capacity, int):
-            raise TypeError(f"capacity must be an int, got {type(capacity).__name__}")
-        if not _core.capacity_valid(capacity):
-            raise ValueError(
-                f"capacity must be a power of two between {_core.MIN_CAPACITY} and "
-                f"{_core.MAX_CAPACITY} bytes, got {capacity}"
-            )
         directory, name = os.path.split(os.path.abspath(target))
         tmp = os.path.join(directory, f".{name}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
         # The handle takes the writer's liveness lock on this descriptor before
@@ -263,9 +240,7 @@ class RingWriter(_Handle, _core.Writer):
         fd = os.open(tmp, _OPEN_FLAGS | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
         try:
             os.fchmod(fd, mode)
-            size = _core.DATA_OFFSET + capacity
-            os.ftruncate(fd, size)
-            _reserve_space(fd, size)
+            # Sizes the file, reserves its blocks, writes the header, locks.
             self = cls(fd, target, capacity=capacity, spin=spin)
         except BaseException:
             os.close(fd)

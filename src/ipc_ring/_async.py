@@ -12,7 +12,6 @@ nothing.
 from __future__ import annotations
 
 import asyncio
-import math
 from typing import TYPE_CHECKING
 
 from . import _core
@@ -24,18 +23,14 @@ if TYPE_CHECKING:
 __all__ = ["POLL_INTERVAL", "pop_async", "push_async"]
 
 #: Seconds between liveness checks while a side waits on its FIFO: a dead peer
-#: never writes to the FIFO, so the waiter looks at its lock this often.
-POLL_INTERVAL = 0.05
+#: never writes to the FIFO, so the waiter looks at its lock this often (the
+#: blocking calls' sleep slice).
+POLL_INTERVAL = _core.SLEEP_SLICE
 
 
 def _deadline(loop: asyncio.AbstractEventLoop, timeout: float | None) -> float | None:
-    if timeout is None:
-        return None
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-        raise TypeError(f"timeout must be a number of seconds or None, got {timeout!r}")
-    if math.isnan(timeout) or timeout < 0:
-        raise ValueError(f"timeout must be >= 0 or None, got {timeout!r}")
-    return loop.time() + timeout
+    limit = _core.check_timeout(timeout)
+    return None if limit is None else loop.time() + limit
 
 
 async def _wait_readable(

@@ -1,34 +1,34 @@
-/* ipc_ring._core: CPython glue around the C core in _ring.c.
+/* ipc_ring._core: CPython glue around the C core (_ring.h, _handle.h).
  *
- * Two heap types, Writer and Reader, that own one mapping of a ring file
- * each; the Python layer (_api.py) subclasses them and adds the file
- * lifecycle. Everything here holds the GIL except the sleep in wait_*().
+ * Two heap types, Writer and Reader, each owning one rb_handle; the Python
+ * layer (_api.py) subclasses them and adds the file lifecycle. Everything
+ * that touches the operating system is in _handle.c; this file parses
+ * arguments, raises exceptions, releases the GIL to sleep and runs signal
+ * handlers.
+ *
+ * Memory safety (FORMAT.md "Mapping", "Lifetime"): Python code can run in
+ * the middle of a call (an argument's __buffer__ or __release_buffer__, the
+ * garbage collector and its callbacks on an allocation, a signal handler
+ * during a wait, another thread while the GIL is released), and that code
+ * may close the handle or call it again. So every call that can run Python
+ * code marks the handle CALL_ACTIVE for its whole length (call_begin /
+ * call_end):
+ *   - a second call meanwhile (re-entrant, or from another thread) raises
+ *     RuntimeError;
+ *   - close() gives the role up at once but leaves the unmap to call_end,
+ *     and the call checks for it (call_interrupted) after every step that
+ *     can run Python code, before it touches the ring again;
+ *   - the steps that can run Python code come before the ring is peeked or
+ *     reserved (argument exports, result lists, slot objects), or after it
+ *     is finished with; in between, only C runs, with the GIL held.
+ * The fast paths run no Python code at all and need no call state.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
-#include <errno.h>
-#include <fcntl.h>
-#include <pthread.h>
 #include <math.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
-#include <unistd.h>
 
-#include "_ring.h"
-
-/* Busy-wait before sleeping: about what a futex sleep and wake-up cost here
- * (README "Performance" has the measurement that chose it). */
-#define DEFAULT_SPIN_NS 10000u
-
-#ifdef MAP_POPULATE
-#define RB_MAP_POPULATE MAP_POPULATE
-#else
-#define RB_MAP_POPULATE 0
-#endif
-/* Longest single sleep: a signal that lands just before the sleep starts,
- * or a closed handle, is noticed within this time. */
-#define SLEEP_SLICE_NS 50000000u
+#include "_handle.h"
 
 /* ---- module state ---------------------------------------------------- */
 
@@ -52,348 +52,162 @@ static inline core_state *get_state(PyObject *module) {
 }
 
 /* The module state of the type that defines `self`'s methods (works for
- * Python subclasses too). Only called on error paths. */
+ * Python subclasses too). Only called off the fast paths. */
 static core_state *state_of(PyObject *self) {
     PyObject *module = PyType_GetModuleByDef(Py_TYPE(self), &core_module);
     return module ? get_state(module) : NULL;
 }
 
-/* ---- shared handle state --------------------------------------------- */
+/* ---- handles --------------------------------------------------------- */
 
-enum handle_flags {
-    HANDLE_CLOSED = 1, /* close() was called */
-    HANDLE_BUSY = 2,   /* a thread is sleeping in a blocking call of this handle */
-    HANDLE_FORKED = 4, /* this process is a fork() child of the one that attached */
-    HANDLE_SLOT = 8,   /* a reserve() or pop_view() slot is open on this handle */
-    HANDLE_BATCH = 16, /* push_many() is running Python code (its iterable) mid-batch */
+/* The glue's bits of rb_handle.flags (the core's are RB_HANDLE_DETACHED
+ * and RB_HANDLE_FORKED). Any bit set takes a call off its fast path. */
+enum call_flag {
+    CALL_ACTIVE = RB_HANDLE_CALLER,        /* a call is running: it may be running Python code */
+    CALL_SLEEPING = RB_HANDLE_CALLER << 1, /* ...and its thread sleeps without the GIL */
+    SLOT_OPEN = RB_HANDLE_CALLER << 2,     /* a reserve() or pop_view() slot is open */
+    HANDLE_CLOSED = RB_HANDLE_CALLER << 3, /* close() or detach() was called */
 };
 
-/* Fields common to Writer and Reader, first in both structs. */
-#define HANDLE_HEAD                                                            \
-    PyObject_HEAD                                                              \
-    int flags;          /* handle_flags; 0 on the fast path */                 \
-    int fd;             /* the ring file, -1 once closed */                    \
-    void *map;          /* the mapping, NULL once unmapped */                  \
-    size_t map_size;    /* its length */                                       \
-    uint64_t capacity;  /* validated once at attach; never re-read */         \
-    Py_ssize_t exports; /* buffers of open slots pointing into the mapping */  \
-    PyObject *path;     /* str, as given */                                    \
-    int notify_rx;      /* own FIFO, read end for fileno(); -1 if none */      \
-    int notify_tx;      /* peer's FIFO, to wake it; -1 if none */              \
-    _Atomic uint32_t *notify_key; /* peer's flag it is registered under */     \
-    uint64_t spin_ns;   /* busy-wait before sleeping */                        \
-    pid_t owner_pid;    /* process that attached; a forked child is not it */  \
-    struct HandleObject *prev, *next; /* live_handles list, for fork() */
-
-typedef struct HandleObject {
-    HANDLE_HEAD
+typedef struct {
+    PyObject_HEAD
+    rb_handle h;        /* h.flags == 0 while the fast paths may run */
+    Py_ssize_t exports; /* buffers of this handle's slots that point into the mapping */
+    PyObject *path;     /* str, as given */
+    int initialised;    /* __init__ has run once (it never runs again) */
 } HandleObject;
 
-/* Every attached handle of this process, so that the child of a fork() can
- * disown them (fork_child). Changed only with the GIL held. */
-static HandleObject *live_handles;
+static inline int is_writer(HandleObject *self) { return self->h.role == RB_ROLE_WRITER; }
 
-static void handle_release_notify(HandleObject *h);
-
-static void live_handles_add(HandleObject *h) {
-    h->prev = NULL;
-    h->next = live_handles;
-    if (live_handles) live_handles->prev = h;
-    live_handles = h;
+static const char *kind_of(HandleObject *self) {
+    return is_writer(self) ? "RingWriter" : "RingReader";
 }
 
-static void live_handles_remove(HandleObject *h) {
-    if (h->prev)
-        h->prev->next = h->next;
-    else if (live_handles == h)
-        live_handles = h->next;
-    if (h->next) h->next->prev = h->prev;
-    h->prev = h->next = NULL;
+/* Unmaps once nothing uses the mapping any more: no call running, no
+ * exported buffer. Called by close() and by the last of those. */
+static void release_if_idle(HandleObject *self) {
+    if ((self->h.flags & HANDLE_CLOSED) && !(self->h.flags & CALL_ACTIVE) && self->exports == 0)
+        rb_handle_unmap(&self->h);
 }
 
-/* pthread_atfork child handler: the child must not act as a second writer
- * or reader, and must not keep the parent's liveness lock alive through its
- * copy of the descriptor. Marks every handle unusable and closes its fd;
- * the mapping stays until the handle is closed or collected. */
-static void fork_child(void) {
-    for (HandleObject *h = live_handles; h; h = h->next) {
-        h->flags |= HANDLE_FORKED;
-        handle_release_notify(h);
-        if (h->fd >= 0) {
-            close(h->fd);
-            h->fd = -1;
-        }
-    }
+/* Gives the role up (ending the stream if `end_stream`) and unmaps unless
+ * a call or an export still uses the mapping. Idempotent. */
+static void handle_close(HandleObject *self, int end_stream) {
+    if (self->h.flags & HANDLE_CLOSED) return;
+    int sleeping = (self->h.flags & CALL_SLEEPING) != 0;
+    self->h.flags |= HANDLE_CLOSED;
+    rb_handle_release(&self->h, end_stream, sleeping);
+    release_if_idle(self);
 }
 
-typedef struct {
-    HANDLE_HEAD
-    rb_writer ring;
-} WriterObject;
-
-typedef struct {
-    HANDLE_HEAD
-    rb_reader ring;
-} ReaderObject;
-
-/* Forgets and closes the notification FIFOs (FORMAT.md "Waiting on a file
- * descriptor"), if any. */
-static void handle_release_notify(HandleObject *h) {
-    if (h->notify_key) {
-        rb_notify_unregister(h->notify_key);
-        h->notify_key = NULL;
-    }
-    if (h->notify_rx >= 0) close(h->notify_rx);
-    if (h->notify_tx >= 0) close(h->notify_tx);
-    h->notify_rx = h->notify_tx = -1;
-}
-
-/* Releases the mapping and the descriptor. Never called while a thread
- * sleeps on the mapping (HANDLE_BUSY) or a buffer points into it
- * (exports > 0): see handle_release_if_idle. */
-static void handle_release(HandleObject *h) {
-    live_handles_remove(h);
-    handle_release_notify(h);
-    if (h->map) {
-        munmap(h->map, h->map_size);
-        h->map = NULL;
-    }
-    if (h->fd >= 0) {
-        close(h->fd);
-        h->fd = -1;
-    }
-}
-
-/* After close(): unmaps now unless a sleeping thread or an exported buffer
- * still uses the mapping; the last of those calls this again. */
-static void handle_release_if_idle(HandleObject *h) {
-    if (!(h->flags & (HANDLE_BUSY | HANDLE_BATCH)) && h->exports == 0) handle_release(h);
-}
-
-/* Maps the ring file `fd` and validates it. Returns 0, or -1 with
- * InvalidRing or OSError set. With `capacity` > 0 the file is fresh (all
- * zeros, exactly rb_file_size(capacity) bytes) and gets a new header. */
-static int handle_map(core_state *st, HandleObject *h, int fd, uint64_t capacity) {
-    struct stat sb;
-    if (fstat(fd, &sb) != 0) {
-        PyErr_SetFromErrno(PyExc_OSError);
-        return -1;
-    }
-    if (!S_ISREG(sb.st_mode)) {
-        PyErr_Format(st->InvalidRing, "%R is not a regular file", h->path);
-        return -1;
-    }
-    uint64_t file_size = (uint64_t)sb.st_size;
-    if (capacity) {
-        if (file_size != rb_file_size(capacity)) {
-            PyErr_Format(PyExc_ValueError, "fresh ring file has %llu bytes, expected %llu",
-                         (unsigned long long)file_size,
-                         (unsigned long long)rb_file_size(capacity));
-            return -1;
-        }
-    }
-    else {
-        /* Map the header alone first so that the capacity the file claims
-         * is checked against its size before anything larger is mapped. */
-        if (file_size < RB_DATA_OFFSET) {
-            PyErr_Format(st->InvalidRing, "%R: %s (it has %llu bytes)", h->path,
-                         rb_invalid_reason(RB_INVALID_SHORT_FILE), (unsigned long long)file_size);
-            return -1;
-        }
-        void *head = mmap(NULL, RB_DATA_OFFSET, PROT_READ, MAP_SHARED, fd, 0);
-        if (head == MAP_FAILED) {
-            PyErr_SetFromErrno(PyExc_OSError);
-            return -1;
-        }
-        const rb_header *hdr = (const rb_header *)head;
-        capacity = rb_capacity_valid(hdr->capacity) ? hdr->capacity : 0;
-        munmap(head, RB_DATA_OFFSET);
-        if (capacity == 0 || file_size < rb_file_size(capacity)) {
-            /* Let the full validation below name the reason. */
-            capacity = 0;
-        }
-    }
-    size_t map_size = capacity ? (size_t)rb_file_size(capacity) : RB_DATA_OFFSET;
-    /* A mapping keeps a reference to the open file description it was made
-     * from, and a fork() child inherits the mapping: mapped through `fd`,
-     * a child would keep the liveness lock on `fd` alive after the parent
-     * died (FORMAT.md "Liveness and roles"). So map through a second open
-     * file description of the same file where the system offers one. */
-    int map_fd = fd;
-#if defined(__linux__)
-    char self_fd[64];
-    PyOS_snprintf(self_fd, sizeof self_fd, "/proc/self/fd/%d", fd);
-    int reopened = open(self_fd, O_RDWR | O_CLOEXEC);
-    struct stat again;
-    if (reopened >= 0 && fstat(reopened, &again) == 0 && again.st_ino == sb.st_ino &&
-        again.st_dev == sb.st_dev)
-        map_fd = reopened;
-    else if (reopened >= 0)
-        close(reopened);
-#endif
-    /* Pre-fault the page tables (FORMAT.md "Mapping": a first lap through an
-     * unpopulated mapping costs a minor fault per page on the first lap). */
-    void *map =
-        mmap(NULL, map_size, PROT_READ | PROT_WRITE, MAP_SHARED | RB_MAP_POPULATE, map_fd, 0);
-    if (map_fd != fd) close(map_fd);
-    if (map == MAP_FAILED) {
-        PyErr_SetFromErrno(PyExc_OSError);
-        return -1;
-    }
-    h->map = map;
-    h->map_size = map_size;
-    return 0;
-}
-
-/* Validates the mapping and fills *snap; 0 or -1 with InvalidRing set. */
-static int handle_validate(core_state *st, HandleObject *h, rb_snapshot *snap) {
-    struct stat sb;
-    uint64_t file_size = h->map_size;
-    if (fstat(h->fd, &sb) == 0 && (uint64_t)sb.st_size < file_size) file_size = (uint64_t)sb.st_size;
-    rb_invalid why = rb_validate_header(h->map, file_size, snap);
-    if (why != RB_VALID) {
-        PyErr_Format(st->InvalidRing, "%R: %s", h->path, rb_invalid_reason(why));
-        return -1;
-    }
-    return 0;
-}
-
-/* Parses (fd, path, capacity, spin) for the constructors and maps the file.
- * On success the handle owns fd. */
-static int handle_init(PyObject *self, PyObject *args, PyObject *kwds, int writer) {
-    static char *kwlist[] = {"fd", "path", "capacity", "spin", NULL};
-    HandleObject *h = (HandleObject *)self;
-    int fd;
-    PyObject *path;
-    unsigned long long capacity = 0;
-    PyObject *spin_obj = Py_None;
-    if (h->map || h->fd >= 0) {
-        PyErr_SetString(PyExc_RuntimeError, "handle is already initialised");
-        return -1;
-    }
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iU|$KO", kwlist, &fd, &path, &capacity,
-                                     &spin_obj))
-        return -1;
-    core_state *st = state_of(self);
+/* Raises the exception for an rb_error. Returns -1. */
+static int raise_error(HandleObject *self, const rb_error *err) {
+    core_state *st = state_of((PyObject *)self);
     if (!st) return -1;
-    uint64_t spin_ns = DEFAULT_SPIN_NS;
-    if (spin_obj != Py_None) {
-        double v = PyFloat_AsDouble(spin_obj);
-        if (v == -1.0 && PyErr_Occurred()) return -1;
-        if (!(v >= 0.0 && v <= 1.0)) {
-            PyErr_Format(PyExc_ValueError, "spin must be a number of seconds in [0, 1], got %R",
-                         spin_obj);
-            return -1;
+    PyObject *type;
+    switch (err->code) {
+    case RB_INVALID:
+    case RB_CORRUPT:
+    case RB_TRUNCATED: type = st->InvalidRing; break;
+    case RB_BUSY: type = st->RingBusy; break;
+    case RB_CLOSED: type = st->RingClosed; break;
+    case RB_PEER_DIED: type = st->PeerDied; break;
+    case RB_TIMEOUT: type = st->RingTimeout; break;
+    case RB_TOO_LARGE: type = st->MessageTooLarge; break;
+    case RB_BAD_ARGUMENT: type = PyExc_ValueError; break;
+    case RB_ERROR: {
+        PyObject *args = Py_BuildValue("(is)", err->sys_errno, err->message);
+        if (args) {
+            PyErr_SetObject(PyExc_OSError, args);
+            Py_DECREF(args);
         }
-        spin_ns = (uint64_t)(v * 1e9);
-    }
-    if (capacity && !rb_capacity_valid(capacity)) {
-        PyErr_Format(PyExc_ValueError,
-                     "capacity must be a power of two between %u and %llu bytes, got %llu",
-                     RB_MIN_CAPACITY, (unsigned long long)RB_MAX_CAPACITY, capacity);
         return -1;
     }
-    Py_INCREF(path);
-    Py_XSETREF(h->path, path);
-    h->spin_ns = spin_ns;
-    if (handle_map(st, h, fd, capacity) < 0) return -1;
-    h->fd = fd;
-    if (capacity) rb_init(h->map, capacity);
-    /* The role's lock first, then the snapshot: a predecessor that moves its
-     * position and exits in between cannot leave us a stale one. */
-    rb_result locked = rb_lock_role(fd, writer ? RB_ROLE_WRITER : RB_ROLE_READER);
-    if (locked != RB_OK) {
-        if (locked == RB_BUSY)
-            PyErr_Format(st->RingBusy, "%R already has a live %s", h->path,
-                         writer ? "writer" : "reader");
-        else
-            PyErr_SetFromErrno(PyExc_OSError);
-        h->fd = -1; /* the caller still owns fd on failure; closing it drops the lock */
-        handle_release(h);
-        return -1;
+    default: type = PyExc_SystemError; break;
     }
-    rb_snapshot snap;
-    if (handle_validate(st, h, &snap) < 0) {
-        h->fd = -1;
-        handle_release(h);
-        return -1;
-    }
-    if (writer && !capacity &&
-        atomic_load_explicit(&((rb_header *)h->map)->writer_closed, memory_order_acquire)) {
-        PyErr_Format(st->RingClosed,
-                     "%R: its writer ended the stream with close(); a closed stream cannot be "
-                     "continued",
-                     h->path);
-        h->fd = -1;
-        handle_release(h);
-        return -1;
-    }
-    h->owner_pid = getpid();
-    h->capacity = snap.capacity;
-    h->flags = 0;
-    live_handles_add(h);
-    if (writer)
-        rb_writer_attach(&((WriterObject *)h)->ring, h->map, &snap);
-    else
-        rb_reader_attach(&((ReaderObject *)h)->ring, h->map, &snap);
-    return 0;
+    PyErr_SetString(type, err->message);
+    return -1;
 }
 
-static PyObject *handle_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
-    (void)args;
-    (void)kwds;
-    HandleObject *h = (HandleObject *)type->tp_alloc(type, 0);
-    if (!h) return NULL;
-    h->fd = -1;
-    h->notify_rx = h->notify_tx = -1;
-    h->flags = HANDLE_CLOSED;
-    return (PyObject *)h;
+/* Raises the error of a protocol result (RB_TOO_LARGE, RB_CLOSED,
+ * RB_CORRUPT). Returns -1. */
+static int raise_result(HandleObject *self, rb_result res, uint64_t length) {
+    rb_error err;
+    rb_handle_error(&self->h, res, length, &err);
+    return raise_error(self, &err);
 }
 
-/* Raises the error for a handle whose flags are not 0: closed, in use by
- * another thread, or inherited through fork(). Returns NULL. */
-static PyObject *handle_unusable(HandleObject *h, const char *what) {
-    core_state *st = state_of((PyObject *)h);
-    if (!st) return NULL;
-    if (h->flags & HANDLE_CLOSED)
+/* Raises why a handle whose flags are not 0 cannot take a call: closed,
+ * inherited through fork(), a call or a slot in progress. Returns -1. */
+static int raise_unusable(HandleObject *self) {
+    core_state *st = state_of((PyObject *)self);
+    if (!st) return -1;
+    const char *what = kind_of(self);
+    unsigned flags = self->h.flags;
+    if (flags & (HANDLE_CLOSED | RB_HANDLE_DETACHED))
         PyErr_Format(st->RingClosed, "%s is closed", what);
-    else if (h->flags & HANDLE_FORKED)
+    else if (flags & RB_HANDLE_FORKED)
         PyErr_Format(st->RingError,
                      "this %s was inherited through fork(); only the process that opened it may "
                      "use it: open the ring again in the child",
                      what);
-    else if (h->flags & HANDLE_BUSY)
+    else if (flags & SLOT_OPEN)
         PyErr_Format(PyExc_RuntimeError,
-                     "another thread is blocked in a call on this %s; a handle is for one thread "
-                     "at a time",
-                     what);
-    else if (h->flags & HANDLE_SLOT)
-        PyErr_Format(PyExc_RuntimeError,
-                     "a reserve() or pop_view() block is open on this %s: finish it first",
-                     what);
+                     "a reserve() or pop_view() block is open on this %s: finish it first", what);
     else
         PyErr_Format(PyExc_RuntimeError,
-                     "push_many() on this %s is iterating its messages: the iterable must not "
-                     "use the same handle",
+                     "a call on this %s is already in progress (in another thread, or in Python "
+                     "code that call runs: a __buffer__, a garbage-collector callback, a signal "
+                     "handler); a handle takes one call at a time",
                      what);
-    return NULL;
+    return -1;
 }
 
-#define CHECK_USABLE(h, what)                                                  \
-    do {                                                                       \
-        if (((HandleObject *)(h))->flags != 0)                                 \
-            return handle_unusable((HandleObject *)(h), what);                 \
-    } while (0)
+/* Starts a call that can run Python code: 0, or -1 with the reason raised. */
+static inline int call_begin(HandleObject *self) {
+    if (RB_UNLIKELY(self->h.flags != 0)) return raise_unusable(self);
+    self->h.flags |= CALL_ACTIVE;
+    return 0;
+}
+
+/* Ends it, and unmaps if close() came meanwhile and nothing else uses the
+ * mapping. */
+static inline void call_end(HandleObject *self) {
+    self->h.flags &= ~(unsigned)CALL_ACTIVE;
+    if (RB_UNLIKELY(self->h.flags & HANDLE_CLOSED)) release_if_idle(self);
+}
+
+/* After a step of a call that may have run Python code: 0 if the handle is
+ * still open, -1 with RingClosed if that code closed it (the call must then
+ * not touch the ring). */
+static inline int call_interrupted(HandleObject *self) {
+    if (RB_LIKELY(!(self->h.flags & (HANDLE_CLOSED | RB_HANDLE_FORKED)))) return 0;
+    if (PyErr_Occurred()) return -1;
+    core_state *st = state_of((PyObject *)self);
+    if (!st) return -1;
+    if (self->h.flags & HANDLE_CLOSED)
+        PyErr_Format(st->RingClosed, "%s was closed during the call", kind_of(self));
+    else /* that code called os.fork(): this is the child */
+        raise_unusable(self);
+    return -1;
+}
+
+/* The result of parsing a call's arguments inside the call (-1 with an
+ * exception, or 0), then call_interrupted: converting an argument may run
+ * Python code (__float__, __index__) that closes the handle. */
+static inline int args_then(HandleObject *self, int parsed) {
+    return parsed < 0 ? -1 : call_interrupted(self);
+}
 
 /* ---- arguments ------------------------------------------------------- */
 
-#define TIMEOUT_FOREVER (-1.0)
-
-/* Converts a timeout argument: None -> TIMEOUT_FOREVER, else seconds >= 0.
- * 0 on success, -1 with ValueError/TypeError set. */
-static int parse_timeout(PyObject *obj, double *out) {
+/* Converts a timeout argument: None -> RB_FOREVER, else seconds >= 0 in
+ * nanoseconds; beyond ~31 years (where the deadline would overflow) it is
+ * forever too. 0 on success, -1 with ValueError/TypeError set. May run
+ * Python code (__float__): call it before call_begin. */
+static int parse_timeout(PyObject *obj, uint64_t *out) {
     if (obj == NULL || obj == Py_None) {
-        *out = TIMEOUT_FOREVER;
+        *out = RB_FOREVER;
         return 0;
     }
     double t = PyFloat_AsDouble(obj);
@@ -402,18 +216,18 @@ static int parse_timeout(PyObject *obj, double *out) {
         PyErr_Format(PyExc_ValueError, "timeout must be None or a number >= 0, got %R", obj);
         return -1;
     }
-    /* Beyond ~31 years a deadline in nanoseconds would overflow: wait forever. */
-    *out = t > 1e9 ? TIMEOUT_FOREVER : t;
+    *out = t > 1e9 ? RB_FOREVER : (uint64_t)(t * 1e9);
+    if (*out == 0 && t > 0) *out = 1; /* a positive timeout waits, however short */
     return 0;
 }
 
 /* Unpacks `[first,] timeout=None` from a METH_FASTCALL|METH_KEYWORDS call:
  * `npos` (0 or 1) required positional arguments, then `timeout` by position
- * or keyword. 0 on success, -1 with TypeError set. */
+ * or keyword, converted. 0 on success, -1 with TypeError/ValueError set. */
 static int unpack_timeout_args(const char *fname, PyObject *const *args, Py_ssize_t nargs,
                                PyObject *kwnames, Py_ssize_t npos, PyObject **first,
-                               PyObject **timeout) {
-    *timeout = NULL;
+                               uint64_t *timeout) {
+    PyObject *timeout_obj = NULL;
     Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
     if (nargs < npos || nargs > npos + 1) {
         PyErr_Format(PyExc_TypeError, "%s() takes %zd or %zd positional arguments (%zd given)",
@@ -421,7 +235,7 @@ static int unpack_timeout_args(const char *fname, PyObject *const *args, Py_ssiz
         return -1;
     }
     if (npos) *first = args[0];
-    if (nargs == npos + 1) *timeout = args[npos];
+    if (nargs == npos + 1) timeout_obj = args[npos];
     for (Py_ssize_t i = 0; i < nkw; i++) {
         PyObject *name = PyTuple_GET_ITEM(kwnames, i);
         if (!PyUnicode_Check(name) || PyUnicode_CompareWithASCIIString(name, "timeout") != 0) {
@@ -429,188 +243,85 @@ static int unpack_timeout_args(const char *fname, PyObject *const *args, Py_ssiz
                          name);
             return -1;
         }
-        if (*timeout) {
+        if (timeout_obj) {
             PyErr_Format(PyExc_TypeError, "%s() got multiple values for argument 'timeout'",
                          fname);
             return -1;
         }
-        *timeout = args[nargs + i];
+        timeout_obj = args[nargs + i];
+    }
+    return parse_timeout(timeout_obj, timeout);
+}
+
+/* A timeout argument the fast path may skip parsing: absent, None, or a
+ * float >= 0 (NaN fails the comparison). Anything else takes the slow path,
+ * which parses it properly or raises. */
+static inline int timeout_trivially_valid(PyObject *t) {
+    return t == NULL || t == Py_None || (PyFloat_CheckExact(t) && PyFloat_AS_DOUBLE(t) >= 0.0);
+}
+
+/* The one guard of every fast path: a usable handle, no keywords, `npos`
+ * positional arguments and at most a plain timeout after them. */
+static inline int fast_call(HandleObject *self, PyObject *const *args, Py_ssize_t nargs,
+                            PyObject *kwnames, Py_ssize_t npos) {
+    return (nargs == npos || (nargs == npos + 1 && timeout_trivially_valid(args[npos]))) &&
+           kwnames == NULL && self->h.flags == 0;
+}
+
+/* Pointer and length of bytes or bytearray without a buffer export: only
+ * valid while the GIL is held and no Python code runs. */
+static inline int borrow_simple_bytes(PyObject *data, const void **buf, Py_ssize_t *len) {
+    if (PyBytes_CheckExact(data)) {
+        *buf = PyBytes_AS_STRING(data);
+        *len = PyBytes_GET_SIZE(data);
+        return 1;
+    }
+    if (PyByteArray_CheckExact(data)) {
+        *buf = PyByteArray_AS_STRING(data);
+        *len = PyByteArray_GET_SIZE(data);
+        return 1;
     }
     return 0;
 }
 
 /* ---- waiting --------------------------------------------------------- */
 
-typedef struct {
-    double timeout;    /* seconds, TIMEOUT_FOREVER, or 0 */
-    int spun;          /* the spin phase is over */
-    int peer_dead;     /* the peer's liveness lock was found free: retry once, then PeerDied */
-    uint64_t deadline; /* CLOCK_MONOTONIC ns, 0 = none; set when the spin ends */
-} wait_state;
-
-static void raise_timeout(HandleObject *h, const char *op, double timeout) {
-    core_state *st = state_of((PyObject *)h);
-    char msg[128];
-    PyOS_snprintf(msg, sizeof msg, "%s timed out after %.6g s", op, timeout);
-    if (st) PyErr_SetString(st->RingTimeout, msg);
-}
-
-/* 1 if the ring file still covers the whole mapping (an fstat), else 0. */
-static int file_intact(HandleObject *h, long long *size) {
-    struct stat sb;
-    if (fstat(h->fd, &sb) != 0) return 1; /* cannot tell: assume it is */
-    *size = (long long)sb.st_size;
-    return (uint64_t)sb.st_size >= h->map_size;
-}
-
-/* Raises InvalidRing for a ring file truncated to `size` bytes under the
- * mapping (FORMAT.md "Truncation"). Returns -1. */
-static int raise_truncated(HandleObject *h, long long size) {
-    core_state *st = state_of((PyObject *)h);
-    if (st)
-        PyErr_Format(st->InvalidRing,
-                     "%R was truncated to %lld bytes while mapped (it needs %zu); stop using it: "
-                     "touching the missing pages raises SIGBUS",
-                     h->path, size, h->map_size);
-    return -1;
-}
-
-/* 0 if the ring file still covers the mapping, else -1 with InvalidRing. */
-static int check_truncated(HandleObject *h) {
-    long long size = 0;
-    return file_intact(h, &size) ? 0 : raise_truncated(h, size);
-}
-
-/* Sets ws->peer_dead if the peer this side waits for is gone: for a reader,
- * nobody holds the writer's lock; for a writer, a reader has attached at
- * some point and nobody holds the reader's lock now. Also fails if the file
- * was truncated under the mapping. 0, or -1 with an exception set. */
-static int check_peer(HandleObject *h, wait_state *ws, int writer) {
-    if (check_truncated(h) < 0) return -1;
-    rb_header *hdr = (rb_header *)h->map;
-    int alive;
-    if (writer)
-        alive = !atomic_load_explicit(&hdr->reader_attached, memory_order_acquire) ||
-                rb_role_alive(h->fd, RB_ROLE_READER) != 0;
-    else
-        alive = rb_role_alive(h->fd, RB_ROLE_WRITER) != 0;
-    if (!alive) ws->peer_dead = 1;
-    return 0;
-}
-
-/* One step of waiting for the peer: spin once with the GIL, then sleep in
- * slices without it, checking before each slice that the peer still lives.
- * Returns 0 when the caller should retry its operation (and, if
- * ws->peer_dead is set, raise PeerDied if it still cannot proceed), -1 with
- * an exception set (RingTimeout, RingClosed, InvalidRing, or a signal's).
- * `writer` says which side `h` is. */
-static int handle_wait(HandleObject *h, wait_state *ws, int writer, const char *op) {
-    if (!ws->spun) {
-        ws->spun = 1;
-        if (ws->timeout != 0) {
-            rb_result spun = writer ? rb_spin_writable(&((WriterObject *)h)->ring, h->spin_ns)
-                                    : rb_spin_readable(&((ReaderObject *)h)->ring, h->spin_ns);
-            if (ws->timeout > 0 && !ws->deadline)
-                ws->deadline = rb_now_ns() + (uint64_t)(ws->timeout * 1e9);
-            if (spun == RB_WOKEN) return 0;
-        }
-    }
-    if (check_peer(h, ws, writer) < 0) return -1;
-    if (ws->peer_dead) return 0;
-    uint64_t now = ws->timeout == 0 ? 0 : rb_now_ns();
-    if (ws->timeout == 0 || (ws->deadline && now >= ws->deadline)) {
-        raise_timeout(h, op, ws->timeout);
-        return -1;
-    }
-    uint64_t until = now + SLEEP_SLICE_NS;
-    if (ws->deadline && ws->deadline < until) until = ws->deadline;
-    h->flags |= HANDLE_BUSY;
+/* One step of waiting for the peer (rb_wait_prepare / _sleep / _finish),
+ * the GIL released for the sleep: 0 when the caller should retry its
+ * operation, -1 with an exception set (RingTimeout, PeerDied, InvalidRing,
+ * RingClosed if the handle was closed meanwhile, or a signal handler's). */
+static int handle_wait(HandleObject *self, rb_wait_state *ws) {
+    rb_error err;
+    rb_result res = rb_wait_prepare(&self->h, ws, &err);
+    if (res == RB_WOKEN) return 0;
+    if (res != RB_OK) return raise_error(self, &err);
+    self->h.flags |= CALL_SLEEPING;
     Py_BEGIN_ALLOW_THREADS
-    if (writer)
-        rb_wait_writable(&((WriterObject *)h)->ring, until);
-    else
-        rb_wait_readable(&((ReaderObject *)h)->ring, until);
+    rb_wait_sleep(&self->h, ws);
     Py_END_ALLOW_THREADS
-    /* Still marked busy: a signal handler that closes this handle leaves the
-     * unmap to us too. */
+    self->h.flags &= ~(unsigned)CALL_SLEEPING;
+    /* PEP 475: run the signal handlers; an exception from one ends the call. */
     int signalled = PyErr_CheckSignals();
-    h->flags &= ~HANDLE_BUSY;
-    if (h->flags & HANDLE_CLOSED) {
-        /* close() ran in another thread, or in a signal handler, while we
-         * slept: it left the unmap to us. */
-        handle_release_if_idle(h);
-        core_state *st = state_of((PyObject *)h);
-        if (signalled == 0 && st)
-            PyErr_Format(st->RingClosed, "%s: the handle was closed while waiting", op);
-        return -1;
-    }
-    /* The file may have been truncated while we slept: look before touching
-     * the header again (a waiting flag left set costs the peer one needless
-     * wake-up call, never a lost one). */
-    long long size = 0;
-    int intact = file_intact(h, &size);
-    if (intact) {
-        if (writer)
-            rb_end_wait_writable(&((WriterObject *)h)->ring);
-        else
-            rb_end_wait_readable(&((ReaderObject *)h)->ring);
-    }
+    if (call_interrupted(self) < 0) return -1; /* closed meanwhile: do not touch the header */
+    res = rb_wait_finish(&self->h, &err);
     if (signalled < 0) return -1;
-    return intact ? 0 : raise_truncated(h, size);
-}
-
-static void raise_peer_died(HandleObject *h, int writer) {
-    core_state *st = state_of((PyObject *)h);
-    if (!st) return;
-    if (writer)
-        PyErr_Format(st->PeerDied,
-                     "%R: the reader is gone (it died or closed) and the ring is full; a new "
-                     "reader may attach and the writer can continue",
-                     h->path);
-    else
-        PyErr_Format(st->PeerDied,
-                     "%R: the writer died without close(); every message it committed has "
-                     "been read",
-                     h->path);
-}
-
-/* Raises the exception for a result of the C core. Returns NULL. */
-static PyObject *raise_result(HandleObject *h, rb_result res, uint64_t length) {
-    core_state *st = state_of((PyObject *)h);
-    if (!st) return NULL;
-    switch (res) {
-    case RB_TOO_LARGE:
-        PyErr_Format(st->MessageTooLarge, "message of %llu bytes exceeds max_message_size=%llu",
-                     (unsigned long long)length,
-                     (unsigned long long)(h->capacity - RB_RECORD_HEADER));
-        break;
-    case RB_CLOSED:
-        PyErr_SetString(st->RingClosed, "the writer closed the ring and every message was read");
-        break;
-    case RB_CORRUPT:
-        PyErr_Format(st->InvalidRing, "%R: %s", h->path, rb_invalid_reason(RB_INVALID_RECORD));
-        break;
-    default:
-        PyErr_Format(PyExc_SystemError, "unexpected ring result %d", (int)res);
-    }
-    return NULL;
+    return res == RB_OK ? 0 : raise_error(self, &err);
 }
 
 /* ---- slots: reserve() and pop_view() ----------------------------------
  * A slot is a piece of the mapping lent to Python as a buffer: the payload
  * of a reserved record (writable) or of the next message (read-only). While
- * it is open its handle refuses other calls (HANDLE_SLOT). The mapping
- * outlives every exported buffer: close() defers the unmap (exports). */
+ * it is open its handle refuses other calls (SLOT_OPEN). The mapping
+ * outlives every exported buffer: the unmap waits for the last release. */
 
 /* "release", interned once (module exec): memoryview.release per slot. */
 static PyObject *str_release;
 
 typedef struct {
     PyObject_HEAD
-    HandleObject *owner; /* strong reference */
+    HandleObject *owner; /* strong reference; NULL until the slot is filled */
     uint8_t *payload;    /* inside owner's mapping */
     Py_ssize_t size;     /* bytes reserved, or the message's length */
-    Py_ssize_t exports;  /* buffers currently exported by this slot */
     PyObject *view;      /* the memoryview __enter__ returned, or NULL */
     int writer;          /* 1: a reservation (writable); 0: a message view (read-only) */
     int open;            /* 1 until committed, discarded or consumed */
@@ -622,34 +333,33 @@ static int slot_getbuffer(PyObject *op, Py_buffer *view, int flags) {
         PyErr_SetString(PyExc_ValueError, "the slot is finished: its memory is back in the ring");
         return -1;
     }
-    if (slot->owner->flags & (HANDLE_CLOSED | HANDLE_FORKED) || !slot->owner->map) {
+    if (slot->owner->h.flags & (HANDLE_CLOSED | RB_HANDLE_FORKED)) {
         PyErr_SetString(PyExc_ValueError, "the ring handle of this slot is closed");
         return -1;
     }
     if (PyBuffer_FillInfo(view, op, slot->payload, slot->size, !slot->writer, flags) < 0)
         return -1;
-    slot->exports++;
     slot->owner->exports++;
     return 0;
 }
 
 static void slot_releasebuffer(PyObject *op, Py_buffer *Py_UNUSED(view)) {
-    SlotObject *slot = (SlotObject *)op;
-    HandleObject *h = slot->owner;
-    slot->exports--;
-    if (--h->exports == 0 && (h->flags & HANDLE_CLOSED)) handle_release_if_idle(h);
+    HandleObject *h = ((SlotObject *)op)->owner;
+    if (--h->exports == 0) release_if_idle(h);
 }
 
 /* Finishes an open slot: releases the memoryview handed out (derived
  * buffers, e.g. a numpy array, may outlive it: the mapping stays valid),
  * then commits `size` bytes (writer, size >= 0), discards (writer, size < 0),
  * consumes (reader, consume = 1) or leaves the message (reader, consume = 0).
- * 0, or -1 with an exception set (the slot is finished either way). */
+ * 0, or -1 with an exception set (the slot is finished either way). Runs no
+ * Python code between its check of the handle and the ring. */
 static int slot_finish(SlotObject *slot, Py_ssize_t size, int consume) {
     if (!slot->open) {
         PyErr_SetString(PyExc_ValueError, "the slot is already finished");
         return -1;
     }
+    slot->open = 0;
     if (slot->view) {
         PyObject *r = PyObject_CallMethodNoArgs(slot->view, str_release);
         if (r)
@@ -658,40 +368,45 @@ static int slot_finish(SlotObject *slot, Py_ssize_t size, int consume) {
             PyErr_Clear(); /* BufferError: a derived buffer still exists; harmless */
         Py_CLEAR(slot->view);
     }
-    slot->open = 0;
     HandleObject *h = slot->owner;
-    h->flags &= ~HANDLE_SLOT;
-    if (h->flags & (HANDLE_CLOSED | HANDLE_FORKED)) {
+    h->h.flags &= ~(unsigned)SLOT_OPEN;
+    if (h->h.flags & (HANDLE_CLOSED | RB_HANDLE_FORKED)) {
+        release_if_idle(h);
         if (!(slot->writer && size >= 0)) return 0;
-        handle_unusable(h, "RingWriter");
-        return -1;
+        return raise_unusable(h);
     }
     if (slot->writer && size >= 0)
-        rb_commit(&((WriterObject *)h)->ring, (uint64_t)size);
+        rb_commit(&h->h.ring.writer, (uint64_t)size);
     else if (!slot->writer && consume)
-        rb_consume(&((ReaderObject *)h)->ring);
+        rb_consume(&h->h.ring.reader);
     return 0;
 }
 
-static PyObject *slot_new_for(PyTypeObject *type, HandleObject *owner, void *payload,
-                              uint64_t size, int writer) {
-    SlotObject *slot = PyObject_GC_New(SlotObject, type);
+/* A slot object not yet bound to a record: allocated before the ring is
+ * touched, because the allocation can run the garbage collector. */
+static SlotObject *slot_alloc(HandleObject *owner) {
+    core_state *st = state_of((PyObject *)owner);
+    if (!st) return NULL;
+    SlotObject *slot = PyObject_GC_New(SlotObject, st->SlotType);
     if (!slot) return NULL;
+    slot->owner = NULL;
+    slot->payload = NULL;
+    slot->size = 0;
+    slot->view = NULL;
+    slot->writer = is_writer(owner);
+    slot->open = 0;
+    return slot;
+}
+
+/* Binds the slot to the record at `payload`; no Python code runs. */
+static PyObject *slot_bind(SlotObject *slot, HandleObject *owner, void *payload, uint64_t size) {
     slot->owner = (HandleObject *)Py_NewRef(owner);
     slot->payload = payload;
     slot->size = (Py_ssize_t)size;
-    slot->exports = 0;
-    slot->view = NULL;
-    slot->writer = writer;
     slot->open = 1;
-    owner->flags |= HANDLE_SLOT;
+    owner->h.flags |= SLOT_OPEN;
     PyObject_GC_Track(slot);
     return (PyObject *)slot;
-}
-
-static PyTypeObject *slot_type_of(PyObject *handle) {
-    core_state *st = state_of(handle);
-    return st ? st->SlotType : NULL;
 }
 
 PyDoc_STRVAR(slot_enter_doc,
@@ -702,8 +417,12 @@ PyDoc_STRVAR(slot_enter_doc,
 static PyObject *slot_enter(PyObject *op, PyObject *Py_UNUSED(ignored)) {
     SlotObject *slot = (SlotObject *)op;
     if (!slot->view) {
-        slot->view = PyMemoryView_FromObject(op);
-        if (!slot->view) return NULL;
+        PyObject *view = PyMemoryView_FromObject(op);
+        if (!view) return NULL;
+        if (slot->view) /* the collector ran __enter__ meanwhile: keep the first */
+            Py_DECREF(view);
+        else
+            slot->view = view;
     }
     return Py_NewRef(slot->view);
 }
@@ -739,7 +458,7 @@ static PyObject *slot_commit(PyObject *op, PyObject *const *args, Py_ssize_t nar
         return NULL;
     }
     if (nargs == 1 && args[0] != Py_None) {
-        size = PyNumber_AsSsize_t(args[0], PyExc_OverflowError);
+        size = PyNumber_AsSsize_t(args[0], PyExc_OverflowError); /* may run __index__ */
         if (size == -1 && PyErr_Occurred()) return NULL;
         if (size < 0 || size > slot->size) {
             PyErr_Format(PyExc_ValueError, "commit size must be in [0, %zd], got %zd", slot->size,
@@ -834,68 +553,186 @@ static PyType_Spec slot_spec = {
     .slots = slot_slots,
 };
 
-/* ---- Writer ---------------------------------------------------------- */
+/* ---- construction, close, dealloc (both types) ------------------------ */
 
-static int writer_init(PyObject *self, PyObject *args, PyObject *kwds) {
-    return handle_init(self, args, kwds, 1);
-}
-
-/* A timeout argument the fast path may skip parsing: absent, None, or a
- * float >= 0 (NaN fails the comparison). Anything else takes the slow path,
- * which parses it properly or raises. */
-static inline int timeout_trivially_valid(PyObject *t) {
-    return t == NULL || t == Py_None || (PyFloat_CheckExact(t) && PyFloat_AS_DOUBLE(t) >= 0.0);
-}
-
-/* Pointer and length of bytes or bytearray without a buffer export: only
- * valid while the GIL is held, so only for the non-waiting fast path. */
-static inline int borrow_simple_bytes(PyObject *data, const void **buf, Py_ssize_t *len) {
-    if (PyBytes_CheckExact(data)) {
-        *buf = PyBytes_AS_STRING(data);
-        *len = PyBytes_GET_SIZE(data);
-        return 1;
+/* Converts the `capacity` keyword, which only a new ring has: an int (not a
+ * bool); absent for an existing ring (0). 0 on success, -1 with
+ * TypeError/ValueError set. */
+static int parse_capacity(PyObject *obj, uint64_t *out) {
+    *out = 0;
+    if (obj == NULL) return 0;
+    if (!PyLong_Check(obj) || PyBool_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "capacity must be an int, got %s", Py_TYPE(obj)->tp_name);
+        return -1;
     }
-    if (PyByteArray_CheckExact(data)) {
-        *buf = PyByteArray_AS_STRING(data);
-        *len = PyByteArray_GET_SIZE(data);
-        return 1;
+    int overflow = 0;
+    long long v = PyLong_AsLongLongAndOverflow(obj, &overflow);
+    if (v == -1 && PyErr_Occurred()) return -1;
+    if (overflow || v <= 0 || !rb_capacity_valid((uint64_t)v)) {
+        PyErr_Format(PyExc_ValueError,
+                     "capacity must be a power of two between %u and %llu bytes, got %R",
+                     RB_MIN_CAPACITY, (unsigned long long)RB_MAX_CAPACITY, obj);
+        return -1;
     }
+    *out = (uint64_t)v;
     return 0;
 }
 
-/* The writer's side of waiting: PeerDied once the last wait found the
- * reader gone, else one step of handle_wait. 0 to retry, -1 with an
- * exception set. */
-static int writer_wait_space(WriterObject *self, wait_state *ws, const char *op) {
-    if (ws->peer_dead) {
-        raise_peer_died((HandleObject *)self, 1);
+/* Writer(fd, path, *, capacity=..., spin=None) / Reader(fd, path, *, spin=None):
+ * attaches to the ring file open on fd; with capacity, fd is a new, empty
+ * file that becomes a ring of that capacity.
+ * On success the handle owns fd. */
+static int handle_init(PyObject *op, PyObject *args, PyObject *kwds, rb_role role) {
+    static char *writer_kwlist[] = {"fd", "path", "capacity", "spin", NULL};
+    static char *reader_kwlist[] = {"fd", "path", "spin", NULL};
+    HandleObject *self = (HandleObject *)op;
+    int fd;
+    PyObject *path, *capacity_obj = NULL, *spin_obj = Py_None;
+    if (self->initialised) {
+        PyErr_SetString(PyExc_RuntimeError, "a ring handle is initialised only once");
         return -1;
     }
-    return handle_wait((HandleObject *)self, ws, 1, op);
+    self->initialised = 1;
+    int parsed = role == RB_ROLE_WRITER
+                     ? PyArg_ParseTupleAndKeywords(args, kwds, "iU|$OO:Writer", writer_kwlist, &fd,
+                                                   &path, &capacity_obj, &spin_obj)
+                     : PyArg_ParseTupleAndKeywords(args, kwds, "iU|$O:Reader", reader_kwlist, &fd,
+                                                   &path, &spin_obj);
+    if (!parsed) return -1;
+    uint64_t capacity;
+    if (parse_capacity(capacity_obj, &capacity) < 0) return -1;
+    uint64_t spin_ns = RB_DEFAULT_SPIN_NS;
+    if (spin_obj != Py_None) {
+        double v = PyFloat_AsDouble(spin_obj);
+        if (v == -1.0 && PyErr_Occurred()) return -1;
+        if (!(v >= 0.0 && v <= 1.0)) {
+            PyErr_Format(PyExc_ValueError, "spin must be a number of seconds in [0, 1], got %R",
+                         spin_obj);
+            return -1;
+        }
+        spin_ns = (uint64_t)(v * 1e9);
+    }
+    /* An exact str, so that no __repr__ of a subclass runs inside a call. */
+    PyObject *name = PyUnicode_FromObject(path);
+    if (!name) return -1;
+    Py_XSETREF(self->path, name);
+    PyObject *encoded = PyUnicode_EncodeFSDefault(name);
+    if (!encoded) return -1;
+    rb_options opt = {.path = PyBytes_AS_STRING(encoded), .capacity = capacity,
+                      .spin_ns = spin_ns};
+    rb_error err;
+    rb_result res = rb_handle_attach(&self->h, fd, role, &opt, &err);
+    Py_DECREF(encoded);
+    return res == RB_OK ? 0 : raise_error(self, &err);
 }
 
+static int writer_init(PyObject *self, PyObject *args, PyObject *kwds) {
+    return handle_init(self, args, kwds, RB_ROLE_WRITER);
+}
+
+static int reader_init(PyObject *self, PyObject *args, PyObject *kwds) {
+    return handle_init(self, args, kwds, RB_ROLE_READER);
+}
+
+static PyObject *handle_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    (void)args;
+    (void)kwds;
+    HandleObject *self = (HandleObject *)type->tp_alloc(type, 0);
+    if (!self) return NULL;
+    rb_handle_init(&self->h);
+    core_state *st = state_of((PyObject *)self);
+    self->h.role = st && PyType_IsSubtype(type, st->ReaderType) ? RB_ROLE_READER : RB_ROLE_WRITER;
+    return (PyObject *)self;
+}
+
+static void handle_dealloc(PyObject *op) {
+    PyTypeObject *tp = Py_TYPE(op);
+    HandleObject *self = (HandleObject *)op;
+    /* Nothing can use the mapping now: slots and their buffers hold a
+     * reference to the handle, and so does every running call. */
+    handle_close(self, 1);
+    rb_handle_unmap(&self->h);
+    Py_CLEAR(self->path);
+    tp->tp_free(op);
+    Py_DECREF(tp);
+}
+
+PyDoc_STRVAR(writer_close_doc,
+"close($self, /)\n--\n\n"
+"End the stream: the reader drains what is left, then sees the end.\n"
+"Releases the writer role and the file descriptors at once, and the mapping\n"
+"as soon as no call and no buffer uses it. Idempotent.");
+
+PyDoc_STRVAR(reader_close_doc,
+"close($self, /)\n--\n\n"
+"Detach from the ring: releases the reader role and the file descriptors at\n"
+"once, and the mapping as soon as no call and no buffer uses it. Messages\n"
+"not read stay in the ring. Idempotent.");
+
+static PyObject *handle_close_method(PyObject *op, PyObject *Py_UNUSED(ignored)) {
+    handle_close((HandleObject *)op, 1);
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(writer_detach_doc,
+"detach($self, /)\n--\n\n"
+"Release the writer role without ending the stream, so that another process\n"
+"continues it: RingWriter.open(path), or unpickling a copy of this handle\n"
+"(how a writer is handed to a child process). Until one attaches, the reader\n"
+"sees no live writer: it drains the ring, then gets PeerDied. The handle is\n"
+"closed afterwards. Idempotent.");
+
+static PyObject *writer_detach(PyObject *op, PyObject *Py_UNUSED(ignored)) {
+    handle_close((HandleObject *)op, 0);
+    Py_RETURN_NONE;
+}
+
+/* ---- Writer ---------------------------------------------------------- */
+
 typedef struct {
-    wait_state ws;
+    rb_wait_state ws;
     Py_ssize_t written; /* published */
     Py_ssize_t staged;  /* copied into the ring, not yet published */
 } batch_state;
 
+/* Publishes what the batch has staged. Called before anything that can run
+ * Python code or wait, and before an error: a record is never left staged
+ * while code that may close the handle runs, so close() has nothing to
+ * publish and `written` never counts a message the reader cannot see. */
+static inline void batch_flush(HandleObject *self, batch_state *bs) {
+    if (bs->staged) {
+        rb_flush(&self->h.ring.writer);
+        bs->written += bs->staged;
+        bs->staged = 0;
+    }
+}
+
+/* True if taking a buffer from `item` and releasing it runs no Python code. */
+static inline int export_runs_no_python(PyObject *item) {
+    return PyBytes_CheckExact(item) || PyByteArray_CheckExact(item) ||
+           Py_IS_TYPE(item, &PyMemoryView_Type);
+}
+
 /* Copies one message into the ring without publishing it (rb_stage),
- * waiting for space as `bs->ws` says; what is staged is published first
- * before any wait or error. Returns 1 when staged, 0 when the ring is full
- * and `report_full` (no exception), -1 with an exception set. The slow
- * path of push and try_push, and every message of push_many. */
-static int writer_stage(WriterObject *self, PyObject *item, batch_state *bs, int report_full,
-                        const char *op) {
+ * waiting for space as `bs->ws` says. Returns 1 when staged, 0 when the ring
+ * is full and `report_full` (no exception), -1 with an exception set. The
+ * slow path of push and try_push, and every message of push_many. Runs
+ * inside a call (call_begin). */
+static int writer_stage(HandleObject *self, PyObject *item, batch_state *bs, int report_full) {
     Py_buffer view;
     const void *buf = NULL;
     Py_ssize_t len = 0;
     int have_view = 0, ret = 1;
     if (!PyBytes_CheckExact(item) && !PyByteArray_CheckExact(item)) {
+        if (!export_runs_no_python(item)) batch_flush(self, bs);
         if (PyObject_GetBuffer(item, &view, PyBUF_SIMPLE) < 0) return -1;
         have_view = 1;
         buf = view.buf;
         len = view.len;
+        if (call_interrupted(self) < 0) { /* its __buffer__ closed the handle */
+            PyBuffer_Release(&view);
+            return -1;
+        }
     }
     for (;;) {
         void *payload;
@@ -903,45 +740,45 @@ static int writer_stage(WriterObject *self, PyObject *item, batch_state *bs, int
          * every attempt: a wait releases the GIL, and another thread may
          * resize a bytearray meanwhile. */
         if (!have_view) borrow_simple_bytes(item, &buf, &len);
-        rb_result res = rb_reserve(&self->ring, (uint64_t)len, &payload);
+        rb_result res = rb_reserve(&self->h.ring.writer, (uint64_t)len, &payload);
         if (RB_LIKELY(res == RB_OK)) {
             memcpy(payload, buf, (size_t)len);
-            rb_stage(&self->ring, (uint64_t)len);
+            rb_stage(&self->h.ring.writer, (uint64_t)len);
             bs->staged++;
             bs->ws.spun = 0;
             break;
         }
         /* Hand the reader what is staged before waiting or failing. */
-        if (bs->staged) {
-            rb_flush(&self->ring);
-            bs->written += bs->staged;
-            bs->staged = 0;
-        }
+        batch_flush(self, bs);
         if (res != RB_FULL) {
-            raise_result((HandleObject *)self, res, (uint64_t)len);
-            ret = -1;
+            ret = raise_result(self, res, (uint64_t)len);
             break;
         }
         if (report_full) {
             ret = 0;
             break;
         }
-        if (writer_wait_space(self, &bs->ws, op) < 0) {
+        if (handle_wait(self, &bs->ws) < 0) {
             ret = -1;
             break;
         }
     }
-    if (have_view) PyBuffer_Release(&view);
+    if (have_view) {
+        /* __release_buffer__ may run Python code: publish first. */
+        if (!export_runs_no_python(item)) batch_flush(self, bs);
+        PyBuffer_Release(&view);
+    }
     return ret;
 }
 
-/* Writes one message, waiting per `timeout`: 1 if written, 0 if full and
+/* Writes one message, waiting up to `timeout`: 1 if written, 0 if full and
  * `report_full`, -1 with an exception set. */
-static int writer_put(WriterObject *self, PyObject *data, double timeout, int report_full,
+static int writer_put(HandleObject *self, PyObject *data, uint64_t timeout, int report_full,
                       const char *op) {
-    batch_state bs = {{timeout, 0, 0, 0}, 0, 0};
-    int ret = writer_stage(self, data, &bs, report_full, op);
-    if (bs.staged) rb_flush(&self->ring);
+    batch_state bs = {.written = 0, .staged = 0};
+    rb_wait_init(&bs.ws, timeout, op);
+    int ret = writer_stage(self, data, &bs, report_full);
+    batch_flush(self, &bs);
     return ret;
 }
 
@@ -953,26 +790,26 @@ PyDoc_STRVAR(writer_push_doc,
 "expires, MessageTooLarge (before waiting) for more than max_message_size\n"
 "bytes, RingClosed on a closed writer.");
 
-static PyObject *writer_push_slow(WriterObject *self, PyObject *const *args, Py_ssize_t nargs,
-                                  PyObject *kwnames) {
-    PyObject *data, *timeout_obj;
-    double timeout;
-    if (unpack_timeout_args("push", args, nargs, kwnames, 1, &data, &timeout_obj) < 0)
-        return NULL;
-    if (parse_timeout(timeout_obj, &timeout) < 0) return NULL;
-    CHECK_USABLE(self, "RingWriter");
-    if (writer_put(self, data, timeout, 0, "push") < 0) return NULL;
+static Py_NO_INLINE PyObject *writer_push_slow(HandleObject *self, PyObject *const *args,
+                                                Py_ssize_t nargs, PyObject *kwnames) {
+    PyObject *data;
+    uint64_t timeout;
+    if (call_begin(self) < 0) return NULL;
+    int r = args_then(self, unpack_timeout_args("push", args, nargs, kwnames, 1, &data, &timeout));
+    if (r == 0) r = writer_put(self, data, timeout, 0, "push");
+    call_end(self);
+    if (r < 0) return NULL;
     Py_RETURN_NONE;
 }
 
 static PyObject *writer_push(PyObject *op, PyObject *const *args, Py_ssize_t nargs,
                              PyObject *kwnames) {
-    WriterObject *self = (WriterObject *)op;
+    HandleObject *self = (HandleObject *)op;
     const void *buf;
     Py_ssize_t len;
-    if (RB_LIKELY((nargs == 1 || (nargs == 2 && timeout_trivially_valid(args[1]))) &&
-                  kwnames == NULL && self->flags == 0 && borrow_simple_bytes(args[0], &buf, &len) &&
-                  rb_try_push(&self->ring, buf, (uint64_t)len) == RB_OK))
+    if (RB_LIKELY(fast_call(self, args, nargs, kwnames, 1) &&
+                  borrow_simple_bytes(args[0], &buf, &len) &&
+                  rb_try_push(&self->h.ring.writer, buf, (uint64_t)len) == RB_OK))
         Py_RETURN_NONE;
     return writer_push_slow(self, args, nargs, kwnames);
 }
@@ -982,20 +819,23 @@ PyDoc_STRVAR(writer_try_push_doc,
 "Write one message if there is room now: True if written, False if the\n"
 "ring is full. Never blocks.");
 
-static PyObject *writer_try_push(PyObject *op, PyObject *data) {
-    WriterObject *self = (WriterObject *)op;
-    CHECK_USABLE(self, "RingWriter");
-    const void *buf;
-    Py_ssize_t len;
-    if (RB_LIKELY(borrow_simple_bytes(data, &buf, &len) &&
-                  rb_try_push(&self->ring, buf, (uint64_t)len) == RB_OK))
-        Py_RETURN_TRUE;
+static Py_NO_INLINE PyObject *writer_try_push_slow(HandleObject *self, PyObject *data) {
+    if (call_begin(self) < 0) return NULL;
     int r = writer_put(self, data, 0, 1, "try_push");
+    call_end(self);
     if (r < 0) return NULL;
     return PyBool_FromLong(r);
 }
 
-/* ---- Writer: batches and reservations --------------------------------- */
+static PyObject *writer_try_push(PyObject *op, PyObject *data) {
+    HandleObject *self = (HandleObject *)op;
+    const void *buf;
+    Py_ssize_t len;
+    if (RB_LIKELY(self->h.flags == 0 && borrow_simple_bytes(data, &buf, &len) &&
+                  rb_try_push(&self->h.ring.writer, buf, (uint64_t)len) == RB_OK))
+        Py_RETURN_TRUE;
+    return writer_try_push_slow(self, data);
+}
 
 /* Sets `written` on the exception being raised (push_many's progress). */
 static void note_written(Py_ssize_t written) {
@@ -1015,66 +855,56 @@ PyDoc_STRVAR(writer_push_many_doc,
 "Write every message of an iterable of bytes-like objects, in order, and\n"
 "return how many were written.\n\n"
 "The write position is published, and the reader's sleep flag checked, once\n"
-"per batch (or per part that fits) instead of once per message. timeout\n"
-"bounds the whole call. If it raises part-way (RingTimeout, MessageTooLarge,\n"
-"PeerDied, ...), the messages before the failing one are written and the\n"
-"exception's `written` attribute says how many, so a retry with\n"
-"messages[e.written:] neither loses nor duplicates anything.");
-
-/* One message of push_many: 1 (stop) if the handle was closed by Python code
- * the iterable or a buffer export ran (sets *closed) or on an error. */
-static int push_many_item(WriterObject *self, PyObject *item, batch_state *bs, int *closed) {
-    if (self->flags & HANDLE_CLOSED) {
-        *closed = 1;
-        return 1;
-    }
-    return writer_stage(self, item, bs, 0, "push_many") < 0;
-}
+"per batch (or per part that fits) instead of once per message, for a list\n"
+"or tuple of bytes, bytearray or memoryview objects; other iterables and\n"
+"objects publish before running their Python code. timeout bounds the\n"
+"whole call. If it raises part-way (RingTimeout, MessageTooLarge, PeerDied,\n"
+"...), the messages before the failing one are written and the exception's\n"
+"`written` attribute says how many, so a retry with messages[e.written:]\n"
+"neither loses nor duplicates anything.");
 
 static PyObject *writer_push_many(PyObject *op, PyObject *const *args, Py_ssize_t nargs,
                                   PyObject *kwnames) {
-    WriterObject *self = (WriterObject *)op;
-    PyObject *messages, *timeout_obj;
-    double timeout;
-    if (unpack_timeout_args("push_many", args, nargs, kwnames, 1, &messages, &timeout_obj) < 0)
+    HandleObject *self = (HandleObject *)op;
+    PyObject *messages;
+    uint64_t timeout;
+    if (call_begin(self) < 0) return NULL;
+    if (args_then(self, unpack_timeout_args("push_many", args, nargs, kwnames, 1, &messages,
+                                            &timeout)) < 0) {
+        call_end(self);
         return NULL;
-    if (parse_timeout(timeout_obj, &timeout) < 0) return NULL;
-    CHECK_USABLE(self, "RingWriter");
-    batch_state bs = {{timeout, 0, 0, 0}, 0, 0};
+    }
+    batch_state bs = {.written = 0, .staged = 0};
+    rb_wait_init(&bs.ws, timeout, "push_many");
     int failed = 0;
-    int closed = 0;
-    /* Python code may run mid-batch (an iterator, a buffer export): it may
-     * call this handle (refused) or close it (the unmap waits for us). */
-    self->flags |= HANDLE_BATCH;
     if (PyList_CheckExact(messages) || PyTuple_CheckExact(messages)) {
-        /* No iterator: the size is re-read every round, as such code may
-         * shrink a list. */
+        /* No iterator; the size is re-read every round, as Python code an
+         * item runs may shrink a list (it publishes first, see writer_stage). */
         for (Py_ssize_t i = 0; !failed && i < PySequence_Fast_GET_SIZE(messages); i++) {
             PyObject *item = Py_NewRef(PySequence_Fast_GET_ITEM(messages, i));
-            failed = push_many_item(self, item, &bs, &closed);
+            failed = call_interrupted(self) < 0 || writer_stage(self, item, &bs, 0) < 0;
+            if (!export_runs_no_python(item)) batch_flush(self, &bs); /* its __del__ may run */
             Py_DECREF(item);
         }
     }
     else {
         PyObject *iter = PyObject_GetIter(messages);
-        if (!iter) {
-            failed = 1;
-        }
-        else {
-            PyObject *item;
-            while (!failed && (item = PyIter_Next(iter)) != NULL) {
-                failed = push_many_item(self, item, &bs, &closed);
-                Py_DECREF(item);
+        if (!iter) failed = 1;
+        while (!failed) {
+            batch_flush(self, &bs); /* the iterator runs Python code */
+            PyObject *item = PyIter_Next(iter);
+            if (!item) {
+                failed = PyErr_Occurred() != NULL;
+                break;
             }
-            Py_DECREF(iter);
+            failed = call_interrupted(self) < 0 || writer_stage(self, item, &bs, 0) < 0;
+            batch_flush(self, &bs);
+            Py_DECREF(item);
         }
+        Py_XDECREF(iter);
     }
-    self->flags &= ~HANDLE_BATCH;
-    if (closed) handle_unusable((HandleObject *)self, "RingWriter");
-    if (bs.staged && !(self->flags & HANDLE_CLOSED)) rb_flush(&self->ring);
-    /* (closed by the iterable: close() published them) */
-    bs.written += bs.staged;
-    if (self->flags & HANDLE_CLOSED) handle_release_if_idle((HandleObject *)self);
+    if (!(self->h.flags & HANDLE_CLOSED)) batch_flush(self, &bs);
+    call_end(self);
     if (failed || PyErr_Occurred()) {
         note_written(bs.written);
         return NULL;
@@ -1093,125 +923,85 @@ PyDoc_STRVAR(writer_reserve_doc,
 
 static PyObject *writer_reserve(PyObject *op, PyObject *const *args, Py_ssize_t nargs,
                                 PyObject *kwnames) {
-    WriterObject *self = (WriterObject *)op;
-    PyObject *size_obj, *timeout_obj;
-    double timeout;
-    if (unpack_timeout_args("reserve", args, nargs, kwnames, 1, &size_obj, &timeout_obj) < 0)
-        return NULL;
-    if (parse_timeout(timeout_obj, &timeout) < 0) return NULL;
-    Py_ssize_t size = PyNumber_AsSsize_t(size_obj, PyExc_OverflowError);
-    if (size == -1 && PyErr_Occurred()) return NULL;
-    if (size < 0) {
-        PyErr_Format(PyExc_ValueError, "size must be >= 0, got %zd", size);
-        return NULL;
+    HandleObject *self = (HandleObject *)op;
+    PyObject *size_obj;
+    uint64_t timeout;
+    Py_ssize_t size = -1;
+    if (call_begin(self) < 0) return NULL;
+    PyObject *result = NULL;
+    SlotObject *slot = NULL;
+    if (unpack_timeout_args("reserve", args, nargs, kwnames, 1, &size_obj, &timeout) == 0) {
+        size = PyNumber_AsSsize_t(size_obj, PyExc_OverflowError); /* may run __index__ */
+        if (size < 0 && !PyErr_Occurred())
+            PyErr_Format(PyExc_ValueError, "size must be >= 0, got %zd", size);
     }
-    CHECK_USABLE(self, "RingWriter");
-    PyTypeObject *slot_type = slot_type_of(op);
-    if (!slot_type) return NULL;
-    wait_state ws = {timeout, 0, 0, 0};
-    for (;;) {
-        void *payload;
-        rb_result res = rb_reserve(&self->ring, (uint64_t)size, &payload);
-        if (res == RB_OK) return slot_new_for(slot_type, (HandleObject *)self, payload,
-                                              (uint64_t)size, 1);
-        if (res != RB_FULL) return raise_result((HandleObject *)self, res, (uint64_t)size);
-        if (writer_wait_space(self, &ws, "reserve") < 0) return NULL;
-    }
-}
-
-/* Marks end of stream if `end_stream` (only in the process that attached)
- * and unmaps, or leaves the unmap to a thread sleeping in this handle. */
-static void writer_close_impl(WriterObject *self, int end_stream) {
-    if (self->flags & HANDLE_CLOSED) return;
-    int busy = self->flags & HANDLE_BUSY;
-    self->flags |= HANDLE_CLOSED;
-    if (!self->map) return;
-    long long size = 0;
-    int intact = file_intact((HandleObject *)self, &size);
-    /* Not in a fork() child, nor in a file truncated under us (the store
-     * would raise SIGBUS): then the reader sees PeerDied instead. */
-    if (self->owner_pid == getpid() && intact) {
-        /* Records a push_many() in progress has staged are complete:
-         * publish them before the end of stream. */
-        if (self->flags & HANDLE_BATCH) rb_flush(&self->ring);
-        if (end_stream) {
-            rb_writer_close(&self->ring);
-            if (self->notify_tx >= 0) rb_notify_fd(self->notify_tx); /* a reader on its FIFO */
+    if (size >= 0 && call_interrupted(self) == 0)
+        slot = slot_alloc(self); /* may run the collector */
+    if (slot && call_interrupted(self) == 0) {
+        rb_wait_state ws;
+        rb_wait_init(&ws, timeout, "reserve");
+        for (;;) {
+            void *payload;
+            rb_result res = rb_reserve(&self->h.ring.writer, (uint64_t)size, &payload);
+            if (res == RB_OK) {
+                result = slot_bind(slot, self, payload, (uint64_t)size);
+                slot = NULL;
+                break;
+            }
+            if (res != RB_FULL) {
+                raise_result(self, res, (uint64_t)size);
+                break;
+            }
+            if (handle_wait(self, &ws) < 0) break;
         }
     }
-    if (busy && intact) rb_wake_writer(self->ring.hdr);
-    handle_release_if_idle((HandleObject *)self);
-}
-
-PyDoc_STRVAR(writer_detach_doc,
-"detach($self, /)\n--\n\n"
-"Release the writer role without ending the stream, so that another process\n"
-"continues it: RingWriter.open(path), or unpickling a copy of this handle\n"
-"(how a writer is handed to a child process). Until one attaches, the reader\n"
-"sees no live writer: it drains the ring, then gets PeerDied. The handle is\n"
-"closed afterwards. Idempotent.");
-
-static PyObject *writer_detach(PyObject *op, PyObject *Py_UNUSED(ignored)) {
-    writer_close_impl((WriterObject *)op, 0);
-    Py_RETURN_NONE;
-}
-
-PyDoc_STRVAR(writer_close_doc,
-"close($self, /)\n--\n\n"
-"End the stream: the reader drains what is left, then sees the end.\n"
-"Releases the mapping and the file descriptor. Idempotent.");
-
-static PyObject *writer_close(PyObject *op, PyObject *Py_UNUSED(ignored)) {
-    writer_close_impl((WriterObject *)op, 1);
-    Py_RETURN_NONE;
-}
-
-static void writer_dealloc(PyObject *op) {
-    PyTypeObject *tp = Py_TYPE(op);
-    writer_close_impl((WriterObject *)op, 1);
-    handle_release((HandleObject *)op);
-    Py_CLEAR(((HandleObject *)op)->path);
-    tp->tp_free(op);
-    Py_DECREF(tp);
+    call_end(self);
+    Py_XDECREF(slot);
+    return result;
 }
 
 /* ---- Reader ---------------------------------------------------------- */
 
-static int reader_init(PyObject *self, PyObject *args, PyObject *kwds) {
-    return handle_init(self, args, kwds, 0);
-}
-
-/* Waits for the next message and leaves it peeked in self->ring.
- * Returns RB_OK with *payload and *length set, RB_EMPTY when timeout == 0 and
- * `report_empty` (no exception), RB_CLOSED when the stream ended and
- * `report_closed` (no exception), or RB_TIMEOUT with an exception set. */
-static rb_result reader_next(ReaderObject *self, double timeout, int report_empty,
-                             int report_closed, const char *op, const void **payload,
-                             uint64_t *length) {
-    wait_state ws = {timeout, 0, 0, 0};
+/* Waits for the next message and leaves it peeked. Returns 1 with *payload
+ * and *length set, 0 when the ring is empty and `report_empty`, or on
+ * RB_CLOSED when `report_closed` (no exception either way), -1 with an
+ * exception set. Runs inside a call (call_begin). */
+static int reader_next(HandleObject *self, uint64_t timeout, int report_empty, int report_closed,
+                       const char *op, const void **payload, uint64_t *length) {
+    rb_wait_state ws;
+    rb_wait_init(&ws, timeout, op);
     for (;;) {
-        rb_result res = rb_peek(&self->ring, payload, length);
-        if (RB_LIKELY(res == RB_OK)) return RB_OK;
+        rb_result res = rb_peek(&self->h.ring.reader, payload, length);
+        if (RB_LIKELY(res == RB_OK)) return 1;
         if (res == RB_EMPTY) {
-            if (report_empty) return RB_EMPTY;
-            if (ws.peer_dead) {
-                raise_peer_died((HandleObject *)self, 0);
-                return RB_TIMEOUT;
-            }
-            if (handle_wait((HandleObject *)self, &ws, 0, op) < 0) return RB_TIMEOUT;
+            if (report_empty) return 0;
+            if (handle_wait(self, &ws) < 0) return -1;
             continue;
         }
-        if (res == RB_CLOSED && report_closed) return RB_CLOSED;
-        raise_result((HandleObject *)self, res, 0);
-        return RB_TIMEOUT;
+        if (res == RB_CLOSED && report_closed) return 0;
+        return raise_result(self, res, 0);
     }
 }
 
-/* Copies the peeked message into a new bytes object and consumes it. */
-static PyObject *reader_take_bytes(ReaderObject *self, const void *payload, uint64_t length) {
+/* Copies the peeked message into a new bytes object and consumes it. No
+ * Python code runs: a bytes object is not tracked by the collector. */
+static PyObject *reader_take_bytes(HandleObject *self, const void *payload, uint64_t length) {
     PyObject *msg = PyBytes_FromStringAndSize((const char *)payload, (Py_ssize_t)length);
-    if (msg) rb_consume(&self->ring);
+    if (msg) rb_consume(&self->h.ring.reader);
     return msg;
+}
+
+/* pop, try_pop and iteration, inside a call: the next message as bytes,
+ * waiting up to `timeout`; None when empty and `report_empty`; NULL without
+ * an exception at the end of the stream when `report_closed`. */
+static PyObject *reader_get(HandleObject *self, uint64_t timeout, int report_empty,
+                            int report_closed, const char *op) {
+    const void *payload;
+    uint64_t length;
+    int r = reader_next(self, timeout, report_empty, report_closed, op, &payload, &length);
+    if (r > 0) return reader_take_bytes(self, payload, length);
+    if (r == 0 && report_empty) Py_RETURN_NONE;
+    return NULL;
 }
 
 PyDoc_STRVAR(reader_pop_doc,
@@ -1221,27 +1011,24 @@ PyDoc_STRVAR(reader_pop_doc,
 "a positive number is a limit in seconds. Raises RingTimeout when it\n"
 "expires, RingClosed once the writer has closed and every message is read.");
 
-static PyObject *reader_pop_slow(ReaderObject *self, PyObject *const *args, Py_ssize_t nargs,
-                                 PyObject *kwnames) {
-    PyObject *timeout_obj;
-    double timeout;
-    if (unpack_timeout_args("pop", args, nargs, kwnames, 0, NULL, &timeout_obj) < 0) return NULL;
-    if (parse_timeout(timeout_obj, &timeout) < 0) return NULL;
-    CHECK_USABLE(self, "RingReader");
-    const void *payload;
-    uint64_t length;
-    if (reader_next(self, timeout, 0, 0, "pop", &payload, &length) != RB_OK) return NULL;
-    return reader_take_bytes(self, payload, length);
+static Py_NO_INLINE PyObject *reader_pop_slow(HandleObject *self, PyObject *const *args,
+                                               Py_ssize_t nargs, PyObject *kwnames) {
+    uint64_t timeout;
+    if (call_begin(self) < 0) return NULL;
+    PyObject *result = NULL;
+    if (args_then(self, unpack_timeout_args("pop", args, nargs, kwnames, 0, NULL, &timeout)) == 0)
+        result = reader_get(self, timeout, 0, 0, "pop");
+    call_end(self);
+    return result;
 }
 
 static PyObject *reader_pop(PyObject *op, PyObject *const *args, Py_ssize_t nargs,
                             PyObject *kwnames) {
-    ReaderObject *self = (ReaderObject *)op;
+    HandleObject *self = (HandleObject *)op;
     const void *payload;
     uint64_t length;
-    if (RB_LIKELY((nargs == 0 || (nargs == 1 && timeout_trivially_valid(args[0]))) &&
-                  kwnames == NULL && self->flags == 0 &&
-                  rb_peek(&self->ring, &payload, &length) == RB_OK))
+    if (RB_LIKELY(fast_call(self, args, nargs, kwnames, 0) &&
+                  rb_peek(&self->h.ring.reader, &payload, &length) == RB_OK))
         return reader_take_bytes(self, payload, length);
     return reader_pop_slow(self, args, nargs, kwnames);
 }
@@ -1252,15 +1039,28 @@ PyDoc_STRVAR(reader_try_pop_doc,
 "Never blocks. Raises RingClosed once the writer has closed and every\n"
 "message is read.");
 
+static Py_NO_INLINE PyObject *reader_try_pop_slow(HandleObject *self) {
+    if (call_begin(self) < 0) return NULL;
+    PyObject *result = reader_get(self, 0, 1, 0, "try_pop");
+    call_end(self);
+    return result;
+}
+
 static PyObject *reader_try_pop(PyObject *op, PyObject *Py_UNUSED(ignored)) {
-    ReaderObject *self = (ReaderObject *)op;
-    CHECK_USABLE(self, "RingReader");
+    HandleObject *self = (HandleObject *)op;
     const void *payload;
     uint64_t length;
-    rb_result res = reader_next(self, 0, 1, 0, "try_pop", &payload, &length);
-    if (res == RB_EMPTY) Py_RETURN_NONE;
-    if (res != RB_OK) return NULL;
-    return reader_take_bytes(self, payload, length);
+    if (RB_LIKELY(self->h.flags == 0 && rb_peek(&self->h.ring.reader, &payload, &length) == RB_OK))
+        return reader_take_bytes(self, payload, length);
+    return reader_try_pop_slow(self);
+}
+
+static PyObject *reader_iternext(PyObject *op) {
+    HandleObject *self = (HandleObject *)op;
+    if (call_begin(self) < 0) return NULL;
+    PyObject *result = reader_get(self, RB_FOREVER, 0, 1, "iteration");
+    call_end(self);
+    return result;
 }
 
 PyDoc_STRVAR(reader_pop_into_doc,
@@ -1269,41 +1069,22 @@ PyDoc_STRVAR(reader_pop_into_doc,
 "Waits like pop(). If the message is longer than the buffer, raises\n"
 "ValueError and the message stays in the ring.");
 
-static PyObject *reader_pop_into_slow(ReaderObject *self, PyObject *const *args,
-                                      Py_ssize_t nargs, PyObject *kwnames);
-
-static PyObject *reader_pop_into(PyObject *op, PyObject *const *args, Py_ssize_t nargs,
-                                 PyObject *kwnames) {
-    ReaderObject *self = (ReaderObject *)op;
+static Py_NO_INLINE PyObject *reader_pop_into_slow(HandleObject *self, PyObject *const *args,
+                                                    Py_ssize_t nargs, PyObject *kwnames) {
     const void *payload;
     uint64_t length;
-    /* Fast path: a bytearray target needs no buffer export while the GIL is
-     * held and nothing waits. */
-    if (RB_LIKELY((nargs == 1 || (nargs == 2 && timeout_trivially_valid(args[1]))) &&
-                  kwnames == NULL && self->flags == 0 && PyByteArray_CheckExact(args[0]) &&
-                  rb_peek(&self->ring, &payload, &length) == RB_OK &&
-                  length <= (uint64_t)PyByteArray_GET_SIZE(args[0]))) {
-        memcpy(PyByteArray_AS_STRING(args[0]), payload, (size_t)length);
-        rb_consume(&self->ring);
-        return PyLong_FromUnsignedLongLong(length);
-    }
-    return reader_pop_into_slow(self, args, nargs, kwnames);
-}
-
-static PyObject *reader_pop_into_slow(ReaderObject *self, PyObject *const *args,
-                                      Py_ssize_t nargs, PyObject *kwnames) {
-    PyObject *target, *timeout_obj;
-    double timeout;
-    if (unpack_timeout_args("pop_into", args, nargs, kwnames, 1, &target, &timeout_obj) < 0)
-        return NULL;
-    if (parse_timeout(timeout_obj, &timeout) < 0) return NULL;
-    CHECK_USABLE(self, "RingReader");
-    Py_buffer view;
-    if (PyObject_GetBuffer(target, &view, PyBUF_WRITABLE) < 0) return NULL;
+    PyObject *target;
+    uint64_t timeout;
+    if (call_begin(self) < 0) return NULL;
     PyObject *result = NULL;
-    const void *payload;
-    uint64_t length;
-    if (reader_next(self, timeout, 0, 0, "pop_into", &payload, &length) == RB_OK) {
+    Py_buffer view;
+    if (unpack_timeout_args("pop_into", args, nargs, kwnames, 1, &target, &timeout) < 0 ||
+        PyObject_GetBuffer(target, &view, PyBUF_WRITABLE) < 0) { /* may run __buffer__ */
+        call_end(self);
+        return NULL;
+    }
+    if (call_interrupted(self) == 0 &&
+        reader_next(self, timeout, 0, 0, "pop_into", &payload, &length) > 0) {
         if (length > (uint64_t)view.len) {
             PyErr_Format(PyExc_ValueError,
                          "message of %llu bytes does not fit in a buffer of %zd bytes",
@@ -1311,12 +1092,30 @@ static PyObject *reader_pop_into_slow(ReaderObject *self, PyObject *const *args,
         }
         else {
             memcpy(view.buf, payload, (size_t)length);
-            rb_consume(&self->ring);
+            rb_consume(&self->h.ring.reader);
             result = PyLong_FromUnsignedLongLong(length);
         }
     }
-    PyBuffer_Release(&view);
+    PyBuffer_Release(&view); /* may run __release_buffer__: the ring is done with */
+    call_end(self);
     return result;
+}
+
+static PyObject *reader_pop_into(PyObject *op, PyObject *const *args, Py_ssize_t nargs,
+                                 PyObject *kwnames) {
+    HandleObject *self = (HandleObject *)op;
+    const void *payload;
+    uint64_t length;
+    /* Fast path: a bytearray target needs no buffer export while the GIL is
+     * held and nothing waits. */
+    if (RB_LIKELY(fast_call(self, args, nargs, kwnames, 1) && PyByteArray_CheckExact(args[0]) &&
+                  rb_peek(&self->h.ring.reader, &payload, &length) == RB_OK &&
+                  length <= (uint64_t)PyByteArray_GET_SIZE(args[0]))) {
+        memcpy(PyByteArray_AS_STRING(args[0]), payload, (size_t)length);
+        rb_consume(&self->h.ring.reader);
+        return PyLong_FromUnsignedLongLong(length);
+    }
+    return reader_pop_into_slow(self, args, nargs, kwnames);
 }
 
 PyDoc_STRVAR(reader_pop_many_doc,
@@ -1326,35 +1125,52 @@ PyDoc_STRVAR(reader_pop_many_doc,
 "first message longer than max_bytes comes alone), as a list of bytes. The\n"
 "read position is published once for the batch.");
 
-static PyObject *reader_pop_many(PyObject *op, PyObject *args, PyObject *kwds) {
+/* Parses pop_many's arguments (which may run __index__ and __float__). 0, or
+ * -1 with an exception set. */
+static int pop_many_args(PyObject *args, PyObject *kwds, Py_ssize_t *max_messages,
+                         uint64_t *timeout, Py_ssize_t *max_bytes) {
     static char *kwlist[] = {"max_messages", "timeout", "max_bytes", NULL};
-    ReaderObject *self = (ReaderObject *)op;
-    Py_ssize_t max_messages;
     PyObject *timeout_obj = Py_None, *max_bytes_obj = Py_None;
-    double timeout;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "n|OO:pop_many", kwlist, &max_messages,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "n|OO:pop_many", kwlist, max_messages,
                                      &timeout_obj, &max_bytes_obj))
-        return NULL;
-    if (max_messages < 1) {
-        PyErr_Format(PyExc_ValueError, "max_messages must be >= 1, got %zd", max_messages);
-        return NULL;
+        return -1;
+    if (*max_messages < 1) {
+        PyErr_Format(PyExc_ValueError, "max_messages must be >= 1, got %zd", *max_messages);
+        return -1;
     }
-    Py_ssize_t max_bytes = PY_SSIZE_T_MAX;
     if (max_bytes_obj != Py_None) {
-        max_bytes = PyNumber_AsSsize_t(max_bytes_obj, PyExc_OverflowError);
-        if (max_bytes == -1 && PyErr_Occurred()) return NULL;
-        if (max_bytes < 0) {
-            PyErr_Format(PyExc_ValueError, "max_bytes must be >= 0 or None, got %zd", max_bytes);
-            return NULL;
+        *max_bytes = PyNumber_AsSsize_t(max_bytes_obj, PyExc_OverflowError);
+        if (*max_bytes == -1 && PyErr_Occurred()) return -1;
+        if (*max_bytes < 0) {
+            PyErr_Format(PyExc_ValueError, "max_bytes must be >= 0 or None, got %zd", *max_bytes);
+            return -1;
         }
     }
-    if (parse_timeout(timeout_obj, &timeout) < 0) return NULL;
-    CHECK_USABLE(self, "RingReader");
+    return parse_timeout(timeout_obj, timeout);
+}
+
+static PyObject *reader_pop_many(PyObject *op, PyObject *args, PyObject *kwds) {
+    HandleObject *self = (HandleObject *)op;
+    Py_ssize_t max_messages, max_bytes = PY_SSIZE_T_MAX;
+    uint64_t timeout;
+    if (call_begin(self) < 0) return NULL;
+    if (pop_many_args(args, kwds, &max_messages, &timeout, &max_bytes) < 0) {
+        call_end(self);
+        return NULL;
+    }
+    /* The list first: allocating it can run the collector, and with it
+     * Python code that may close this handle. */
+    PyObject *list = PyList_New(0);
     const void *payload;
     uint64_t length;
-    if (reader_next(self, timeout, 0, 0, "pop_many", &payload, &length) != RB_OK) return NULL;
-    PyObject *list = PyList_New(0);
-    if (!list) return NULL;
+    if (!list || call_interrupted(self) < 0 ||
+        reader_next(self, timeout, 0, 0, "pop_many", &payload, &length) <= 0) {
+        Py_CLEAR(list);
+        call_end(self);
+        return NULL;
+    }
+    /* From here to rb_release no Python code runs (bytes objects are not
+     * tracked by the collector; growing the list only reallocates). */
     uint64_t taken = 0;
     for (Py_ssize_t n = 0;;) {
         PyObject *msg = PyBytes_FromStringAndSize((const char *)payload, (Py_ssize_t)length);
@@ -1362,20 +1178,23 @@ static PyObject *reader_pop_many(PyObject *op, PyObject *args, PyObject *kwds) {
             /* Out of memory: this message stays in the ring. Return what was
              * taken (the next call raises again if memory is still short). */
             Py_XDECREF(msg);
-            if (n == 0) Py_CLEAR(list);
-            else PyErr_Clear();
+            if (n == 0)
+                Py_CLEAR(list);
+            else
+                PyErr_Clear();
             break;
         }
         Py_DECREF(msg);
-        rb_skip(&self->ring);
+        rb_skip(&self->h.ring.reader);
         taken += length;
         if (++n >= max_messages) break;
         /* Anything but a message that fits (empty, end, corruption) ends the
          * batch; the next call reports it. */
-        if (rb_peek(&self->ring, &payload, &length) != RB_OK) break;
+        if (rb_peek(&self->h.ring.reader, &payload, &length) != RB_OK) break;
         if (taken + length > (uint64_t)max_bytes) break;
     }
-    rb_release(&self->ring);
+    rb_release(&self->h.ring.reader);
+    call_end(self);
     return list;
 }
 
@@ -1389,111 +1208,80 @@ PyDoc_STRVAR(reader_pop_view_doc,
 
 static PyObject *reader_pop_view(PyObject *op, PyObject *const *args, Py_ssize_t nargs,
                                  PyObject *kwnames) {
-    ReaderObject *self = (ReaderObject *)op;
-    PyObject *timeout_obj;
-    double timeout;
-    if (unpack_timeout_args("pop_view", args, nargs, kwnames, 0, NULL, &timeout_obj) < 0)
-        return NULL;
-    if (parse_timeout(timeout_obj, &timeout) < 0) return NULL;
-    CHECK_USABLE(self, "RingReader");
-    PyTypeObject *slot_type = slot_type_of(op);
-    if (!slot_type) return NULL;
+    HandleObject *self = (HandleObject *)op;
+    uint64_t timeout;
+    if (call_begin(self) < 0) return NULL;
+    PyObject *result = NULL;
+    SlotObject *slot = NULL;
+    if (args_then(self, unpack_timeout_args("pop_view", args, nargs, kwnames, 0, NULL,
+                                            &timeout)) == 0)
+        slot = slot_alloc(self); /* may run the collector */
     const void *payload;
     uint64_t length;
-    if (reader_next(self, timeout, 0, 0, "pop_view", &payload, &length) != RB_OK) return NULL;
-    return slot_new_for(slot_type, (HandleObject *)self, (void *)(uintptr_t)payload, length, 0);
-}
-
-static PyObject *reader_iternext(PyObject *op) {
-    ReaderObject *self = (ReaderObject *)op;
-    CHECK_USABLE(self, "RingReader");
-    const void *payload;
-    uint64_t length;
-    rb_result res = reader_next(self, TIMEOUT_FOREVER, 0, 1, "iteration", &payload, &length);
-    if (res == RB_OK) return reader_take_bytes(self, payload, length);
-    return NULL; /* RB_CLOSED without an exception: StopIteration */
-}
-
-static void reader_close_impl(ReaderObject *self) {
-    if (self->flags & HANDLE_CLOSED) return;
-    int busy = self->flags & HANDLE_BUSY;
-    self->flags |= HANDLE_CLOSED;
-    if (!self->map) return;
-    long long size = 0;
-    if (busy && file_intact((HandleObject *)self, &size)) rb_wake_reader(self->ring.hdr);
-    handle_release_if_idle((HandleObject *)self);
-}
-
-PyDoc_STRVAR(reader_close_doc,
-"close($self, /)\n--\n\n"
-"Detach from the ring: releases the mapping and the file descriptor.\n"
-"Messages not read stay in the ring. Idempotent.");
-
-static PyObject *reader_close(PyObject *op, PyObject *Py_UNUSED(ignored)) {
-    reader_close_impl((ReaderObject *)op);
-    Py_RETURN_NONE;
-}
-
-static void reader_dealloc(PyObject *op) {
-    PyTypeObject *tp = Py_TYPE(op);
-    reader_close_impl((ReaderObject *)op);
-    handle_release((HandleObject *)op);
-    Py_CLEAR(((HandleObject *)op)->path);
-    tp->tp_free(op);
-    Py_DECREF(tp);
+    if (slot && call_interrupted(self) == 0 &&
+        reader_next(self, timeout, 0, 0, "pop_view", &payload, &length) > 0) {
+        result = slot_bind(slot, self, (void *)(uintptr_t)payload, length);
+        slot = NULL;
+    }
+    call_end(self);
+    Py_XDECREF(slot);
+    return result;
 }
 
 /* ---- properties shared by both types --------------------------------- */
 
+/* -1 with an exception if `self` was never attached. */
+static int require_attached(HandleObject *self) {
+    if (self->h.capacity) return 0;
+    raise_unusable(self);
+    return -1;
+}
+
 static PyObject *handle_get_capacity(PyObject *op, void *Py_UNUSED(closure)) {
-    HandleObject *h = (HandleObject *)op;
-    if (!h->map) return handle_unusable(h, "ring handle");
-    return PyLong_FromUnsignedLongLong(h->capacity);
+    HandleObject *self = (HandleObject *)op;
+    if (require_attached(self) < 0) return NULL;
+    return PyLong_FromUnsignedLongLong(self->h.capacity);
 }
 
 static PyObject *handle_get_max_message_size(PyObject *op, void *Py_UNUSED(closure)) {
-    HandleObject *h = (HandleObject *)op;
-    if (!h->map) return handle_unusable(h, "ring handle");
-    return PyLong_FromUnsignedLongLong(h->capacity - RB_RECORD_HEADER);
+    HandleObject *self = (HandleObject *)op;
+    if (require_attached(self) < 0) return NULL;
+    return PyLong_FromUnsignedLongLong(self->h.capacity - RB_RECORD_HEADER);
 }
 
 static PyObject *handle_get_path(PyObject *op, void *Py_UNUSED(closure)) {
-    HandleObject *h = (HandleObject *)op;
-    if (!h->path) Py_RETURN_NONE;
-    return Py_NewRef(h->path);
+    HandleObject *self = (HandleObject *)op;
+    if (!self->path) Py_RETURN_NONE;
+    return Py_NewRef(self->path);
 }
 
 static PyObject *handle_get_closed(PyObject *op, void *Py_UNUSED(closure)) {
-    return PyBool_FromLong(((HandleObject *)op)->flags & HANDLE_CLOSED);
+    return PyBool_FromLong((((HandleObject *)op)->h.flags & HANDLE_CLOSED) != 0);
 }
 
 static PyObject *handle_get_spin(PyObject *op, void *Py_UNUSED(closure)) {
-    return PyFloat_FromDouble((double)((HandleObject *)op)->spin_ns / 1e9);
+    return PyFloat_FromDouble((double)((HandleObject *)op)->h.spin_ns / 1e9);
 }
 
-static PyObject *role_alive(HandleObject *h, rb_role role) {
-    if (h->flags & (HANDLE_CLOSED | HANDLE_FORKED) || h->fd < 0)
-        return handle_unusable(h, "ring handle");
-    int alive = rb_role_alive(h->fd, role);
+/* The peer_alive property: is a live process attached as the other side? */
+static PyObject *handle_get_peer_alive(PyObject *op, void *Py_UNUSED(closure)) {
+    HandleObject *self = (HandleObject *)op;
+    if (self->h.flags & (HANDLE_CLOSED | RB_HANDLE_DETACHED | RB_HANDLE_FORKED)) {
+        raise_unusable(self);
+        return NULL;
+    }
+    int alive = rb_handle_peer_alive(&self->h);
     if (alive < 0) return PyErr_SetFromErrno(PyExc_OSError);
     return PyBool_FromLong(alive);
-}
-
-static PyObject *writer_get_reader_attached(PyObject *op, void *Py_UNUSED(closure)) {
-    return role_alive((HandleObject *)op, RB_ROLE_READER);
-}
-
-static PyObject *reader_get_writer_alive(PyObject *op, void *Py_UNUSED(closure)) {
-    return role_alive((HandleObject *)op, RB_ROLE_WRITER);
 }
 
 /* ---- waiting on a file descriptor (FORMAT.md "Waiting on a file
  * descriptor"): the primitives under fileno() and ipc_ring._async ------ */
 
-/* 1 if `op` is a Writer, 0 if a Reader, -1 with an exception set. */
-static int handle_is_writer(PyObject *op) {
-    core_state *st = state_of(op);
-    return st ? PyObject_TypeCheck(op, st->WriterType) : -1;
+/* 0 if the handle may take a call that touches the header now (not closed,
+ * not forked, no call of its own running), else -1 with the reason. */
+static int require_usable(HandleObject *self) {
+    return (self->h.flags & ~(unsigned)SLOT_OPEN) == 0 ? 0 : raise_unusable(self);
 }
 
 PyDoc_STRVAR(handle_attach_notify_doc,
@@ -1502,35 +1290,28 @@ PyDoc_STRVAR(handle_attach_notify_doc,
 "peer's FIFO (tx), both open O_RDWR | O_NONBLOCK.");
 
 static PyObject *handle_attach_notify(PyObject *op, PyObject *args) {
-    HandleObject *h = (HandleObject *)op;
+    HandleObject *self = (HandleObject *)op;
     int rx, tx;
     if (!PyArg_ParseTuple(args, "ii:_attach_notify", &rx, &tx)) return NULL;
-    CHECK_USABLE(h, "ring handle");
-    if (h->notify_rx >= 0 || h->notify_tx >= 0) {
+    if (require_usable(self) < 0) return NULL;
+    if (self->h.notify_rx >= 0) {
         PyErr_SetString(PyExc_RuntimeError, "notification FIFOs are already attached");
         return NULL;
     }
-    int writer = handle_is_writer(op);
-    if (writer < 0) return NULL;
-    rb_header *hdr = (rb_header *)h->map;
-    _Atomic uint32_t *key = writer ? &hdr->reader_waiting : &hdr->writer_waiting;
-    h->notify_rx = rx;
-    h->notify_tx = tx;
-    /* A full table leaves the peer to notice by polling, never blocked. */
-    if (rb_notify_register(key, tx) == 0) h->notify_key = key;
+    rb_handle_set_notify(&self->h, rx, tx);
     Py_RETURN_NONE;
 }
 
-/* -1 with RingError set if `h` has no notification FIFOs, else 0. */
-static int require_notify(HandleObject *h) {
-    if (h->notify_rx >= 0) return 0;
-    core_state *st = state_of((PyObject *)h);
+/* -1 with RingError set if the handle has no notification FIFOs, else 0. */
+static int require_notify(HandleObject *self) {
+    if (self->h.notify_rx >= 0) return 0;
+    core_state *st = state_of((PyObject *)self);
     if (st)
         PyErr_Format(st->RingError,
                      "%R has no notification FIFOs (%U.rd and %U.wr): it was created by a version "
                      "of ipc_ring without fileno() support, or they were removed; fileno() and the "
                      "async methods need them, the blocking API works without",
-                     h->path, h->path, h->path);
+                     self->path, self->path, self->path);
     return -1;
 }
 
@@ -1542,10 +1323,9 @@ PyDoc_STRVAR(handle_fileno_doc,
 "descriptor\". RingError if the ring has no notification FIFOs.");
 
 static PyObject *handle_fileno(PyObject *op, PyObject *Py_UNUSED(ignored)) {
-    HandleObject *h = (HandleObject *)op;
-    CHECK_USABLE(h, "ring handle");
-    if (require_notify(h) < 0) return NULL;
-    return PyLong_FromLong(h->notify_rx);
+    HandleObject *self = (HandleObject *)op;
+    if (require_usable(self) < 0 || require_notify(self) < 0) return NULL;
+    return PyLong_FromLong(self->h.notify_rx);
 }
 
 PyDoc_STRVAR(handle_arm_doc,
@@ -1555,14 +1335,15 @@ PyDoc_STRVAR(handle_arm_doc,
 "False: the condition holds already (flag taken down), retry now.");
 
 static PyObject *handle_arm(PyObject *op, PyObject *Py_UNUSED(ignored)) {
-    HandleObject *h = (HandleObject *)op;
-    CHECK_USABLE(h, "ring handle");
-    if (require_notify(h) < 0) return NULL;
-    if (check_truncated(h) < 0) return NULL;
-    int writer = handle_is_writer(op);
-    if (writer < 0) return NULL;
-    int armed = writer ? rb_arm_writable(&((WriterObject *)h)->ring)
-                    : rb_arm_readable(&((ReaderObject *)h)->ring);
+    HandleObject *self = (HandleObject *)op;
+    if (require_usable(self) < 0 || require_notify(self) < 0) return NULL;
+    rb_error err;
+    if (rb_handle_check_size(&self->h, &err) != RB_OK) {
+        raise_error(self, &err);
+        return NULL;
+    }
+    int armed = is_writer(self) ? rb_arm_writable(&self->h.ring.writer)
+                                : rb_arm_readable(&self->h.ring.reader);
     return PyBool_FromLong(armed);
 }
 
@@ -1572,26 +1353,18 @@ PyDoc_STRVAR(handle_disarm_doc,
 "nothing on a closed handle or a truncated file.");
 
 static PyObject *handle_disarm(PyObject *op, PyObject *Py_UNUSED(ignored)) {
-    HandleObject *h = (HandleObject *)op;
-    long long size = 0;
-    if (h->flags & (HANDLE_CLOSED | HANDLE_FORKED) || !h->map || h->notify_rx < 0)
-        Py_RETURN_NONE;
-    rb_drain_fd(h->notify_rx);
-    if (!file_intact(h, &size)) Py_RETURN_NONE;
-    int writer = handle_is_writer(op);
-    if (writer < 0) return NULL;
-    if (writer)
-        rb_end_wait_writable(&((WriterObject *)h)->ring);
+    HandleObject *self = (HandleObject *)op;
+    if ((self->h.flags & ~(unsigned)SLOT_OPEN) != 0 || self->h.notify_rx < 0) Py_RETURN_NONE;
+    rb_drain_fd(self->h.notify_rx);
+    rb_error err;
+    if (rb_handle_check_size(&self->h, &err) != RB_OK) Py_RETURN_NONE;
+    if (is_writer(self))
+        rb_end_wait_writable(&self->h.ring.writer);
     else
-        rb_end_wait_readable(&((ReaderObject *)h)->ring);
+        rb_end_wait_readable(&self->h.ring.reader);
     Py_RETURN_NONE;
 }
 
-#define HANDLE_NOTIFY_METHODS                                                          \
-    {"fileno", handle_fileno, METH_NOARGS, handle_fileno_doc},                        \
-    {"_attach_notify", handle_attach_notify, METH_VARARGS, handle_attach_notify_doc}, \
-    {"_arm", handle_arm, METH_NOARGS, handle_arm_doc},                                \
-    {"_disarm", handle_disarm, METH_NOARGS, handle_disarm_doc},
 /* ---- stats() --------------------------------------------------------- */
 
 PyDoc_STRVAR(handle_stats_doc,
@@ -1601,29 +1374,32 @@ PyDoc_STRVAR(handle_stats_doc,
 "messages_popped, bytes_popped (payload bytes), writer_full_waits,\n"
 "reader_empty_waits (sleep slices of up to 50 ms on a full / empty ring),\n"
 "high_water (the fullest the writer found the ring, in bytes, when it\n"
-"reloaded the reader's position), plus capacity and used (bytes published\n"
-"and not yet consumed). See docs/FORMAT.md \"Counters\".");
+"reloaded the reader's position), plus capacity and used_bytes (bytes\n"
+"published and not yet consumed). See docs/FORMAT.md \"Counters\".");
 
-/* Reads the counters of FORMAT.md "Counters" from the header. A new dict,
- * or NULL with RingClosed / RingError / InvalidRing set. GIL held. */
-static PyObject *handle_stats(HandleObject *h, int writer, const char *what) {
-    if (h->flags & (HANDLE_CLOSED | HANDLE_FORKED) || !h->map) return handle_unusable(h, what);
-    if (check_truncated(h) < 0) return NULL;
-    rb_header *hdr = (rb_header *)h->map;
+static PyObject *handle_stats(PyObject *op, PyObject *Py_UNUSED(ignored)) {
+    HandleObject *self = (HandleObject *)op;
+    if (require_usable(self) < 0) return NULL;
+    rb_error err;
+    if (rb_handle_check_size(&self->h, &err) != RB_OK) {
+        raise_error(self, &err);
+        return NULL;
+    }
+    rb_header *hdr = (rb_header *)self->h.map;
     /* Own position from the handle, the peer's from the header: the
      * difference cannot be torn by the peer moving between two loads. */
     uint64_t used;
-    if (writer)
-        used = ((WriterObject *)h)->ring.write_pos -
+    if (is_writer(self))
+        used = self->h.ring.writer.write_pos -
                atomic_load_explicit(&hdr->read_pos, memory_order_relaxed);
     else
         used = atomic_load_explicit(&hdr->write_pos, memory_order_relaxed) -
-               ((ReaderObject *)h)->ring.read_pos;
-    if (used > h->capacity) used = h->capacity; /* only a hostile peer gets here */
+               self->h.ring.reader.read_pos;
+    if (used > self->h.capacity) used = self->h.capacity; /* only a hostile peer gets here */
 #define RB_LOAD(field) \
     (unsigned long long)atomic_load_explicit(&hdr->field, memory_order_relaxed)
     return Py_BuildValue(
-        "{sKsKsKsKsKsKsKsKsK}", "capacity", (unsigned long long)h->capacity, "used",
+        "{sKsKsKsKsKsKsKsKsK}", "capacity", (unsigned long long)self->h.capacity, "used_bytes",
         (unsigned long long)used, "messages_pushed", RB_LOAD(messages_pushed), "bytes_pushed",
         RB_LOAD(bytes_pushed), "messages_popped", RB_LOAD(messages_popped), "bytes_popped",
         RB_LOAD(bytes_popped), "writer_full_waits", RB_LOAD(writer_full_waits),
@@ -1631,13 +1407,12 @@ static PyObject *handle_stats(HandleObject *h, int writer, const char *what) {
 #undef RB_LOAD
 }
 
-static PyObject *writer_stats(PyObject *op, PyObject *Py_UNUSED(ignored)) {
-    return handle_stats((HandleObject *)op, 1, "RingWriter");
-}
-
-static PyObject *reader_stats(PyObject *op, PyObject *Py_UNUSED(ignored)) {
-    return handle_stats((HandleObject *)op, 0, "RingReader");
-}
+#define HANDLE_METHODS                                                                 \
+    {"fileno", handle_fileno, METH_NOARGS, handle_fileno_doc},                        \
+    {"_attach_notify", handle_attach_notify, METH_VARARGS, handle_attach_notify_doc}, \
+    {"_arm", handle_arm, METH_NOARGS, handle_arm_doc},                                \
+    {"_disarm", handle_disarm, METH_NOARGS, handle_disarm_doc},                       \
+    {"stats", handle_stats, METH_NOARGS, handle_stats_doc},
 
 #define HANDLE_GETSET_ENTRIES \
     {"capacity", handle_get_capacity, NULL, "Size of the data area in bytes (a power of two).", \
@@ -1650,14 +1425,14 @@ static PyObject *reader_stats(PyObject *op, PyObject *Py_UNUSED(ignored)) {
 
 static PyGetSetDef writer_getset[] = {
     HANDLE_GETSET_ENTRIES
-    {"reader_attached", writer_get_reader_attached, NULL,
+    {"reader_alive", handle_get_peer_alive, NULL,
      "True while a live reader is attached (the kernel holds its lock).", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
 static PyGetSetDef reader_getset[] = {
     HANDLE_GETSET_ENTRIES
-    {"writer_alive", reader_get_writer_alive, NULL,
+    {"writer_alive", handle_get_peer_alive, NULL,
      "True while a live writer is attached (the kernel holds its lock).", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
@@ -1671,19 +1446,18 @@ static PyMethodDef writer_methods[] = {
      writer_push_many_doc},
     {"reserve", _PyCFunction_CAST(writer_reserve), METH_FASTCALL | METH_KEYWORDS,
      writer_reserve_doc},
-    {"close", writer_close, METH_NOARGS, writer_close_doc},
+    {"close", handle_close_method, METH_NOARGS, writer_close_doc},
     {"detach", writer_detach, METH_NOARGS, writer_detach_doc},
-    HANDLE_NOTIFY_METHODS
-    {"stats", writer_stats, METH_NOARGS, handle_stats_doc},
+    HANDLE_METHODS
     {NULL, NULL, 0, NULL},
 };
 
 static PyType_Slot writer_slots[] = {
-    {Py_tp_doc, "Writer(fd, path, *, capacity=0, spin=None)\n--\n\n"
+    {Py_tp_doc, "Writer(fd, path, *, capacity=..., spin=None)\n--\n\n"
                 "Low-level writer handle; use ipc_ring.RingWriter."},
     {Py_tp_new, handle_new},
     {Py_tp_init, writer_init},
-    {Py_tp_dealloc, writer_dealloc},
+    {Py_tp_dealloc, handle_dealloc},
     {Py_tp_methods, writer_methods},
     {Py_tp_getset, writer_getset},
     {0, NULL},
@@ -1691,7 +1465,7 @@ static PyType_Slot writer_slots[] = {
 
 static PyType_Spec writer_spec = {
     .name = "ipc_ring._core.Writer",
-    .basicsize = sizeof(WriterObject),
+    .basicsize = sizeof(HandleObject),
     .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_IMMUTABLETYPE,
     .slots = writer_slots,
 };
@@ -1705,9 +1479,8 @@ static PyMethodDef reader_methods[] = {
      reader_pop_view_doc},
     {"pop_into", _PyCFunction_CAST(reader_pop_into), METH_FASTCALL | METH_KEYWORDS,
      reader_pop_into_doc},
-    {"close", reader_close, METH_NOARGS, reader_close_doc},
-    HANDLE_NOTIFY_METHODS
-    {"stats", reader_stats, METH_NOARGS, handle_stats_doc},
+    {"close", handle_close_method, METH_NOARGS, reader_close_doc},
+    HANDLE_METHODS
     {NULL, NULL, 0, NULL},
 };
 
@@ -1716,7 +1489,7 @@ static PyType_Slot reader_slots[] = {
                 "Low-level reader handle; use ipc_ring.RingReader."},
     {Py_tp_new, handle_new},
     {Py_tp_init, reader_init},
-    {Py_tp_dealloc, reader_dealloc},
+    {Py_tp_dealloc, handle_dealloc},
     {Py_tp_methods, reader_methods},
     {Py_tp_getset, reader_getset},
     {Py_tp_iter, PyObject_SelfIter},
@@ -1726,12 +1499,12 @@ static PyType_Slot reader_slots[] = {
 
 static PyType_Spec reader_spec = {
     .name = "ipc_ring._core.Reader",
-    .basicsize = sizeof(ReaderObject),
+    .basicsize = sizeof(HandleObject),
     .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_IMMUTABLETYPE,
     .slots = reader_slots,
 };
 
-/* ---- module ---------------------------------------------------------- */
+/* ---- module functions ------------------------------------------------ */
 
 PyDoc_STRVAR(capacity_valid_doc,
 "capacity_valid($module, capacity, /)\n--\n\n"
@@ -1744,10 +1517,81 @@ static PyObject *core_capacity_valid(PyObject *Py_UNUSED(module), PyObject *arg)
     return PyBool_FromLong(!overflow && v > 0 && rb_capacity_valid((uint64_t)v));
 }
 
+PyDoc_STRVAR(check_timeout_doc,
+"check_timeout($module, timeout, /)\n--\n\n"
+"Validate a timeout as every blocking call does: None, or a number of\n"
+"seconds >= 0. Returns it as a float, or None for no limit (also beyond\n"
+"about 31 years). ValueError or TypeError otherwise.");
+
+static PyObject *core_check_timeout(PyObject *Py_UNUSED(module), PyObject *arg) {
+    uint64_t ns;
+    if (parse_timeout(arg, &ns) < 0) return NULL;
+    if (ns == RB_FOREVER) Py_RETURN_NONE;
+    return PyFloat_FromDouble((double)ns / 1e9);
+}
+
+PyDoc_STRVAR(inspect_doc,
+"inspect($module, path, /)\n--\n\n"
+"Read a ring file's header without writing anything (O_RDONLY, PROT_READ):\n"
+"a dict of every header field under its docs/FORMAT.md name, in that order,\n"
+"then used_bytes, free_bytes, writer_alive and reader_alive (the role locks'\n"
+"test). InvalidRing if the file is not a valid ring, OSError if it cannot\n"
+"be opened.");
+
+static PyObject *core_inspect(PyObject *module, PyObject *arg) {
+    PyObject *encoded;
+    if (!PyUnicode_FSConverter(arg, &encoded)) return NULL;
+    rb_inspection out;
+    rb_error err;
+    rb_result res;
+    Py_BEGIN_ALLOW_THREADS
+    res = rb_inspect(PyBytes_AS_STRING(encoded), &out, &err);
+    Py_END_ALLOW_THREADS
+    Py_DECREF(encoded);
+    if (res != RB_OK) {
+        core_state *st = get_state(module);
+        if (res == RB_ERROR) {
+            errno = err.sys_errno;
+            return PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, arg);
+        }
+        PyErr_SetString(st->InvalidRing, err.message);
+        return NULL;
+    }
+    PyObject *dict = PyDict_New();
+    if (!dict) return NULL;
+    for (int i = 0; rb_header_fields[i].name; i++) {
+        PyObject *v = PyLong_FromUnsignedLongLong(out.values[i]);
+        if (!v || PyDict_SetItemString(dict, rb_header_fields[i].name, v) < 0) {
+            Py_XDECREF(v);
+            Py_DECREF(dict);
+            return NULL;
+        }
+        Py_DECREF(v);
+    }
+    uint64_t capacity = 0;
+    for (int i = 0; rb_header_fields[i].name; i++)
+        if (strcmp(rb_header_fields[i].name, "capacity") == 0) capacity = out.values[i];
+    PyObject *extra = Py_BuildValue("{sKsKsOsO}", "used_bytes", (unsigned long long)out.used_bytes,
+                                    "free_bytes", (unsigned long long)(capacity - out.used_bytes),
+                                    "writer_alive", out.writer_alive ? Py_True : Py_False,
+                                    "reader_alive", out.reader_alive ? Py_True : Py_False);
+    if (!extra || PyDict_Update(dict, extra) < 0) {
+        Py_XDECREF(extra);
+        Py_DECREF(dict);
+        return NULL;
+    }
+    Py_DECREF(extra);
+    return dict;
+}
+
 static PyMethodDef core_methods[] = {
     {"capacity_valid", core_capacity_valid, METH_O, capacity_valid_doc},
+    {"check_timeout", core_check_timeout, METH_O, check_timeout_doc},
+    {"inspect", core_inspect, METH_O, inspect_doc},
     {NULL, NULL, 0, NULL},
 };
+
+/* ---- module ---------------------------------------------------------- */
 
 /* Creates an exception class `ipc_ring.<name>` with the given bases and adds it. */
 static PyObject *add_exception(PyObject *module, const char *name, const char *doc,
@@ -1762,8 +1606,6 @@ static PyObject *add_exception(PyObject *module, const char *name, const char *d
     }
     return exc;
 }
-
-static int atfork_registered;
 
 static int core_exec(PyObject *module) {
     core_state *st = get_state(module);
@@ -1816,14 +1658,6 @@ static int core_exec(PyObject *module) {
         if (!str_release) return -1;
     }
 
-    if (!atfork_registered) {
-        if (pthread_atfork(NULL, NULL, fork_child) != 0) {
-            PyErr_SetString(PyExc_OSError, "pthread_atfork failed");
-            return -1;
-        }
-        atfork_registered = 1;
-    }
-
     st->WriterType = (PyTypeObject *)PyType_FromModuleAndSpec(module, &writer_spec, NULL);
     if (!st->WriterType || PyModule_AddType(module, st->WriterType) < 0) return -1;
     st->ReaderType = (PyTypeObject *)PyType_FromModuleAndSpec(module, &reader_spec, NULL);
@@ -1844,7 +1678,11 @@ static int core_exec(PyObject *module) {
     if (PyModule_AddObject(module, "MAX_CAPACITY",
                            PyLong_FromUnsignedLongLong(RB_MAX_CAPACITY)) < 0)
         return -1;
-    if (PyModule_AddObject(module, "DEFAULT_SPIN", PyFloat_FromDouble(DEFAULT_SPIN_NS / 1e9)) < 0)
+    if (PyModule_AddObject(module, "DEFAULT_SPIN",
+                           PyFloat_FromDouble(RB_DEFAULT_SPIN_NS / 1e9)) < 0)
+        return -1;
+    if (PyModule_AddObject(module, "SLEEP_SLICE",
+                           PyFloat_FromDouble(RB_SLEEP_SLICE_NS / 1e9)) < 0)
         return -1;
     return 0;
 }

@@ -99,31 +99,6 @@ static void rb_wake_on(_Atomic uint32_t *word) {
 void rb_wake_reader(rb_header *hdr) { rb_wake_on(&hdr->data_seq); }
 void rb_wake_writer(rb_header *hdr) { rb_wake_on(&hdr->space_seq); }
 
-/* Process-wide map from a peer's waiting flag (its address in one of this
- * process's mappings) to the FIFO descriptor that wakes that peer. */
-static struct {
-    _Atomic uintptr_t flag; /* 0 = free slot */
-    _Atomic int fd;
-} rb_notify_table[RB_NOTIFY_SLOTS];
-
-int rb_notify_register(_Atomic uint32_t *peer_waiting, int fd) {
-    for (int i = 0; i < RB_NOTIFY_SLOTS; i++) {
-        if (atomic_load_explicit(&rb_notify_table[i].flag, memory_order_relaxed)) continue;
-        atomic_store_explicit(&rb_notify_table[i].fd, fd, memory_order_relaxed);
-        atomic_store_explicit(&rb_notify_table[i].flag, (uintptr_t)peer_waiting,
-                              memory_order_release);
-        return 0;
-    }
-    return -1;
-}
-
-void rb_notify_unregister(_Atomic uint32_t *peer_waiting) {
-    for (int i = 0; i < RB_NOTIFY_SLOTS; i++)
-        if (atomic_load_explicit(&rb_notify_table[i].flag, memory_order_acquire) ==
-            (uintptr_t)peer_waiting)
-            atomic_store_explicit(&rb_notify_table[i].flag, 0, memory_order_release);
-}
-
 void rb_notify_fd(int fd) {
     char byte = 1;
     ssize_t n = write(fd, &byte, 1);
@@ -131,26 +106,21 @@ void rb_notify_fd(int fd) {
 }
 
 void rb_drain_fd(int fd) {
-    char buf[256];
-    while (read(fd, buf, sizeof buf) > 0) {
+    char buf[4096];
+    for (size_t total = 0; total < RB_DRAIN_MAX;) {
+        ssize_t n = read(fd, buf, sizeof buf);
+        if (n <= 0) return;
+        total += (size_t)n;
     }
 }
 
-static void rb_notify_peer(_Atomic uint32_t *peer_waiting) {
-    for (int i = 0; i < RB_NOTIFY_SLOTS; i++)
-        if (atomic_load_explicit(&rb_notify_table[i].flag, memory_order_acquire) ==
-            (uintptr_t)peer_waiting) {
-            rb_notify_fd(atomic_load_explicit(&rb_notify_table[i].fd, memory_order_relaxed));
-            return;
-        }
-}
-
-void rb_wake_waiting_peer(_Atomic uint32_t *peer_waiting, _Atomic uint32_t *peer_seq) {
+void rb_wake_waiting_peer(_Atomic uint32_t *peer_waiting, _Atomic uint32_t *peer_seq,
+                          int notify_fd) {
     /* Whoever clears the flag makes the system calls: the futex wake (a
      * no-op for a peer on its FIFO) and, for RB_WAITING_FD, the FIFO byte. */
     uint32_t was = atomic_exchange_explicit(peer_waiting, 0u, memory_order_seq_cst);
     if (was) rb_wake_on(peer_seq);
-    if (was == RB_WAITING_FD) rb_notify_peer(peer_waiting);
+    if (was == RB_WAITING_FD && notify_fd >= 0) rb_notify_fd(notify_fd);
 }
 
 /* ---- crash points ---------------------------------------------------- */
@@ -202,6 +172,12 @@ rb_result rb_lock_role(int fd, rb_role role) {
     rb_role_range(&fl, role, F_WRLCK);
     if (fcntl(fd, RB_SETLK, &fl) == 0) return RB_OK;
     return (errno == EAGAIN || errno == EACCES) ? RB_BUSY : RB_ERROR;
+}
+
+void rb_unlock_role(int fd, rb_role role) {
+    struct flock fl;
+    rb_role_range(&fl, role, F_UNLCK);
+    (void)fcntl(fd, RB_SETLK, &fl);
 }
 
 int rb_role_alive(int fd, rb_role role) {
@@ -280,6 +256,7 @@ void rb_writer_attach(rb_writer *w, void *base, const rb_snapshot *snap) {
     w->write_pos = snap->write_pos;
     w->read_pos_seen = snap->read_pos;
     w->need = 0;
+    w->notify_fd = -1;
     /* Counters continue from the header; they are statistics, trusted for
      * nothing (FORMAT.md "Counters"). */
     rb_header *hdr = w->hdr;
@@ -324,7 +301,8 @@ rb_result rb_reserve_slow(rb_writer *w, uint64_t length, void **payload) {
         rb_write_record_header(w->data + index, to_end - RB_RECORD_HEADER, RB_KIND_PADDING);
         RB_CRASH_POINT("writer_padding_written");
         w->write_pos += to_end;
-        rb_publish(&w->hdr->write_pos, w->write_pos, &w->hdr->reader_waiting, &w->hdr->data_seq);
+        rb_publish(&w->hdr->write_pos, w->write_pos, &w->hdr->reader_waiting, &w->hdr->data_seq,
+                   &w->notify_fd);
         RB_CRASH_POINT("writer_padding_published");
         index = 0;
     }
@@ -338,6 +316,7 @@ void rb_writer_close(rb_writer *w) {
     atomic_store_explicit(&w->hdr->writer_closed, 1u, memory_order_seq_cst);
     RB_CRASH_POINT("writer_closed_flag_set");
     rb_wake_reader(w->hdr);
+    if (w->notify_fd >= 0) rb_notify_fd(w->notify_fd); /* a reader armed on its FIFO */
 }
 
 static inline int rb_writable_now(rb_writer *w) {
@@ -385,6 +364,7 @@ void rb_reader_attach(rb_reader *r, void *base, const rb_snapshot *snap) {
     r->read_pos = snap->read_pos;
     r->write_pos_seen = snap->write_pos;
     r->peeked_length = 0;
+    r->notify_fd = -1;
     rb_header *hdr = r->hdr;
     r->messages_popped = atomic_load_explicit(&hdr->messages_popped, memory_order_relaxed);
     r->bytes_popped = atomic_load_explicit(&hdr->bytes_popped, memory_order_relaxed);
@@ -430,7 +410,8 @@ rb_result rb_peek_slow(rb_reader *r, const void **payload, uint64_t *length) {
         if (kind != RB_KIND_PADDING || len != to_end - RB_RECORD_HEADER || to_end > avail)
             return RB_CORRUPT;
         r->read_pos += to_end;
-        rb_publish(&r->hdr->read_pos, r->read_pos, &r->hdr->writer_waiting, &r->hdr->space_seq);
+        rb_publish(&r->hdr->read_pos, r->read_pos, &r->hdr->writer_waiting, &r->hdr->space_seq,
+                   &r->notify_fd);
         RB_CRASH_POINT("reader_padding_consumed");
     }
 }

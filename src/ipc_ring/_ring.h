@@ -126,7 +126,11 @@ typedef enum rb_result {
     RB_INTERRUPTED, /* a wait was interrupted by a signal (EINTR) */
     RB_WOKEN,       /* a wait returned: the condition may have changed */
     RB_BUSY,        /* a live process already holds this role's lock */
-    RB_ERROR        /* a system call failed; errno says why */
+    RB_ERROR,       /* a system call failed; errno says why */
+    RB_INVALID,     /* attach: the file is not a usable ring (rb_invalid says why) */
+    RB_TRUNCATED,   /* the file was truncated under the mapping */
+    RB_PEER_DIED,   /* a wait: the peer this side waits for is gone */
+    RB_BAD_ARGUMENT /* a caller's value is out of range (a capacity, say) */
 } rb_result;
 
 /* Why a header is refused (rb_validate_header); text in rb_invalid_reason. */
@@ -163,6 +167,8 @@ typedef struct rb_writer {
     uint64_t full_waits;      /* stored by rb_end_wait_writable */
     uint64_t bytes_pushed;    /* stored into the header by rb_flush */
     uint64_t high_water;      /* stored by rb_ensure_free when it grows */
+    int notify_fd;            /* the reader's FIFO, written when a publication clears
+                               * reader_waiting == RB_WAITING_FD; -1 if none */
 } rb_writer;
 
 typedef struct rb_reader {
@@ -178,12 +184,15 @@ typedef struct rb_reader {
     uint64_t peeked_length;   /* payload length of the message rb_peek returned */
     uint64_t empty_waits;     /* stored by rb_end_wait_readable */
     uint64_t bytes_popped;    /* stored into the header by rb_release */
+    int notify_fd;            /* the writer's FIFO, written when a publication clears
+                               * writer_waiting == RB_WAITING_FD; -1 if none */
 } rb_reader;
 
 /* ---- functions --------------------------------------------------------
- * None of them takes locks or allocates. Only rb_wait_* and rb_wake_* make
- * system calls. Thread safety: one handle must not be used by two threads
- * at once; the caller serialises (the glue holds the GIL). */
+ * None of them takes locks, allocates or keeps process-wide state. Only
+ * rb_wait_*, rb_wake_*, the FIFO and lock functions make system calls.
+ * Thread safety: one rb_writer / rb_reader must not be used by two threads
+ * at once; the caller serialises (_handle.h says how). */
 
 /* Size of the record that carries `length` payload bytes. */
 static inline uint64_t rb_record_size(uint64_t length) {
@@ -220,7 +229,8 @@ const char *rb_invalid_reason(rb_invalid why);
 void rb_writer_attach(rb_writer *w, void *base, const rb_snapshot *snap);
 void rb_reader_attach(rb_reader *r, void *base, const rb_snapshot *snap);
 
-/* Writer: marks end of stream and wakes the reader. */
+/* Writer: marks end of stream and wakes the reader (on the futex, and on
+ * its FIFO if w->notify_fd is set). */
 void rb_writer_close(rb_writer *w);
 
 /* Spins with a CPU pause for up to `budget_ns` nanoseconds (a time, not a
@@ -262,21 +272,13 @@ void rb_end_wait_writable(rb_writer *w);
 int rb_arm_readable(rb_reader *r);
 int rb_arm_writable(rb_writer *w);
 
-/* Registers `fd` (the write end of the peer's FIFO, opened by this process)
- * as the one to notify when a publication through this mapping clears the
- * peer's flag `peer_waiting` from RB_WAITING_FD. 0, or -1 if the table of
- * RB_NOTIFY_SLOTS is full (then the peer only notices by polling). The
- * table is process-wide; register and unregister with the caller's lock
- * held (the glue: the GIL). */
-#define RB_NOTIFY_SLOTS 256
-int rb_notify_register(_Atomic uint32_t *peer_waiting, int fd);
-void rb_notify_unregister(_Atomic uint32_t *peer_waiting);
-
 /* Writes one byte to the FIFO `fd` without blocking; a full FIFO (EAGAIN)
  * already has a wake-up pending, so errors are ignored. */
 void rb_notify_fd(int fd);
 
-/* Reads the FIFO `fd` (non-blocking) until it is empty. */
+/* Reads the FIFO `fd` (non-blocking) until it is empty, or at most
+ * RB_DRAIN_MAX bytes: a peer that keeps writing cannot hold the caller. */
+#define RB_DRAIN_MAX 65536u
 void rb_drain_fd(int fd);
 
 /* Wakes any thread of any process sleeping in rb_wait_readable /
@@ -299,6 +301,9 @@ typedef enum rb_role { RB_ROLE_WRITER = 0, RB_ROLE_READER = 1 } rb_role;
 /* Takes `role`'s lock on `fd` without waiting. RB_OK, RB_BUSY if a live
  * process holds it, or RB_ERROR with errno set. */
 rb_result rb_lock_role(int fd, rb_role role);
+
+/* Gives `role`'s lock on `fd` up again (after a failed attach). */
+void rb_unlock_role(int fd, rb_role role);
 
 /* 1 if some other open file (another process, or another handle in this
  * one on Linux) holds `role`'s lock, 0 if nobody does, -1 with errno set. */
@@ -326,17 +331,19 @@ void rb_crash_point(const char *name);
 /* Out-of-line halves of the functions below. */
 rb_result rb_reserve_slow(rb_writer *w, uint64_t length, void **payload);
 rb_result rb_peek_slow(rb_reader *r, const void **payload, uint64_t *length);
-void rb_wake_waiting_peer(_Atomic uint32_t *peer_waiting, _Atomic uint32_t *peer_seq);
+void rb_wake_waiting_peer(_Atomic uint32_t *peer_waiting, _Atomic uint32_t *peer_seq,
+                          int notify_fd);
 
 /* Publishes a new position and wakes the peer only if it said it may be
  * asleep. Both the store and the flag load are seq_cst: either this side
  * sees the flag, or the peer sees the new position before it sleeps
  * (FORMAT.md "Waiting"). */
 static inline void rb_publish(_Atomic uint64_t *position, uint64_t value,
-                              _Atomic uint32_t *peer_waiting, _Atomic uint32_t *peer_seq) {
+                              _Atomic uint32_t *peer_waiting, _Atomic uint32_t *peer_seq,
+                              const int *notify_fd) {
     atomic_exchange_explicit(position, value, memory_order_seq_cst);
     if (RB_UNLIKELY(atomic_load_explicit(peer_waiting, memory_order_seq_cst)))
-        rb_wake_waiting_peer(peer_waiting, peer_seq);
+        rb_wake_waiting_peer(peer_waiting, peer_seq, *notify_fd);
 }
 
 /* Writer: makes room for a message of `length` bytes and returns a pointer
@@ -378,7 +385,7 @@ static inline void rb_flush(rb_writer *w) {
     uint64_t write_pos = w->write_pos, messages = w->messages_pushed, bytes = w->bytes_pushed;
     atomic_store_explicit(&hdr->messages_pushed, messages, memory_order_relaxed);
     atomic_store_explicit(&hdr->bytes_pushed, bytes, memory_order_relaxed);
-    rb_publish(&hdr->write_pos, write_pos, &hdr->reader_waiting, &hdr->data_seq);
+    rb_publish(&hdr->write_pos, write_pos, &hdr->reader_waiting, &hdr->data_seq, &w->notify_fd);
     RB_CRASH_POINT("writer_published");
 }
 
@@ -436,7 +443,7 @@ static inline void rb_release(rb_reader *r) {
     uint64_t read_pos = r->read_pos, messages = r->messages_popped, bytes = r->bytes_popped;
     atomic_store_explicit(&hdr->messages_popped, messages, memory_order_relaxed);
     atomic_store_explicit(&hdr->bytes_popped, bytes, memory_order_relaxed);
-    rb_publish(&hdr->read_pos, read_pos, &hdr->writer_waiting, &hdr->space_seq);
+    rb_publish(&hdr->read_pos, read_pos, &hdr->writer_waiting, &hdr->space_seq, &r->notify_fd);
     RB_CRASH_POINT("reader_consumed");
 }
 

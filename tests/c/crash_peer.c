@@ -6,7 +6,11 @@
  * checks what survives.
  *
  *   cc -std=c11 -Wall -Wextra -Wshadow -Wconversion -DRB_CRASH_POINTS -Isrc/ipc_ring \
- *      src/ipc_ring/_ring.c tests/c/crash_peer.c -o crash_peer
+ *      src/ipc_ring/_ring.c src/ipc_ring/_handle.c tests/c/crash_peer.c -o crash_peer -pthread
+ *
+ * It attaches and waits through the same functions as the extension
+ * (_handle.h: rb_handle_attach, rb_wait), so the order of lock, map and
+ * validation is the library's own.
  *
  *   crash_peer writer PATH CAPACITY N
  *       Creates the ring at PATH as RingWriter.create does (temporary name,
@@ -27,8 +31,9 @@
  *
  * Exit status: 0 done; 1 usage or system error; 2 not a valid ring; 3 the
  * role is taken (RB_BUSY); 4 a message differs from the pattern; 5 RB_CORRUPT
- * or the stream ended after the wrong number of messages. A SIGALRM after
- * 120 s stops a peer that a broken test left behind.
+ * or the stream ended after the wrong number of messages; 6 the peer died
+ * (RB_PEER_DIED). A SIGALRM after 120 s stops a peer that a broken test left
+ * behind.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -37,14 +42,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
-#include "_ring.h"
+#include "_handle.h"
 
 #define SPIN_NS 2000u /* busy-wait before sleeping */
-#define WAIT_SLICE_NS 50000000u /* 50 ms, like the glue's sleep slice */
 #define BACKSTOP_SECONDS 120u
 
 enum exit_status {
@@ -54,6 +56,7 @@ enum exit_status {
     EXIT_BUSY = 3,
     EXIT_MISMATCH = 4,
     EXIT_CORRUPT = 5,
+    EXIT_PEER_DIED = 6,
 };
 
 /* xorshift64*, as in ring_stress.c: the size and fill of message `seq`. */
@@ -124,13 +127,24 @@ static uint64_t parse_u64(const char *s, const char *what) {
     return (uint64_t)v;
 }
 
+/* The exit status for an error of the handle layer, after printing it. */
+static int fail(const rb_error *err) {
+    fprintf(stderr, "crash_peer: %s\n", err->message);
+    switch (err->code) {
+    case RB_INVALID: return EXIT_INVALID;
+    case RB_BUSY: return EXIT_BUSY;
+    case RB_CORRUPT: return EXIT_CORRUPT;
+    case RB_PEER_DIED: return EXIT_PEER_DIED;
+    default: return EXIT_SYSTEM;
+    }
+}
+
 /* ---- writer ------------------------------------------------------------ */
 
 /* Creates the ring file at `path` like RingWriter.create (FORMAT.md "Creating
- * a ring"): built under a temporary name in the same directory, locked as the
- * writer, then linked into place. Returns the mapping and fills *snap;
- * *fd_out stays open so that the liveness lock lives as long as the process. */
-static void *create_ring(const char *path, uint64_t capacity, int *fd_out, rb_snapshot *snap) {
+ * a ring"): built under a temporary name in the same directory, attached as
+ * the writer (sized, initialised, locked), then linked into place. */
+static int create_ring(rb_handle *h, const char *path, uint64_t capacity, rb_error *err) {
     size_t path_len = strlen(path);
     char *tmp = malloc(path_len + 64);
     if (!tmp) die("malloc");
@@ -140,33 +154,20 @@ static void *create_ring(const char *path, uint64_t capacity, int *fd_out, rb_sn
              path + dir_len, (long)getpid());
     int fd = open(tmp, O_RDWR | O_CLOEXEC | O_CREAT | O_EXCL | O_NOFOLLOW, 0600);
     if (fd < 0) die("open temporary ring file");
-    size_t size = (size_t)rb_file_size(capacity);
-    if (ftruncate(fd, (off_t)size) != 0) die("ftruncate");
-    void *base = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-    if (base == MAP_FAILED) die("mmap");
-    rb_init(base, capacity);
-    if (rb_validate_header(base, size, snap) != RB_VALID) {
-        fprintf(stderr, "crash_peer: fresh ring does not validate\n");
-        exit(EXIT_INVALID);
-    }
-    if (rb_lock_role(fd, RB_ROLE_WRITER) != RB_OK) die("lock the writer role");
-    if (link(tmp, path) != 0) die("link ring file into place");
+    rb_options opt = {.path = path, .capacity = capacity, .spin_ns = SPIN_NS};
+    rb_result res = rb_handle_attach(h, fd, RB_ROLE_WRITER, &opt, err);
+    if (res == RB_OK && link(tmp, path) != 0) die("link ring file into place");
     if (unlink(tmp) != 0) die("unlink temporary ring file");
     free(tmp);
-    *fd_out = fd;
-    return base;
+    return res == RB_OK ? 0 : -1;
 }
 
 static int run_writer(const char *path, uint64_t capacity, uint64_t n) {
-    if (!rb_capacity_valid(capacity)) {
-        fprintf(stderr, "crash_peer: capacity must be a power of two in [64, 2**32]\n");
-        return EXIT_SYSTEM;
-    }
-    int fd;
-    rb_snapshot snap;
-    void *base = create_ring(path, capacity, &fd, &snap);
-    rb_writer w;
-    rb_writer_attach(&w, base, &snap);
+    rb_handle h;
+    rb_error err;
+    rb_handle_init(&h);
+    if (create_ring(&h, path, capacity, &err) < 0) return fail(&err);
+    rb_writer *w = &h.ring.writer;
     uint64_t max_len = capacity - RB_RECORD_HEADER;
     uint8_t *buf = malloc(max_len + 1);
     if (!buf) die("malloc");
@@ -174,93 +175,58 @@ static int run_writer(const char *path, uint64_t capacity, uint64_t n) {
     for (uint64_t seq = 0; seq < n; seq++) {
         uint64_t len = message_length(seq, max_len);
         fill(buf, seq, len);
+        rb_wait_state ws;
+        rb_wait_init(&ws, RB_FOREVER, "push");
         for (;;) {
-            rb_result res = rb_try_push(&w, buf, len);
+            rb_result res = rb_try_push(w, buf, len);
             if (res == RB_OK) break;
             if (res != RB_FULL) {
-                fprintf(stderr, "crash_peer writer: result %d at seq %" PRIu64 "\n", (int)res,
-                        seq);
-                return EXIT_CORRUPT;
+                rb_handle_error(&h, res, len, &err);
+                return fail(&err);
             }
-            if (rb_spin_writable(&w, SPIN_NS) != RB_WOKEN) {
-                rb_wait_writable(&w, rb_now_ns() + WAIT_SLICE_NS);
-                rb_end_wait_writable(&w);
-            }
+            if (rb_wait(&h, &ws, &err) != RB_OK) return fail(&err);
         }
         report(seq);
     }
-    rb_writer_close(&w);
+    rb_handle_release(&h, 1, 0);
+    rb_handle_unmap(&h);
     free(buf);
     return EXIT_DONE;
 }
 
 /* ---- reader ------------------------------------------------------------ */
 
-/* Maps the existing ring at `path` (as much of it as the capacity its header
- * claims, if the file is that long) and validates it. Returns the mapping and
- * fills *snap; *fd_out stays open. */
-static void *open_ring(const char *path, int *fd_out, rb_snapshot *snap) {
+static int run_reader(const char *path, uint64_t n) {
     int fd = open(path, O_RDWR | O_CLOEXEC);
     if (fd < 0) die("open ring file");
-    struct stat sb;
-    if (fstat(fd, &sb) != 0) die("fstat");
-    uint64_t file_size = (uint64_t)sb.st_size;
-    if (file_size < RB_DATA_OFFSET) {
-        fprintf(stderr, "crash_peer: %s\n", rb_invalid_reason(RB_INVALID_SHORT_FILE));
-        exit(EXIT_INVALID);
-    }
-    void *head = mmap(NULL, RB_DATA_OFFSET, PROT_READ, MAP_SHARED, fd, 0);
-    if (head == MAP_FAILED) die("mmap header");
-    uint64_t capacity = ((const rb_header *)head)->capacity;
-    munmap(head, RB_DATA_OFFSET);
-    size_t map_size = RB_DATA_OFFSET;
-    if (rb_capacity_valid(capacity) && file_size >= rb_file_size(capacity))
-        map_size = (size_t)rb_file_size(capacity);
-    void *base = mmap(NULL, map_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-    if (base == MAP_FAILED) die("mmap");
-    rb_invalid why = rb_validate_header(base, file_size < map_size ? file_size : map_size, snap);
-    if (why != RB_VALID) {
-        fprintf(stderr, "crash_peer: %s: %s\n", path, rb_invalid_reason(why));
-        exit(EXIT_INVALID);
-    }
-    *fd_out = fd;
-    return base;
-}
-
-static int run_reader(const char *path, uint64_t n) {
-    int fd;
-    rb_snapshot snap;
-    void *base = open_ring(path, &fd, &snap);
-    rb_result locked = rb_lock_role(fd, RB_ROLE_READER);
-    if (locked == RB_BUSY) {
-        fprintf(stderr, "crash_peer reader: %s already has a live reader\n", path);
-        return EXIT_BUSY;
-    }
-    if (locked != RB_OK) die("lock the reader role");
-    rb_reader r;
-    rb_reader_attach(&r, base, &snap);
-    uint64_t max_len = r.capacity - RB_RECORD_HEADER;
+    rb_handle h;
+    rb_error err;
+    rb_handle_init(&h);
+    rb_options opt = {.path = path, .spin_ns = SPIN_NS};
+    if (rb_handle_attach(&h, fd, RB_ROLE_READER, &opt, &err) != RB_OK) return fail(&err);
+    rb_reader *r = &h.ring.reader;
+    uint64_t max_len = r->capacity - RB_RECORD_HEADER;
     uint8_t *expect = malloc(max_len + 1);
     uint8_t *copy = malloc(max_len + 1);
     if (!expect || !copy) die("malloc");
     say_ready();
     uint64_t seq = 0;
+    rb_wait_state ws;
+    rb_wait_init(&ws, RB_FOREVER, "pop");
     for (;;) {
         const void *payload;
         uint64_t len;
-        rb_result res = rb_peek(&r, &payload, &len);
+        rb_result res = rb_peek(r, &payload, &len);
         if (res == RB_EMPTY) {
-            if (rb_spin_readable(&r, SPIN_NS) != RB_WOKEN) {
-                rb_wait_readable(&r, rb_now_ns() + WAIT_SLICE_NS);
-                rb_end_wait_readable(&r);
-            }
+            if (rb_wait(&h, &ws, &err) != RB_OK) return fail(&err);
             continue;
         }
         if (res == RB_CLOSED) break;
         if (res != RB_OK) {
-            fprintf(stderr, "crash_peer reader: result %d at seq %" PRIu64 "\n", (int)res, seq);
-            return EXIT_CORRUPT;
+            rb_handle_error(&h, res, 0, &err);
+            return fail(&err);
         }
+        rb_wait_init(&ws, RB_FOREVER, "pop");
         uint64_t want = message_length(seq, max_len);
         fill(expect, seq, want);
         if (len != want || memcmp(payload, expect, len) != 0) {
@@ -275,7 +241,7 @@ static int run_reader(const char *path, uint64_t n) {
 #ifdef RB_CRASH_POINTS
         rb_crash_point("reader_copied");
 #endif
-        rb_consume(&r);
+        rb_consume(r);
         seq++;
     }
     if (seq != n) {
@@ -284,6 +250,7 @@ static int run_reader(const char *path, uint64_t n) {
                 seq, n);
         return EXIT_CORRUPT;
     }
+    rb_handle_unmap(&h);
     free(copy);
     free(expect);
     return EXIT_DONE;

@@ -1,0 +1,185 @@
+/* ipc_ring handles: one process's attachment to a ring file, in plain C11
+ * plus POSIX (no Python.h).
+ *
+ * Everything around the protocol of _ring.h that involves the operating
+ * system lives here, once, for every caller: the extension (_core.c), the
+ * crash tests' C peer, the C benchmark and the TSan stress test attach,
+ * wait and detach through these functions. They map, validate and lock the
+ * file (FORMAT.md "Opening and validation", "Mapping", "Liveness and
+ * roles"), decide what a wait does before and after each sleep slice
+ * ("Waiting", "Truncation"), give a role up ("End of stream"), and disown
+ * every handle in the child of a fork() ("fork()").
+ *
+ * Thread safety: a handle is used by one thread at a time (the caller
+ * serialises; the extension refuses a second call). The process-wide list
+ * of handles that fork() needs is guarded by its own mutex, so handles in
+ * different threads need no common lock. Errors come back as an rb_result
+ * and a complete message in an rb_error; nothing here prints or exits.
+ */
+#ifndef IPC_RING_HANDLE_H
+#define IPC_RING_HANDLE_H
+
+#include <sys/types.h>
+
+#include "_ring.h"
+
+/* What went wrong, for the caller to report: `code` says which kind of
+ * error (RB_INVALID, RB_BUSY, RB_CLOSED, RB_TRUNCATED, RB_PEER_DIED,
+ * RB_TIMEOUT, RB_CORRUPT, RB_TOO_LARGE, or RB_ERROR with `sys_errno`),
+ * `message` is one line that names the path. */
+typedef struct rb_error {
+    rb_result code;
+    int sys_errno;      /* errno of the failed system call, for RB_ERROR */
+    char message[512];  /* NUL-terminated */
+} rb_error;
+
+/* Bits of rb_handle.flags. 0 means usable: the fast paths test one word. */
+enum rb_handle_flag {
+    RB_HANDLE_DETACHED = 1u, /* the role was given up (rb_handle_release) or never taken */
+    RB_HANDLE_FORKED = 2u,   /* this process is a fork() child of the one that attached */
+    RB_HANDLE_CALLER = 16u   /* first bit left to the caller (the extension's call state) */
+};
+
+typedef struct rb_handle {
+    unsigned flags;     /* rb_handle_flag bits and the caller's; 0 while usable */
+    rb_role role;       /* which side this is */
+    int fd;             /* the ring file, holding the role's lock; -1 once released */
+    void *map;          /* the mapping, NULL once unmapped */
+    size_t map_size;    /* its length: rb_file_size(capacity) */
+    uint64_t capacity;  /* validated once at attach, never re-read */
+    uint64_t spin_ns;   /* busy-wait before a sleep */
+    int notify_rx;      /* own FIFO, read end, for fileno(); -1 if none */
+    pid_t owner_pid;    /* the process that attached */
+    char *path;         /* as given, for messages (malloc'ed) */
+    struct rb_handle *prev, *next; /* the process's live handles, for fork() */
+    union {
+        rb_writer writer; /* role == RB_ROLE_WRITER */
+        rb_reader reader; /* role == RB_ROLE_READER */
+    } ring;
+} rb_handle;
+
+/* Longest single sleep of a wait (FORMAT.md "Why sleeps are sliced"). */
+#define RB_SLEEP_SLICE_NS 50000000u
+/* Default busy-wait before a sleep (README "Performance" has the sweep). */
+#define RB_DEFAULT_SPIN_NS 10000u
+/* A timeout meaning "wait forever". */
+#define RB_FOREVER UINT64_MAX
+
+/* Puts `h` in the unattached state (flags RB_HANDLE_DETACHED, no
+ * descriptors, no mapping). Call once before anything else. */
+void rb_handle_init(rb_handle *h);
+
+/* How to attach (rb_handle_attach). */
+typedef struct rb_options {
+    const char *path;  /* the file's name, for messages */
+    uint64_t capacity; /* > 0: the file is new and empty, make it a ring of this capacity */
+    uint64_t spin_ns;  /* busy-wait before a sleep (RB_DEFAULT_SPIN_NS) */
+    int no_populate;   /* map without MAP_POPULATE (only to measure what it saves) */
+} rb_options;
+
+/* Attaches `h` as `role` to the ring file open read-write on `fd`. With
+ * opt->capacity > 0 the file is new and empty (the caller created it): it is
+ * sized to rb_file_size(capacity), its blocks are reserved (ENOSPC now
+ * rather than SIGBUS later) and a fresh header is written. In order: lock
+ * the role, map, validate the header into a snapshot, refuse to continue a
+ * closed stream (writer re-attach), attach from the snapshot. RB_OK: `h`
+ * owns `fd` from now on. Otherwise RB_INVALID, RB_BUSY, RB_CLOSED,
+ * RB_BAD_ARGUMENT or RB_ERROR with `err` filled; `fd` is still the caller's
+ * (its lock given up again) and `h` holds nothing. */
+rb_result rb_handle_attach(rb_handle *h, int fd, rb_role role, const rb_options *opt,
+                           rb_error *err);
+
+/* Gives the handle its notification FIFOs (FORMAT.md "Waiting on a file
+ * descriptor"): `rx` its own, read for fileno(), `tx` the peer's, written
+ * to wake it; both open O_RDWR | O_NONBLOCK. The handle owns them. */
+void rb_handle_set_notify(rb_handle *h, int rx, int tx);
+
+/* Gives up the role at once: a writer with `end_stream` publishes what it
+ * has staged and marks the end of stream (FORMAT.md "End of stream"); with
+ * `wake_own` a thread of this process asleep in this handle's wait is woken
+ * (it must then not touch the ring); then the descriptors are closed, which
+ * releases the role's lock. Nothing is stored into the file in a fork()
+ * child or a file truncated under the mapping. The mapping stays until
+ * rb_handle_unmap, so memory that a caller still uses stays valid.
+ * Idempotent. */
+void rb_handle_release(rb_handle *h, int end_stream, int wake_own);
+
+/* Unmaps and frees what rb_handle_release left (releasing first if needed,
+ * without ending the stream). Idempotent. */
+void rb_handle_unmap(rb_handle *h);
+
+/* RB_OK if the file still covers the mapping, else RB_TRUNCATED with `err`
+ * filled (FORMAT.md "Truncation"). One fstat. */
+rb_result rb_handle_check_size(rb_handle *h, rb_error *err);
+
+/* 1 if a live process holds the peer role's lock, 0 if none does, -1 with
+ * errno set. */
+int rb_handle_peer_alive(rb_handle *h);
+
+/* ---- waiting (FORMAT.md "Waiting") -------------------------------------
+ * A blocking call that cannot proceed calls rb_wait_prepare; RB_WOKEN says
+ * retry now; RB_OK says sleep: rb_wait_sleep (the extension releases the
+ * GIL around it), then rb_wait_finish, then retry. Anything else is the
+ * error to report. rb_wait does the three in a row for callers without an
+ * interpreter. */
+
+typedef struct rb_wait_state {
+    uint64_t timeout_ns; /* RB_FOREVER, 0 (try once), or a limit */
+    uint64_t deadline;   /* CLOCK_MONOTONIC ns; set when the spin ends; 0 = none */
+    uint64_t until;      /* end of the current sleep slice */
+    const char *op;      /* the call's name, for messages */
+    int spun;            /* the spin phase is over */
+    int peer_dead;       /* the peer's lock was found free: one retry, then RB_PEER_DIED */
+} rb_wait_state;
+
+void rb_wait_init(rb_wait_state *ws, uint64_t timeout_ns, const char *op);
+
+/* Before a sleep, with the interpreter's lock held: spins once per call,
+ * then checks the file's size, the peer's liveness and the deadline.
+ * RB_WOKEN (retry), RB_OK (sleep), RB_TIMEOUT, RB_TRUNCATED, RB_PEER_DIED. */
+rb_result rb_wait_prepare(rb_handle *h, rb_wait_state *ws, rb_error *err);
+
+/* Sleeps one slice (needs no interpreter lock). RB_WOKEN, RB_TIMEOUT or
+ * RB_INTERRUPTED: all mean "go on with rb_wait_finish". */
+rb_result rb_wait_sleep(rb_handle *h, rb_wait_state *ws);
+
+/* After a sleep: checks the file's size before it touches the header, then
+ * takes the waiting flag down. RB_OK or RB_TRUNCATED. */
+rb_result rb_wait_finish(rb_handle *h, rb_error *err);
+
+/* rb_wait_prepare, and if it says so rb_wait_sleep and rb_wait_finish:
+ * RB_OK (retry the operation) or the error. */
+rb_result rb_wait(rb_handle *h, rb_wait_state *ws, rb_error *err);
+
+/* The error for a result of the protocol (RB_TOO_LARGE with `length`,
+ * RB_CLOSED, RB_CORRUPT): fills `err`, returns `res`. */
+rb_result rb_handle_error(rb_handle *h, rb_result res, uint64_t length, rb_error *err);
+
+/* ---- inspecting a ring file read-only ---------------------------------- */
+
+/* A named header field (FORMAT.md "Header"), for listing them all. */
+typedef struct rb_field {
+    const char *name;
+    uint32_t offset;
+    uint32_t size; /* 4 or 8 */
+} rb_field;
+
+/* Every named field of the header, in FORMAT.md order; `name` NULL ends it. */
+extern const rb_field rb_header_fields[];
+
+typedef struct rb_inspection {
+    uint64_t values[32];  /* rb_header_fields[i]'s value, loaded once */
+    uint64_t file_size;
+    rb_invalid why;       /* RB_VALID, or why the header is refused */
+    int writer_alive;     /* a live process holds the writer's lock */
+    int reader_alive;     /* a live process holds the reader's lock */
+    uint64_t used_bytes;  /* write_pos - read_pos, when valid */
+} rb_inspection;
+
+/* Opens `path` read-only, maps its header page PROT_READ, loads every field
+ * once and validates them, and tests both role locks. Never writes.
+ * RB_OK (also for a refused header: see out->why), or RB_INVALID (not a
+ * regular file, shorter than the header) / RB_ERROR with `err` filled. */
+rb_result rb_inspect(const char *path, rb_inspection *out, rb_error *err);
+
+#endif /* IPC_RING_HANDLE_H */
