@@ -1,4 +1,5 @@
-"""Fixtures shared by the tests: ring file paths and Python child processes."""
+"""Fixtures and helpers shared by the tests: ring file paths, a ring, its records, threads
+and Python child processes."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import NoReturn
 
 import pytest
+
+from ipc_ring import RingReader, RingWriter
 
 TESTS_DIR = Path(__file__).resolve().parent
 SHM_DIR = Path("/dev/shm")
@@ -152,19 +155,126 @@ class Child:
                     stream.close()
 
 
+Spawn = Callable[..., Child]
+
+
 @pytest.fixture
-def spawn(request: pytest.FixtureRequest) -> Iterator[Callable[..., Child]]:
-    """Starts child processes that run a function of the calling test module:
-    `spawn("writer_main", path, 256)` runs `writer_main("<path>", "256")` in a fresh
-    interpreter (arguments arrive as strings). Every child is killed at teardown."""
-    module = request.module.__name__
+def spawn(request: pytest.FixtureRequest) -> Iterator[Spawn]:
+    """Starts child processes that run a function in a fresh interpreter:
+    `spawn(child_main, path, 256)` runs `child_main("<path>", "256")` (arguments arrive as
+    strings); the function is named by itself, or by a string that names a function of
+    the calling test module (`spawn("writer_main", path, 256)`). Every child is killed
+    at teardown."""
     children: list[Child] = []
 
-    def start(function: str, *args: object) -> Child:
-        child = Child(module, function, args)
+    def start(function: str | Callable[..., object], *args: object) -> Child:
+        if isinstance(function, str):
+            child = Child(request.module.__name__, function, args)
+        else:
+            child = Child(function.__module__, function.__name__, args)
         children.append(child)
         return child
 
     yield start
     for child in children:
         child.close()
+
+
+# ---- the ring and its records ------------------------------------------------------------
+
+# Every blocking call in a test or in a child gives up after this long.
+TIMEOUT = 10.0
+# Exit status of a child that saw what the test expected.
+EXPECTED_EXIT = 42
+
+# docs/FORMAT.md "Header" and "Records".
+DATA_OFFSET = 4096
+WRITE_POS_AT = 128
+READ_POS_AT = 256
+RECORD_HEADER = 8
+
+
+def record_size(length: int) -> int:
+    """Bytes a message of `length` bytes takes in the data area: header + padded payload."""
+    return RECORD_HEADER + (length + 7) // 8 * 8
+
+
+def positions(path: Path | str) -> tuple[int, int]:
+    """(write_pos, read_pos) as published in the ring file's header."""
+    with open(path, "rb") as file:
+        header = file.read(READ_POS_AT + 8)
+    return (
+        int.from_bytes(header[WRITE_POS_AT : WRITE_POS_AT + 8], "little"),
+        int.from_bytes(header[READ_POS_AT : READ_POS_AT + 8], "little"),
+    )
+
+
+@pytest.fixture
+def ring(ring_path: Path) -> Iterator[tuple[RingWriter, RingReader]]:
+    """A writer and a reader on a fresh 64-byte ring (max_message_size 56)."""
+    with RingWriter.create(ring_path, 64) as writer, RingReader.open(ring_path) as reader:
+        yield writer, reader
+
+
+def numbered(i: int, length: int = 16) -> bytes:
+    """Message number i, `length` bytes: i as 8 little-endian bytes, then the byte i & 0xFF
+    repeated, cut to `length` (so distinct for every i below 256 ** min(length, 8))."""
+    return (i.to_bytes(8, "little") + bytes([i & 0xFF]) * max(length - 8, 0))[:length]
+
+
+def fill(writer: RingWriter, length: int = 8, start: int = 0) -> list[bytes]:
+    """Pushes numbered(start, length), numbered(start + 1, length), ... with try_push until
+    the ring is full; returns what it pushed."""
+    pushed: list[bytes] = []
+    while writer.try_push(message := numbered(start + len(pushed), length)):
+        pushed.append(message)
+    return pushed
+
+
+def drain(reader: RingReader) -> list[bytes]:
+    """Every message available now, without waiting."""
+    received = []
+    while (message := reader.try_pop()) is not None:
+        received.append(message)
+    return received
+
+
+class Worker(threading.Thread):
+    """Runs `call()` in a thread and keeps its result or exception."""
+
+    def __init__(self, call: Callable[[], object]) -> None:
+        super().__init__(daemon=True)
+        self.call = call
+        self.result: object = None
+        self.error: BaseException | None = None
+        self.finished = threading.Event()
+
+    def run(self) -> None:
+        try:
+            self.result = self.call()
+        except BaseException as e:
+            self.error = e
+        finally:
+            self.finished.set()
+
+
+# ---- children that several test modules start --------------------------------------------
+
+
+def wait_for_command() -> str:
+    """In a child: the next line on stdin ("" once the test closed it or went away)."""
+    return sys.stdin.readline().strip()
+
+
+def child_numbered_writer(path: str, capacity: str, count: str, ending: str) -> NoReturn:
+    """Creates a ring, pushes numbered(0) .. numbered(count - 1), prints "pushed", stays
+    attached until a command arrives, then ends as `ending` says: "die" (os._exit without
+    close) or "close" (close, then os._exit)."""
+    writer = RingWriter.create(path, int(capacity))
+    for i in range(int(count)):
+        writer.push(numbered(i), timeout=10)
+    print("pushed", flush=True)
+    wait_for_command()
+    if ending == "close":
+        writer.close()
+    os._exit(0)

@@ -27,6 +27,7 @@ from typing import IO
 
 import pytest
 
+from conftest import record_size
 from ipc_ring import PeerDied, RingClosed, RingReader, RingTimeout, RingWriter
 
 pytestmark = pytest.mark.slow
@@ -88,10 +89,6 @@ def expected_message(seq: int, max_len: int) -> bytes:
     if length >= 8:
         body = seq.to_bytes(8, "little") + body[8:]
     return body
-
-
-def record_size(length: int) -> int:
-    return (RECORD_HEADER + length + 7) & ~7
 
 
 def padding_before(capacity: int, n: int) -> list[int]:

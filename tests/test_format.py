@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 import ipc_ring
+from conftest import record_size
 from ipc_ring import InvalidRing, MessageTooLarge, RingClosed, RingReader, RingTimeout, RingWriter
 
 # FORMAT.md "Header"
@@ -73,10 +74,6 @@ KIND_MESSAGE = 1
 KIND_PADDING = 2
 
 TIMEOUT = 5.0  # every blocking call is bounded, so a bug fails instead of hanging
-
-
-def record_size(length: int) -> int:
-    return (RECORD_HEADER + length + 7) & ~7
 
 
 def file_bytes(path: Path) -> bytes:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import record_size
 from ipc_ring import (
     InvalidRing,
     PeerDied,
@@ -66,10 +67,6 @@ WRITE_POS, READ_POS = 128, 256
 
 
 # ---- building and corrupting rings -----------------------------------------------------------
-
-
-def record_size(length: int) -> int:
-    return (RECORD_HEADER + length + 7) & ~7
 
 
 def random_message(rng: random.Random, max_len: int) -> bytes:

@@ -25,6 +25,7 @@ from hypothesis.stateful import (
     rule,
 )
 
+from conftest import record_size
 from ipc_ring import MessageTooLarge, RingClosed, RingReader, RingTimeout, RingWriter
 
 RING_PARENT_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else None
@@ -32,10 +33,6 @@ RING_PARENT_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else None
 # FORMAT.md "Header": where the two sides publish their positions.
 WRITE_POS_OFFSET = 128
 READ_POS_OFFSET = 256
-
-
-def record_size(length: int) -> int:
-    return 8 + (length + 7) // 8 * 8
 
 
 class RingMachine(RuleBasedStateMachine):
