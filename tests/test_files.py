@@ -1,0 +1,374 @@
+"""The file system side: create never replaces or follows what is at its path, the modes
+and files it leaves, a full file system (ENOSPC), open of files that are not complete
+rings, a file truncated under a waiting side, and that neither success nor failure leaks a
+file descriptor or a mapping.
+
+The functions named `child_*` run in a child process started by the `spawn` fixture (see
+conftest.py).
+"""
+
+from __future__ import annotations
+
+import errno
+import gc
+import os
+import random
+import shutil
+import stat
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import Spawn, child_numbered_writer
+from ipc_ring import InvalidRing, RingBusy, RingClosed, RingReader, RingWriter
+
+HEADER_SIZE = 4096
+
+
+def open_fds() -> int:
+    """How many file descriptors this process has open (0 where /proc/self/fd is missing)."""
+    return len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 0
+
+
+def mappings_under(directory: Path) -> list[str]:
+    with open("/proc/self/maps") as maps:
+        return [line for line in maps if str(directory) in line]
+
+
+# ---- child processes ---------------------------------------------------------------------
+
+
+def child_reader_blocked_while_truncated(path: str) -> int:
+    """Opens the ring in a `with` block, prints "waiting", blocks in pop; prints what ended
+    the wait, then leaves the block (which closes the reader)."""
+    with RingReader.open(path) as reader:
+        print("waiting", flush=True)
+        try:
+            reader.pop(timeout=5)
+            print("outcome message", flush=True)
+        except Exception as e:
+            print("outcome", type(e).__name__, flush=True)
+    print("closed", flush=True)
+    return 0
+
+
+def child_writer_blocked_while_truncated(path: str) -> int:
+    """Creates a ring in a `with` block, fills it, prints "waiting", blocks in push; prints
+    what ended the wait, then leaves the block (which closes the writer)."""
+    with RingWriter.create(path, 256) as writer:
+        while writer.try_push(b"x" * 24):
+            pass
+        print("waiting", flush=True)
+        try:
+            writer.push(b"y" * 24, timeout=5)
+            print("outcome pushed", flush=True)
+        except Exception as e:
+            print("outcome", type(e).__name__, flush=True)
+    print("closed", flush=True)
+    return 0
+
+
+# ---- create: what is at the path ---------------------------------------------------------
+# A plain file in the way: test_format.py, test_create_never_replaces_an_existing_file.
+
+
+def test_create_refuses_an_existing_ring(ring_path: Path) -> None:
+    with RingWriter.create(ring_path, 64) as writer:
+        writer.push(b"first writer", timeout=5)
+        with pytest.raises(FileExistsError):
+            RingWriter.create(ring_path, 64)
+        with RingReader.open(ring_path) as reader:
+            assert reader.pop(timeout=5) == b"first writer"
+
+
+@pytest.fixture(params=["same-directory", "other-directory"])
+def symlink_target(request: pytest.FixtureRequest, ring_path: Path, tmp_path: Path) -> Path:
+    """Where a symlink at ring_path points: next to it, or in another directory."""
+    directory = ring_path.parent if request.param == "same-directory" else tmp_path
+    return directory / "target"
+
+
+def test_create_never_follows_a_dangling_symlink(ring_path: Path, symlink_target: Path) -> None:
+    ring_path.symlink_to(symlink_target)
+    with pytest.raises(FileExistsError):
+        RingWriter.create(ring_path, 64)
+    assert not symlink_target.exists()
+    assert ring_path.is_symlink()
+    assert sorted(os.listdir(ring_path.parent)) == [ring_path.name]
+
+
+def test_create_never_follows_a_symlink_to_an_existing_file(
+    ring_path: Path, symlink_target: Path
+) -> None:
+    symlink_target.write_bytes(b"precious")
+    ring_path.symlink_to(symlink_target)
+    with pytest.raises(FileExistsError):
+        RingWriter.create(ring_path, 64)
+    assert symlink_target.read_bytes() == b"precious"
+    assert ring_path.is_symlink()
+    expected = [ring_path.name]
+    if symlink_target.parent == ring_path.parent:
+        expected.append(symlink_target.name)
+    assert sorted(os.listdir(ring_path.parent)) == sorted(expected)
+
+
+def test_create_refuses_an_existing_directory(ring_path: Path) -> None:
+    ring_path.mkdir()
+    with pytest.raises(FileExistsError):
+        RingWriter.create(ring_path, 64)
+    assert os.listdir(ring_path.parent) == [ring_path.name]
+
+
+def test_create_in_a_missing_directory_raises_file_not_found(ring_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        RingWriter.create(ring_path.parent / "missing" / "ring", 64)
+    assert os.listdir(ring_path.parent) == []
+
+
+# ---- create: what it leaves --------------------------------------------------------------
+
+
+def test_create_leaves_only_the_ring_file_and_its_fifos_in_the_directory(ring_path: Path) -> None:
+    expected = sorted([ring_path.name, f"{ring_path.name}.rd", f"{ring_path.name}.wr"])
+    with RingWriter.create(ring_path, 64):
+        assert sorted(os.listdir(ring_path.parent)) == expected
+    assert sorted(os.listdir(ring_path.parent)) == expected
+    assert ring_path.stat().st_size == 4096 + 64
+
+
+def test_created_file_has_mode_0o600_by_default(ring_path: Path) -> None:
+    with RingWriter.create(ring_path, 64):
+        assert stat.S_IMODE(ring_path.stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize("mode", [0o400, 0o640, 0o644, 0o660, 0o666])
+def test_created_file_has_exactly_the_given_mode_whatever_the_umask(
+    ring_path: Path, mode: int
+) -> None:
+    old_umask = os.umask(0o077)
+    try:
+        with RingWriter.create(ring_path, 64, mode=mode):
+            assert stat.S_IMODE(ring_path.stat().st_mode) == mode
+    finally:
+        os.umask(old_umask)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs mounted for this test; skipped where mounting is not allowed."""
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    mount = shutil.which("mount")
+    if mount is None:
+        pytest.skip("no mount command: cannot make a small file system for ENOSPC")
+    done = subprocess.run(
+        [mount, "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a 1 MiB tmpfs (needs root/CAP_SYS_ADMIN): {done.stderr}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], timeout=30, check=False)
+
+
+def test_create_larger_than_free_space_raises_enospc_and_leaves_no_file(
+    small_tmpfs: Path,
+) -> None:
+    with pytest.raises(OSError) as failure:
+        RingWriter.create(small_tmpfs / "big", 1 << 21)
+    assert failure.value.errno == errno.ENOSPC
+    assert os.listdir(small_tmpfs) == []
+    # The space came back: a ring that fits can be created there.
+    with RingWriter.create(small_tmpfs / "fits", 1 << 19) as writer:
+        writer.push(b"x" * 1000)
+    assert sorted(os.listdir(small_tmpfs)) == ["fits", "fits.rd", "fits.wr"]
+
+
+# ---- open: files that are not complete rings ---------------------------------------------
+
+
+def write_truncated_ring(path: Path) -> None:
+    """A real ring of 4096 bytes whose file lost its last 100 bytes."""
+    with RingWriter.create(path, 4096):
+        pass
+    os.truncate(path, 4096 + 4096 - 100)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda p: p.write_bytes(b""),
+        lambda p: p.write_bytes(b"!IPCRING"),
+        lambda p: p.write_bytes(random.Random(0).randbytes(8192)),
+        lambda p: p.write_bytes(bytes(4096 + 64)),
+        write_truncated_ring,
+        lambda p: os.mkfifo(p),
+        lambda p: p.mkdir(),
+    ],
+    ids=[
+        "empty",
+        "magic-only",
+        "random-bytes",
+        "zeros",
+        "shorter-than-header-says",
+        "fifo",
+        "directory",
+    ],
+)
+def test_open_a_file_that_is_not_a_complete_ring_raises_invalid_ring(
+    ring_path: Path, make: Callable[[Path], object]
+) -> None:
+    make(ring_path)
+    before = open_fds()
+    start = time.monotonic()
+    with pytest.raises(InvalidRing):
+        RingReader.open(ring_path)
+    assert time.monotonic() - start < 0.5
+    assert open_fds() == before
+
+
+# ---- a file truncated under a waiting side -----------------------------------------------
+
+
+@pytest.mark.parametrize("size", [HEADER_SIZE, 0])
+def test_reader_waiting_in_pop_raises_invalid_ring_when_file_is_truncated(
+    spawn: Spawn, ring_path: Path, size: int
+) -> None:
+    writer = spawn(child_numbered_writer, ring_path, 4096, 0, "die")  # alive: no PeerDied
+    writer.expect_line("pushed")
+    reader = spawn(child_reader_blocked_while_truncated, ring_path)
+    reader.expect_line("waiting")
+    time.sleep(0.3)  # the reader is asleep in a wait slice by now
+    os.truncate(ring_path, size)
+    returncode = reader.wait(timeout=10)
+    writer.send("go")
+    writer.finish()
+    assert returncode == 0, f"reader died with {returncode} (-7 is SIGBUS): {reader.output}"
+    assert reader.output[-2:] == ["outcome InvalidRing", "closed"], reader.output
+
+
+@pytest.mark.parametrize("size", [HEADER_SIZE, 0])
+def test_writer_waiting_in_push_raises_invalid_ring_when_file_is_truncated(
+    spawn: Spawn, ring_path: Path, size: int
+) -> None:
+    writer = spawn(child_writer_blocked_while_truncated, ring_path)
+    writer.expect_line("waiting")
+    with RingReader.open(ring_path):  # a live reader: the writer waits, no PeerDied
+        time.sleep(0.3)
+        os.truncate(ring_path, size)
+        returncode = writer.wait(timeout=10)
+    assert returncode == 0, f"writer died with {returncode} (-7 is SIGBUS): {writer.output}"
+    assert writer.output[-2:] == ["outcome InvalidRing", "closed"], writer.output
+
+
+# ---- no leaked descriptors or mappings ---------------------------------------------------
+
+
+@pytest.fixture
+def no_leaks(ring_dir: Path) -> Iterator[Callable[[], None]]:
+    """check() asserts that the descriptor count is back to where the test started and no
+    mapping of a file in ring_dir remains; it also runs at teardown."""
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc/self/fd and /proc/self/maps (Linux)")
+    gc.collect()
+    baseline = open_fds()
+
+    def check() -> None:
+        gc.collect()
+        assert open_fds() == baseline, "a file descriptor leaked"
+        assert mappings_under(ring_dir) == [], "a mapping of the ring file leaked"
+
+    yield check
+    check()
+
+
+def test_close_releases_descriptor_and_mapping(
+    ring_path: Path, no_leaks: Callable[[], None]
+) -> None:
+    writer = RingWriter.create(ring_path, 4096)
+    reader = RingReader.open(ring_path)
+    assert mappings_under(ring_path.parent)
+    writer.push(b"x")
+    reader.close()
+    writer.close()
+    no_leaks()
+
+
+def test_garbage_collection_without_close_releases_descriptor_and_mapping(
+    ring_path: Path, no_leaks: Callable[[], None]
+) -> None:
+    writer = RingWriter.create(ring_path, 4096)
+    reader = RingReader.open(ring_path)
+    writer.push(b"x")
+    del writer, reader
+    no_leaks()
+    # The collected writer ended the stream; the collected reader left the message.
+    reader = RingReader.open(ring_path)
+    assert reader.pop(timeout=1) == b"x"
+    with pytest.raises(RingClosed):
+        reader.pop(timeout=1)
+    del reader
+    no_leaks()
+
+
+def test_failed_create_and_open_release_descriptor_and_mapping(
+    ring_dir: Path, no_leaks: Callable[[], None]
+) -> None:
+    path = ring_dir / "ring"
+    for capacity in (0, 100, 32, 1 << 33):
+        with pytest.raises(ValueError):
+            RingWriter.create(path, capacity)
+    with pytest.raises(FileNotFoundError):
+        RingReader.open(path)
+    with pytest.raises(FileNotFoundError):
+        RingWriter.open(path)
+
+    writer = RingWriter.create(path, 256)
+    with pytest.raises(FileExistsError):
+        RingWriter.create(path, 256)
+    reader = RingReader.open(path)
+    with pytest.raises(RingBusy):
+        RingReader.open(path)
+    with pytest.raises(RingBusy):
+        RingWriter.open(path)
+    reader.close()
+    writer.close()
+    with pytest.raises(RingClosed):
+        RingWriter.open(path)
+
+    garbage = ring_dir / "garbage"
+    garbage.write_bytes(os.urandom(HEADER_SIZE + 256))
+    short = ring_dir / "short"
+    short.write_bytes(b"\0" * 100)
+    empty = ring_dir / "empty"
+    empty.write_bytes(b"")
+    truncated = ring_dir / "truncated"
+    RingWriter.create(truncated, 4096).close()
+    os.truncate(truncated, HEADER_SIZE + 100)
+    (ring_dir / "directory").mkdir()
+    for bad in ("garbage", "short", "empty", "truncated", "directory"):
+        with pytest.raises(InvalidRing):
+            RingReader.open(ring_dir / bad)
+        with pytest.raises(InvalidRing):
+            RingWriter.open(ring_dir / bad)
+    no_leaks()
+    assert sorted(os.listdir(ring_dir)) == [
+        "directory",
+        "empty",
+        "garbage",
+        "ring",
+        "ring.rd",
+        "ring.wr",
+        "short",
+        "truncated",
+        "truncated.rd",
+        "truncated.wr",
+    ], "a temporary file was left behind"
