@@ -26,19 +26,16 @@
 
 static int populate = 1; /* MAP_POPULATE, as the extension maps; --no-populate to compare */
 
-/* Attaches `h` as `role` through the library's own attach (lock, map,
- * validate); with `create`, makes the file first. Exits on failure. */
-static void attach(rb_handle *h, const char *path, uint64_t capacity, rb_role role, int create) {
-    int fd = open(path, O_RDWR | O_CLOEXEC | (create ? O_CREAT | O_EXCL : 0), 0600);
-    if (fd < 0) {
-        perror(path);
-        exit(1);
-    }
-    rb_options opt = {.path = path, .capacity = create ? capacity : 0,
+/* Creates the ring (writer) or opens it (reader) through the library's own
+ * functions (lock, map, validate). Exits on failure. */
+static void attach(rb_handle *h, const char *path, uint64_t capacity, rb_role role) {
+    rb_options opt = {.path = path, .capacity = capacity, .mode = 0600,
                       .spin_ns = RB_DEFAULT_SPIN_NS, .no_populate = !populate};
     rb_error err;
     rb_handle_init(h);
-    if (rb_handle_attach(h, fd, role, &opt, &err) != RB_OK) {
+    rb_result res = role == RB_ROLE_WRITER ? rb_handle_create(h, &opt, &err)
+                                           : rb_handle_open(h, role, &opt, &err);
+    if (res != RB_OK) {
         fprintf(stderr, "%s\n", err.message);
         exit(1);
     }
@@ -87,6 +84,7 @@ static int run_reader(rb_handle *h, uint64_t n, uint64_t msg_size, int ready_fd)
            "\"msgs_per_sec\":%.0f,\"MiB_per_sec\":%.2f}\n",
            n, msg_size, elapsed, rate, rate * (double)msg_size / (1 << 20));
     printf("C core (no Python): %.2f M msgs/s, %" PRIu64 " sequence errors\n", rate / 1e6, errors);
+    rb_handle_unmap(h);
     free(copy);
     return errors ? 1 : 0;
 }
@@ -100,7 +98,8 @@ static void run_writer(rb_handle *h, uint64_t n, uint64_t msg_size) {
         rb_wait_init(&ws, RB_FOREVER, "push");
         while (rb_try_push(w, msg, msg_size) != RB_OK) wait_or_die(h, &ws);
     }
-    rb_handle_release(h, 1, 0);
+    rb_handle_release(h, RB_STATE_CLOSED, 0);
+    rb_handle_unmap(h);
     free(msg);
 }
 
@@ -129,9 +128,8 @@ int main(int argc, char **argv) {
         fprintf(stderr, "need a power-of-two capacity and 8 <= msg-size <= capacity - 8\n");
         return 2;
     }
-    unlink(path);
     rb_handle writer;
-    attach(&writer, path, capacity, RB_ROLE_WRITER, 1);
+    attach(&writer, path, capacity, RB_ROLE_WRITER);
     int ready[2];
     if (pipe(ready) != 0) return 1;
     pid_t child = fork();
@@ -139,7 +137,7 @@ int main(int argc, char **argv) {
         /* Its own handle and mapping, as an unrelated process has (the
          * inherited writer handle is disowned by the fork handler). */
         rb_handle reader;
-        attach(&reader, path, capacity, RB_ROLE_READER, 0);
+        attach(&reader, path, capacity, RB_ROLE_READER);
         int rc = run_reader(&reader, n, msg_size, ready[1]);
         fflush(stdout);
         _exit(rc);
@@ -149,6 +147,7 @@ int main(int argc, char **argv) {
     run_writer(&writer, n, msg_size);
     int status = 1;
     waitpid(child, &status, 0);
-    unlink(path);
+    rb_error err;
+    rb_unlink(path, &err);
     return WIFEXITED(status) ? WEXITSTATUS(status) : 1;
 }

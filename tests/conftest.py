@@ -13,11 +13,13 @@ import sys
 import tempfile
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NoReturn
 
 import pytest
+from hypothesis import event
 
 from ipc_ring import RingReader, RingWriter
 
@@ -207,6 +209,93 @@ def positions(path: Path | str) -> tuple[int, int]:
         int.from_bytes(header[WRITE_POS_AT : WRITE_POS_AT + 8], "little"),
         int.from_bytes(header[READ_POS_AT : READ_POS_AT + 8], "little"),
     )
+
+
+class RingModel:
+    """What the data area of a ring holds, for one writer and one reader in one process: the
+    records written and not yet consumed, in order, as (record size, payload), with the bytes
+    skipped at a wrap point as (size, None); the writer's and the reader's own positions and
+    the published ones. `reserve` is the wrap rule of FORMAT.md, so the model predicts
+    exactly when a push finds the ring full."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.records: deque[tuple[int, bytes | None]] = deque()
+        self.write_pos = 0  # the writer's own position
+        self.write_published = 0
+        self.read_pos = 0  # the reader's own position (a jump over a wrap point included)
+        self.read_published = 0
+        self.wrap_from = self.wrap_to = 0  # the writer's last wrap point
+
+    def messages(self) -> list[bytes]:
+        """The messages written and not yet consumed, in order."""
+        return [data for _, data in self.records if data is not None]
+
+    def reserve(self, length: int) -> bool:
+        """Whether a record for `length` bytes fits now, at the writer's position or, if it
+        does not fit before the end, at the next lap; a wrap that fits is recorded at once,
+        a record that does not fit changes nothing."""
+        size = record_size(length)
+        to_end = self.capacity - self.write_pos % self.capacity
+        start = self.write_pos + (to_end if size > to_end else 0)
+        # The reader's effective position: at the last wrap point it has the next lap.
+        reader = self.read_published
+        if reader == self.wrap_from:
+            reader = self.wrap_to
+        if reader == self.write_pos:  # an empty ring: a wrap has the whole next lap
+            reader = start
+        if start + size - reader > self.capacity:
+            event("full")
+            return False
+        if start != self.write_pos:
+            event("wrap")
+            self.records.append((start - self.write_pos, None))
+            self.wrap_from, self.wrap_to = self.write_pos, start
+            self.write_pos = start
+        return True
+
+    def commit(self, data: bytes) -> None:
+        self.records.append((record_size(len(data)), data))
+        self.write_pos += record_size(len(data))
+        self.write_published = self.write_pos
+
+    def push(self, data: bytes) -> bool:
+        if not self.reserve(len(data)):
+            return False
+        self.commit(data)
+        return True
+
+    def head(self) -> bytes | None:
+        """The next published message, after the reader jumps a wrap point in front of it."""
+        published = 0  # the records up to the published write position
+        for size, _ in self.records:
+            published += size
+        unpublished = self.write_pos - self.write_published
+        while self.records and self.records[0][1] is None:
+            if published - self.records[0][0] <= unpublished:
+                return None  # the wrap is not published yet
+            skipped = self.records.popleft()[0]
+            self.read_pos += skipped
+            published -= skipped
+        if not self.records or published <= unpublished:
+            return None
+        return self.records[0][1]
+
+    def pop(self, release: bool = True) -> bytes:
+        """Consumes the head (call head() first); `release` publishes the read position."""
+        size, data = self.records.popleft()
+        self.read_pos += size
+        if release:
+            self.read_published = self.read_pos
+        assert data is not None
+        return data
+
+    def drain(self) -> list[bytes]:
+        """Consumes every published message, as a reader reading to the end would."""
+        drained = []
+        while self.head() is not None:
+            drained.append(self.pop())
+        return drained
 
 
 @pytest.fixture

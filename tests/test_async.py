@@ -8,15 +8,21 @@ conftest.py); they get their arguments as strings and return the child's exit st
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import multiprocessing.connection
 import os
 import random
 import select
 import selectors
+import shutil
 import signal
 import socket
 import stat
 import struct
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -95,7 +101,19 @@ def child_read(path: str, count: str) -> int:
     return 2
 
 
-# ---- files and fileno() -----------------------------------------------------------------
+# ---- the FIFOs: made by create, validated by every handle --------------------------------
+
+READER_FIFO_INO_AT = 40
+WRITER_FIFO_INO_AT = 48
+
+
+def fifo_inodes(path: Path) -> tuple[int, int]:
+    """`reader_fifo_ino` and `writer_fifo_ino` as the header holds them."""
+    data = path.read_bytes()[:64]
+    return (
+        struct.unpack_from("<Q", data, READER_FIFO_INO_AT)[0],
+        struct.unpack_from("<Q", data, WRITER_FIFO_INO_AT)[0],
+    )
 
 
 def test_create_makes_both_fifos_with_the_ring_mode_and_unlink_removes_all_three(
@@ -106,70 +124,266 @@ def test_create_makes_both_fifos_with_the_ring_mode_and_unlink_removes_all_three
             st = os.lstat(f"{ring_path}{suffix}")
             assert stat.S_ISFIFO(st.st_mode)
             assert stat.S_IMODE(st.st_mode) == 0o640
+        assert fifo_inodes(ring_path) == (
+            os.lstat(f"{ring_path}.rd").st_ino,
+            os.lstat(f"{ring_path}.wr").st_ino,
+        )
     ipc_ring.unlink(ring_path)
     assert os.listdir(ring_path.parent) == []
     with pytest.raises(FileNotFoundError):
         ipc_ring.unlink(ring_path)
 
 
-def test_create_reuses_a_stale_fifo_and_refuses_a_non_fifo_in_its_place(
+def test_create_replaces_a_stale_fifo_with_one_of_its_own(ring_path: Path) -> None:
+    os.mkfifo(f"{ring_path}.rd", 0o666)
+    stale = os.lstat(f"{ring_path}.rd").st_ino
+    with RingWriter.create(ring_path, 1024) as writer, RingReader.open(ring_path) as reader:
+        st = os.lstat(f"{ring_path}.rd")
+        assert st.st_ino != stale and stat.S_IMODE(st.st_mode) == 0o600
+        fd = reader.fileno()
+        assert reader.try_pop() is None
+        writer.push(b"m")
+        assert readable(fd, TIMEOUT)
+
+
+def test_create_refuses_a_file_that_is_not_a_fifo_in_a_fifo_name_and_leaves_it_alone(
     ring_path: Path,
 ) -> None:
-    os.mkfifo(f"{ring_path}.rd", 0o600)
-    with RingWriter.create(ring_path, 1024) as writer:
-        assert writer.fileno() >= 0
-    ipc_ring.unlink(ring_path)
-    other = ring_path.parent / "other"
-    Path(f"{other}.wr").write_bytes(b"")
-    with pytest.raises(FileExistsError):
-        RingWriter.create(other, 1024)
-    assert not other.exists()
-    assert not Path(f"{other}.rd").exists()
+    Path(f"{ring_path}.wr").write_bytes(b"someone's data")
+    with pytest.raises(FileExistsError, match=rf"'{ring_path}\.wr' exists and is not a FIFO"):
+        RingWriter.create(ring_path, 1024)
+    assert Path(f"{ring_path}.wr").read_bytes() == b"someone's data"
+    assert sorted(os.listdir(ring_path.parent)) == ["ring.wr"]
 
 
-def test_ring_without_fifos_works_but_fileno_raises_a_clear_error(ring_path: Path) -> None:
+def break_fifo(path: Path, how: str) -> None:
+    """Makes `path`'s reader FIFO unusable in the way `how` names."""
+    rd = f"{path}.rd"
+    if how == "missing":
+        os.unlink(rd)
+    elif how == "replaced":
+        os.unlink(rd)
+        os.mkfifo(rd, 0o600)
+    elif how == "not a FIFO":
+        os.unlink(rd)
+        Path(rd).write_bytes(b"")
+        os.chmod(rd, 0o600)
+    elif how == "wider mode":
+        os.chmod(rd, 0o666)
+    elif how == "another user":
+        os.chown(rd, 65534, 65534)
+    else:
+        raise AssertionError(how)
+
+
+FIFO_DAMAGE = {
+    "missing": "a FIFO is missing",
+    "replaced": "not the one its creator made",
+    "not a FIFO": "taken by something that is not a FIFO",
+    "wider mode": "mode is wider than the ring file's",
+    "another user": "owned by another user",
+}
+
+
+@pytest.mark.parametrize("how", FIFO_DAMAGE)
+def test_a_handle_refuses_fifos_its_creator_did_not_make_and_still_works_blocking(
+    ring_path: Path, how: str
+) -> None:
+    if how == "another user" and os.geteuid() != 0:
+        pytest.skip("making a file another user's needs root")
     with RingWriter.create(ring_path, 1024) as writer:
-        os.unlink(f"{ring_path}.rd")
-        os.unlink(f"{ring_path}.wr")
+        break_fifo(ring_path, how)
         with RingReader.open(ring_path) as reader:
             writer.push(b"still works")
-            assert reader.pop(timeout=1) == b"still works"
-            with pytest.raises(RingError, match="no notification FIFOs"):
+            assert reader.pop(timeout=TIMEOUT) == b"still works"
+            with pytest.raises(RingError, match=FIFO_DAMAGE[how]) as raised:
                 reader.fileno()
-            with pytest.raises(RingError, match="no notification FIFOs"):
+            assert str(ring_path) in str(raised.value)
+            with pytest.raises(RingError, match=FIFO_DAMAGE[how]):
                 run(reader.pop_async(timeout=1))
+        # The writer created its FIFOs itself: it keeps them whatever happens to the names.
+        assert writer.fileno() >= 0
 
 
-def test_fileno_stays_quiet_unless_armed_and_becomes_readable_when_a_message_arrives(
-    ring_path: Path,
+def test_a_writer_opened_later_refuses_a_replaced_fifo_too(ring_path: Path) -> None:
+    RingWriter.create(ring_path, 1024).detach()
+    break_fifo(ring_path, "replaced")
+    with RingWriter.open(ring_path) as writer, RingReader.open(ring_path) as reader:
+        writer.push(b"m")
+        assert reader.pop(timeout=TIMEOUT) == b"m"
+        with pytest.raises(RingError, match="not the one its creator made"):
+            writer.fileno()
+
+
+# ---- fileno(): the contract of README "Event loops", with each of the four waiters ----------
+
+
+def wait_select(fd: int, timeout: float) -> bool:
+    return bool(select.select([fd], [], [], timeout)[0])
+
+
+def wait_selectors(fd: int, timeout: float) -> bool:
+    with selectors.DefaultSelector() as sel:
+        sel.register(fd, selectors.EVENT_READ)
+        return bool(sel.select(timeout))
+
+
+def wait_epoll(fd: int, timeout: float) -> bool:
+    with select.epoll() as ep:
+        ep.register(fd, select.EPOLLIN)
+        return bool(ep.poll(timeout))
+
+
+def wait_connection(fd: int, timeout: float) -> bool:
+    return bool(multiprocessing.connection.wait([fd], timeout))
+
+
+WAITERS: dict[str, Callable[[int, float], bool]] = {
+    "select": wait_select,
+    "selectors": wait_selectors,
+    "epoll": wait_epoll,
+    "connection.wait": wait_connection,
+}
+
+
+def reader_try_pop(reader: RingReader) -> None:
+    assert reader.try_pop() is None
+
+
+def reader_pop_many(reader: RingReader) -> None:
+    assert reader.pop_many(8, timeout=0) == []
+
+
+def reader_pop_times_out(reader: RingReader) -> None:
+    with pytest.raises(RingTimeout):
+        reader.pop(timeout=0.01)
+
+
+READER_IDLE = {"try_pop": reader_try_pop, "pop_many": reader_pop_many, "pop": reader_pop_times_out}
+
+
+def writer_try_push(writer: RingWriter) -> None:
+    assert writer.try_push(b"y" * 8) is False
+
+
+def writer_push_times_out(writer: RingWriter) -> None:
+    with pytest.raises(RingTimeout):
+        writer.push(b"y" * 8, timeout=0.01)
+
+
+WRITER_IDLE = {"try_push": writer_try_push, "push": writer_push_times_out}
+
+
+@pytest.mark.parametrize("idle", READER_IDLE)
+@pytest.mark.parametrize("waiter", WAITERS)
+def test_a_drained_reader_waiting_on_fileno_is_woken_by_the_next_message(
+    ring_path: Path, waiter: str, idle: str
 ) -> None:
+    wait = WAITERS[waiter]
     with RingWriter.create(ring_path, 1024) as writer, RingReader.open(ring_path) as reader:
         fd = reader.fileno()
-        writer.push(b"unarmed")
-        assert not readable(fd, 0.05), "a publication to an unarmed reader must not signal"
-        assert reader._arm() is False, "a message is there: nothing to wait for"
-        assert reader.pop(timeout=1) == b"unarmed"
-        assert reader._arm() is True
-        assert not readable(fd, 0.05)
-        writer.push(b"armed")
-        assert readable(fd, 1.0)
-        reader._disarm()
-        assert not readable(fd, 0), "_disarm drains the FIFO"
-        assert reader.pop(timeout=1) == b"armed"
+        writer.push(b"first")
+        assert reader.pop(timeout=TIMEOUT) == b"first"
+        READER_IDLE[idle](reader)
+        assert not wait(fd, 0.02), "nothing was published: fileno() must stay quiet"
+        timer = threading.Timer(0.05, writer.push, (b"next",))
+        timer.start()
+        try:
+            assert wait(fd, TIMEOUT), "the publication did not make fileno() readable"
+        finally:
+            timer.join(TIMEOUT)
+        assert reader.try_pop() == b"next"
 
 
-def test_writer_fileno_becomes_readable_when_an_armed_writer_gets_space(
-    ring_path: Path,
+@pytest.mark.parametrize("idle", READER_IDLE)
+@pytest.mark.parametrize("waiter", WAITERS)
+def test_a_reader_that_waits_on_fileno_with_a_message_there_returns_at_once(
+    ring_path: Path, waiter: str, idle: str
 ) -> None:
+    wait = WAITERS[waiter]
+    with RingWriter.create(ring_path, 1024) as writer, RingReader.open(ring_path) as reader:
+        fd = reader.fileno()
+        READER_IDLE[idle](reader)
+        writer.push(b"there already")
+        assert wait(fd, 0)
+        assert reader.try_pop() == b"there already"
+
+
+@pytest.mark.parametrize("waiter", WAITERS)
+def test_fileno_called_after_a_message_arrived_is_readable_at_once(
+    ring_path: Path, waiter: str
+) -> None:
+    with RingWriter.create(ring_path, 1024) as writer, RingReader.open(ring_path) as reader:
+        writer.push(b"m")
+        assert WAITERS[waiter](reader.fileno(), 0)
+
+
+@pytest.mark.parametrize("idle", WRITER_IDLE)
+@pytest.mark.parametrize("waiter", WAITERS)
+def test_a_writer_on_a_full_ring_waiting_on_fileno_is_woken_when_room_frees(
+    ring_path: Path, waiter: str, idle: str
+) -> None:
+    wait = WAITERS[waiter]
     with RingWriter.create(ring_path, 64) as writer, RingReader.open(ring_path) as reader:
+        fd = writer.fileno()
         while writer.try_push(b"x" * 8):
             pass
-        assert writer._arm() is True
-        assert not readable(writer.fileno(), 0.05)
-        assert reader.pop(timeout=1) == b"x" * 8
-        assert readable(writer.fileno(), 1.0)
-        writer._disarm()
-        assert writer.try_push(b"x" * 8)
+        WRITER_IDLE[idle](writer)
+        assert not wait(fd, 0.02), "no room was freed: fileno() must stay quiet"
+        timer = threading.Timer(0.05, reader.pop)
+        timer.start()
+        try:
+            assert wait(fd, TIMEOUT), "the freed room did not make fileno() readable"
+        finally:
+            timer.join(TIMEOUT)
+        assert writer.try_push(b"y" * 8)
+
+
+@pytest.mark.parametrize("waiter", WAITERS)
+def test_a_writer_that_waits_on_fileno_with_room_there_returns_at_once(
+    ring_path: Path, waiter: str
+) -> None:
+    with RingWriter.create(ring_path, 64) as writer, RingReader.open(ring_path) as reader:
+        fd = writer.fileno()
+        while writer.try_push(b"x" * 8):
+            pass
+        writer_try_push(writer)
+        assert reader.pop(timeout=TIMEOUT) == b"x" * 8
+        assert WAITERS[waiter](fd, 0)
+        assert writer.try_push(b"y" * 8)
+
+
+@pytest.mark.parametrize("waiter", WAITERS)
+def test_a_reader_waiting_on_fileno_is_woken_by_a_writer_in_another_process(
+    ring_path: Path, spawn: Spawn, waiter: str
+) -> None:
+    child = spawn("child_push_on_command", ring_path)
+    child.expect_line("ready")
+    with RingReader.open(ring_path) as reader:
+        fd = reader.fileno()
+        for round_ in range(3):
+            reader_try_pop(reader)
+            child.send("push")
+            assert WAITERS[waiter](fd, TIMEOUT), f"round {round_}: not woken"
+            assert reader.try_pop() == numbered(round_)
+        reader_try_pop(reader)  # drained again: the byte of the last wake-up is gone
+        child.send("close")
+        assert WAITERS[waiter](fd, TIMEOUT)
+        with pytest.raises(RingClosed):
+            reader.try_pop()
+    child.finish()
+
+
+def child_push_on_command(path: str) -> int:
+    """Creates a ring and pushes numbered(i) for each "push" on stdin; closes at "close"."""
+    with RingWriter.create(path, 1024) as writer:
+        print("ready", flush=True)
+        for seq in itertools.count():
+            command = sys.stdin.readline().strip()
+            if command != "push":
+                return 0 if command == "close" else 1
+            writer.push(numbered(seq), timeout=TIMEOUT)
+    return 0
 
 
 def test_selectors_wait_on_a_ring_next_to_a_socketpair(ring_path: Path) -> None:
@@ -184,42 +398,233 @@ def test_selectors_wait_on_a_ring_next_to_a_socketpair(ring_path: Path) -> None:
         sel.register(reader, selectors.EVENT_READ, "ring")
         sel.register(left, selectors.EVENT_READ, "socket")
         right.send(b"s")
-        assert [key.data for key, _ in sel.select(timeout=1)] == ["socket"]
+        assert [key.data for key, _ in sel.select(timeout=TIMEOUT)] == ["socket"]
         left.recv(1)
-        assert reader._arm()
+        assert reader.try_pop() is None
         writer.push(b"r")
-        assert [key.data for key, _ in sel.select(timeout=1)] == ["ring"]
-        reader._disarm()
-        assert reader.pop(timeout=1) == b"r"
-        assert sel.select(timeout=0.05) == []
+        assert [key.data for key, _ in sel.select(timeout=TIMEOUT)] == ["ring"]
+        assert reader.try_pop() == b"r"
+        assert reader.try_pop() is None
+        assert sel.select(timeout=0.02) == []
 
 
-def test_multiprocessing_connection_wait_accepts_the_fileno_of_a_reader(ring_path: Path) -> None:
+def child_push_in_bursts_then(path: str, bursts: str, ending: str) -> int:
+    """Creates a ring, pushes `bursts` bursts of 300 numbered messages with pauses between,
+    then closes it ("close") or is killed by its own SIGKILL ("die")."""
+    with RingWriter.create(path, 4096) as writer:
+        print("ready", flush=True)
+        seq = 0
+        for _ in range(int(bursts)):
+            for _ in range(300):
+                writer.push(numbered(seq), timeout=TIMEOUT)
+                seq += 1
+            time.sleep(0.02)
+        if ending == "die":
+            os.kill(os.getpid(), signal.SIGKILL)
+    return 0
+
+
+@pytest.mark.parametrize("ending", ["close", "die"])
+def test_the_readme_selectors_loop_gets_every_message_and_sees_how_the_writer_ended(
+    ring_path: Path, spawn: Spawn, ending: str
+) -> None:
+    """The loop of README "Event loops", next to a socket, against a writer process."""
+    child = spawn("child_push_in_bursts_then", ring_path, 10, ending)
+    child.expect_line("ready")
+    got: list[bytes] = []
     left, right = socket.socketpair()
-    with (
-        left,
-        right,
-        RingWriter.create(ring_path, 1024) as writer,
-        RingReader.open(ring_path) as reader,
-    ):
-        fd = reader.fileno()
-        assert reader._arm()
-        assert multiprocessing.connection.wait([fd, left], timeout=0.05) == []
-        writer.push(b"m")
-        assert multiprocessing.connection.wait([fd, left], timeout=1) == [fd]
-        reader._disarm()
-        assert reader.pop(timeout=1) == b"m"
+    with left, right, RingReader.open(ring_path) as reader, selectors.DefaultSelector() as sel:
+        sel.register(reader.fileno(), selectors.EVENT_READ)
+        sel.register(left, selectors.EVENT_READ)
+        deadline = time.monotonic() + 30
+        with pytest.raises(RingClosed if ending == "close" else PeerDied):
+            while time.monotonic() < deadline:
+                while batch := reader.pop_many(256, timeout=0):
+                    got.extend(batch)
+                sel.select(timeout=1.0)
+    assert got == [numbered(seq) for seq in range(3000)]
+    child.wait()
 
 
-def test_writer_close_wakes_a_reader_armed_on_its_fifo(ring_path: Path) -> None:
+@pytest.mark.parametrize("ending", ["close", "abort"])
+def test_the_writer_leaving_wakes_a_reader_waiting_on_fileno(ring_path: Path, ending: str) -> None:
     writer = RingWriter.create(ring_path, 1024)
     with RingReader.open(ring_path) as reader:
-        assert reader._arm()
-        writer.close()
-        assert readable(reader.fileno(), 1.0)
-        reader._disarm()
-        with pytest.raises(RingClosed):
-            reader.pop(timeout=0)
+        fd = reader.fileno()
+        reader_try_pop(reader)
+        getattr(writer, ending)()
+        assert readable(fd, TIMEOUT)
+        with pytest.raises(RingClosed if ending == "close" else PeerDied):
+            reader.pop_many(8, timeout=0)
+
+
+def test_the_reader_leaving_wakes_a_writer_waiting_on_fileno(ring_path: Path) -> None:
+    with RingWriter.create(ring_path, 64) as writer:
+        reader = RingReader.open(ring_path)
+        fd = writer.fileno()
+        while writer.try_push(b"x" * 8):
+            pass
+        reader.close()
+        assert readable(fd, TIMEOUT)
+        with pytest.raises(PeerDied):
+            writer.push(b"y" * 8, timeout=0)
+
+
+# ---- what fileno() costs: nothing unless called, and never per message -------------------
+
+
+def waiting_flags(path: Path) -> tuple[int, int]:
+    """`reader_waiting` (offset 384) and `writer_waiting` (offset 512), read from the file."""
+    data = path.read_bytes()[:4096]
+    return struct.unpack_from("<I", data, 384)[0], struct.unpack_from("<I", data, 512)[0]
+
+
+def test_idle_calls_of_an_unwatched_handle_leave_the_flags_down_and_the_fifo_empty(
+    ring_path: Path,
+) -> None:
+    with RingWriter.create(ring_path, 64) as writer, RingReader.open(ring_path) as reader:
+        rd = os.open(f"{ring_path}.rd", os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            reader_try_pop(reader)
+            reader_pop_many(reader)
+            while writer.try_push(b"x" * 8):
+                pass
+            writer_try_push(writer)
+            assert waiting_flags(ring_path) == (0, 0)
+            with pytest.raises(BlockingIOError):
+                os.read(rd, 1)
+        finally:
+            os.close(rd)
+
+
+def test_a_watched_idle_handle_raises_its_flag_to_2_and_the_publisher_clears_it(
+    ring_path: Path,
+) -> None:
+    with RingWriter.create(ring_path, 64) as writer, RingReader.open(ring_path) as reader:
+        reader.fileno()
+        reader_try_pop(reader)
+        assert waiting_flags(ring_path) == (2, 0)
+        writer.push(b"m")
+        assert waiting_flags(ring_path) == (0, 0)
+        assert reader.try_pop() == b"m"
+        writer.fileno()
+        while writer.try_push(b"x" * 8):
+            pass
+        assert waiting_flags(ring_path) == (0, 2)
+        reader.pop(timeout=TIMEOUT)
+        assert waiting_flags(ring_path) == (0, 0)
+
+
+def child_stream_between_markers(path: str, count: str, watched: str) -> int:
+    """Pushes and pops `count` messages in turn on one ring, between two marker system calls
+    (the strings "ipc_ring-start" / "ipc_ring-end" passed to os.stat) that the test finds in
+    the strace output; fileno() of both handles is called first if `watched` is "1"."""
+    with RingWriter.create(path, 4096) as writer, RingReader.open(path) as reader:
+        if watched == "1":
+            writer.fileno()
+            reader.fileno()
+        payload = b"p" * 64
+        writer.push(payload)
+        reader.pop()
+        with contextlib.suppress(OSError):
+            os.stat("ipc_ring-start")
+        for _ in range(int(count)):
+            writer.push(payload)
+            reader.pop()
+            writer.try_push(payload)
+            reader.try_pop()
+        with contextlib.suppress(OSError):
+            os.stat("ipc_ring-end")
+    return 0
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+@pytest.mark.parametrize("watched", ["0", "1"])
+def test_push_and_pop_make_no_system_call_per_message_watched_or_not(
+    ring_path: Path, tmp_path: Path, watched: str
+) -> None:
+    trace = tmp_path / "trace"
+    count = 5000
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import test_async; "
+        "sys.exit(test_async.child_stream_between_markers(*sys.argv[2:]))"
+    )
+    tests = str(Path(__file__).resolve().parent)
+    argv = [sys.executable, "-c", script, tests, str(ring_path), str(count), watched]
+    done = subprocess.run(
+        ["strace", "-f", "-o", str(trace), *argv], timeout=60, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    lines = trace.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if "ipc_ring-start" in line)
+    end = next(i for i, line in enumerate(lines) if "ipc_ring-end" in line)
+    between = [line for line in lines[start + 1 : end] if "resumed>" not in line]
+    assert len(between) < 20, f"{len(between)} system calls for {count * 2} messages:\n" + (
+        "\n".join(between[:40])
+    )
+
+
+# ---- the FIFO drain is bounded ------------------------------------------------------------
+
+
+def child_flood_fifo(fifo: str) -> int:
+    """Writes bytes into `fifo` as fast as it can until killed."""
+    fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    chunk = b"f" * (1 << 20)  # each write fills whatever room the FIFO has
+    print("flooding", flush=True)
+    while True:
+        with contextlib.suppress(BlockingIOError):
+            os.write(fd, chunk)
+
+
+def test_a_process_flooding_the_fifo_cannot_hold_a_watched_reader(
+    ring_path: Path, spawn: Spawn
+) -> None:
+    with RingWriter.create(ring_path, 1024) as writer, RingReader.open(ring_path) as reader:
+        reader.fileno()
+        child = spawn(child_flood_fifo, f"{ring_path}.rd")
+        child.expect_line("flooding")
+        longest = 0.0
+        for seq in range(200):
+            start = time.monotonic()
+            assert reader.try_pop() is None
+            longest = max(longest, time.monotonic() - start)
+            writer.push(numbered(seq))
+            assert reader.try_pop() == numbered(seq)
+        child.kill()
+    assert longest < 0.25, f"one try_pop took {longest:.3f} s draining the flooded FIFO"
+
+
+def test_a_process_flooding_the_fifo_cannot_hold_an_event_loop_waiting_in_pop_async(
+    ring_path: Path, spawn: Spawn
+) -> None:
+    with RingWriter.create(ring_path, 1024), RingReader.open(ring_path) as reader:
+        child = spawn(child_flood_fifo, f"{ring_path}.rd")
+        child.expect_line("flooding")
+
+        async def main() -> float:
+            longest = 0.0
+            stop = False
+
+            async def ticker() -> None:
+                nonlocal longest
+                last = time.monotonic()
+                while not stop:
+                    await asyncio.sleep(0.005)
+                    now = time.monotonic()
+                    longest = max(longest, now - last)
+                    last = now
+
+            task = asyncio.create_task(ticker())
+            with pytest.raises(RingTimeout):
+                await reader.pop_async(timeout=1.0)
+            stop = True
+            await task
+            return longest
+
+        longest = run(main())
+        child.kill()
+    assert longest < 0.25, f"the event loop was held for {longest:.3f} s"
 
 
 # ---- asyncio, one process ---------------------------------------------------------------
@@ -385,24 +790,3 @@ def test_pop_async_raises_peer_died_when_the_writer_process_is_killed(
 
         assert run(main()) == [numbered(seq) for seq in range(3)]
     assert child.wait() == -signal.SIGKILL
-
-
-def waiting_flags(path: Path) -> tuple[int, int]:
-    """`reader_waiting` (offset 384) and `writer_waiting` (offset 512), read from the file."""
-    data = path.read_bytes()[:4096]
-    return struct.unpack_from("<I", data, 384)[0], struct.unpack_from("<I", data, 512)[0]
-
-
-def test_arm_sets_the_waiting_flag_to_2_and_the_publisher_clears_it(ring_path: Path) -> None:
-    with RingWriter.create(ring_path, 64) as writer, RingReader.open(ring_path) as reader:
-        assert reader._arm()
-        assert waiting_flags(ring_path) == (2, 0)
-        writer.push(b"m")
-        assert waiting_flags(ring_path) == (0, 0)
-        reader._disarm()
-        while writer.try_push(b"x" * 8):
-            pass
-        assert writer._arm()
-        assert waiting_flags(ring_path) == (0, 2)
-        writer._disarm()
-        assert waiting_flags(ring_path) == (0, 0)

@@ -9,6 +9,7 @@ conftest.py).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gc
 import os
@@ -22,8 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Spawn, child_numbered_writer
-from ipc_ring import InvalidRing, RingBusy, RingClosed, RingReader, RingWriter
+import ipc_ring
+from conftest import Spawn, child_numbered_writer, wait_for_command
+from ipc_ring import InvalidRing, PeerDied, RingBusy, RingClosed, RingReader, RingWriter
 
 HEADER_SIZE = 4096
 
@@ -192,6 +194,127 @@ def test_create_larger_than_free_space_raises_enospc_and_leaves_no_file(
     assert sorted(os.listdir(small_tmpfs)) == ["fits", "fits.rd", "fits.wr"]
 
 
+# ---- create: races, failures, continuing -------------------------------------------------
+
+
+def child_create_on_command(path: str, rounds: str) -> int:
+    """For each "go" on stdin: try to create the ring at `path`; print "won INO RD WR" (the
+    inodes of the ring and its FIFOs as this process made them) and keep the writer until
+    the next command, or "lost ERROR"."""
+    writer = None
+    for _ in range(int(rounds)):
+        if wait_for_command() != "go":
+            return 1
+        if writer is not None:
+            writer.detach()
+            writer = None
+        try:
+            writer = RingWriter.create(path, 4096)
+        except FileExistsError as e:
+            print("lost", str(e).replace("\n", " "), flush=True)
+            continue
+        inodes = [os.lstat(f"{path}{suffix}").st_ino for suffix in ("", ".rd", ".wr")]
+        print("won", *inodes, flush=True)
+    return 0
+
+
+def test_a_create_that_loses_a_race_never_touches_the_winners_files(
+    ring_path: Path, spawn: Spawn
+) -> None:
+    rounds = 40
+    children = [spawn(child_create_on_command, ring_path, rounds) for _ in range(2)]
+    winners = 0
+    messages: list[str] = []
+    for round_ in range(rounds):
+        for name in ("", ".rd", ".wr"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{ring_path}{name}")
+        for child in children:
+            child.send("go")
+        lines = [child.expect_line("") for child in children]
+        won = [line.split()[1:] for line in lines if line.startswith("won")]
+        lost = [line for line in lines if line.startswith("lost")]
+        assert len(won) == 1 and len(lost) == 1, (round_, lines)
+        ring_ino, rd_ino, wr_ino = map(int, won[0])
+        # The winner's ring and FIFOs are in place, the ones it made, and they work.
+        assert [os.lstat(f"{ring_path}{suffix}").st_ino for suffix in ("", ".rd", ".wr")] == [
+            ring_ino,
+            rd_ino,
+            wr_ino,
+        ], round_
+        assert sorted(os.listdir(ring_path.parent)) == ["ring", "ring.rd", "ring.wr"], round_
+        with RingReader.open(ring_path) as reader:
+            reader.fileno()
+        if str(ring_path) not in lost[0] or ".tmp" in lost[0]:
+            messages.append(lost[0])
+        winners += 1
+    assert winners == rounds
+    assert messages == [], "the loser's error must name the path it was given"
+
+
+def test_a_create_that_fails_after_linking_the_ring_removes_what_it_made(
+    ring_path: Path,
+) -> None:
+    Path(f"{ring_path}.rd").mkdir()  # the FIFO's name is taken: found after the link
+    with pytest.raises(FileExistsError, match=rf"'{ring_path}\.rd' exists and is not a FIFO"):
+        RingWriter.create(ring_path, 4096)
+    assert sorted(os.listdir(ring_path.parent)) == ["ring.rd"]
+    assert os.listdir(f"{ring_path}.rd") == []
+
+
+def test_create_errors_name_the_path_the_user_gave_never_a_temporary_name(
+    ring_path: Path,
+) -> None:
+    missing = ring_path.parent / "missing" / "ring"
+    with pytest.raises(FileNotFoundError) as raised:
+        RingWriter.create(missing, 64)
+    assert str(missing) in str(raised.value) and ".tmp" not in str(raised.value)
+    RingWriter.create(ring_path, 64).close()
+    with pytest.raises(FileExistsError) as exists:
+        RingWriter.create(ring_path, 64)
+    message = str(exists.value)
+    assert str(ring_path) in message and ".tmp" not in message
+    # It says how to continue the ring and how to remove a stale one.
+    assert "RingWriter.open" in message and "exist_ok=True" in message
+    assert "ipc_ring.unlink" in message
+
+
+def test_create_exist_ok_continues_a_ring_whose_writer_stopped(ring_path: Path) -> None:
+    first = RingWriter.create(ring_path, 4096, exist_ok=True)  # nothing there: a new ring
+    first.push(b"first run")
+    first.abort()
+    with RingReader.open(ring_path) as reader:
+        with RingWriter.create(ring_path, 4096, exist_ok=True) as second:
+            second.push(b"second run")
+        assert [reader.pop(timeout=1), reader.pop(timeout=1)] == [b"first run", b"second run"]
+        with pytest.raises(RingClosed):
+            reader.pop(timeout=1)
+
+
+def test_create_exist_ok_refuses_a_live_writer_a_closed_stream_and_another_capacity(
+    ring_path: Path,
+) -> None:
+    with RingWriter.create(ring_path, 4096), pytest.raises(RingBusy):
+        RingWriter.create(ring_path, 4096, exist_ok=True)
+    with pytest.raises(RingClosed):
+        RingWriter.create(ring_path, 4096, exist_ok=True)
+    ipc_ring.unlink(ring_path)
+    writer = RingWriter.create(ring_path, 4096)
+    writer.push(b"m")
+    writer.abort()
+    with pytest.raises(ValueError, match="capacity 4096, not 8192"):
+        RingWriter.create(ring_path, 8192, exist_ok=True)
+    # The mismatch took nothing: the reader still learns that the writer failed.
+    with RingReader.open(ring_path) as reader:
+        assert reader.pop(timeout=1) == b"m"
+        with pytest.raises(PeerDied):
+            reader.pop(timeout=1)
+    with pytest.raises(InvalidRing):
+        Path(f"{ring_path}.other").write_bytes(b"not a ring")
+        RingWriter.create(f"{ring_path}.other", 4096, exist_ok=True)
+    assert Path(f"{ring_path}.other").read_bytes() == b"not a ring"
+
+
 # ---- open: files that are not complete rings ---------------------------------------------
 
 
@@ -308,14 +431,16 @@ def test_garbage_collection_without_close_releases_descriptor_and_mapping(
     writer = RingWriter.create(ring_path, 4096)
     reader = RingReader.open(ring_path)
     writer.push(b"x")
-    del writer, reader
+    with pytest.warns(ResourceWarning, match="collected without close"):
+        del writer, reader
+        gc.collect()
     no_leaks()
-    # The collected writer ended the stream; the collected reader left the message.
-    reader = RingReader.open(ring_path)
-    assert reader.pop(timeout=1) == b"x"
-    with pytest.raises(RingClosed):
-        reader.pop(timeout=1)
-    del reader
+    # The collected writer did not end the stream (it stopped without close()); the
+    # collected reader left the message.
+    with RingReader.open(ring_path) as reader:
+        assert reader.pop(timeout=1) == b"x"
+        with pytest.raises(PeerDied, match="without ending the stream"):
+            reader.pop(timeout=1)
     no_leaks()
 
 
@@ -372,3 +497,40 @@ def test_failed_create_and_open_release_descriptor_and_mapping(
         "truncated.rd",
         "truncated.wr",
     ], "a temporary file was left behind"
+
+
+# ---- unlink: only rings -------------------------------------------------------------------
+
+
+def test_unlink_removes_only_a_ring_file_and_leaves_anything_else_alone(ring_dir: Path) -> None:
+    precious = ring_dir / "precious.txt"
+    precious.write_bytes(b"somebody's data")
+    (ring_dir / "directory").mkdir()
+    ring = ring_dir / "ring"
+    RingWriter.create(ring, 64).close()
+    (ring_dir / "link").symlink_to(ring)
+    for name in ("precious.txt", "directory", "link"):
+        with pytest.raises(InvalidRing, match=r"not a ring file|magic"):
+            ipc_ring.unlink(ring_dir / name)
+    assert precious.read_bytes() == b"somebody's data"
+    assert sorted(os.listdir(ring_dir)) == [
+        "directory",
+        "link",
+        "precious.txt",
+        "ring",
+        "ring.rd",
+        "ring.wr",
+    ]
+    ipc_ring.unlink(ring)
+    assert sorted(os.listdir(ring_dir)) == ["directory", "link", "precious.txt"]
+
+
+def test_unlink_removes_a_ring_of_an_older_format_version(ring_path: Path) -> None:
+    RingWriter.create(ring_path, 64).close()
+    with open(ring_path, "r+b") as file:
+        file.seek(8)  # FORMAT.md "Header": version, u32 at offset 8
+        file.write((1).to_bytes(4, "little"))
+    with pytest.raises(InvalidRing, match="version 1"):
+        RingReader.open(ring_path)
+    ipc_ring.unlink(ring_path)
+    assert os.listdir(ring_path.parent) == []

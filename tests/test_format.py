@@ -23,7 +23,7 @@ from ipc_ring import InvalidRing, MessageTooLarge, RingClosed, RingReader, RingT
 # FORMAT.md "Header"
 MAGIC = 0x474E495243504921
 MAGIC_BYTES = b"!IPCRING"
-VERSION = 1
+VERSION = 2
 READY = 1
 HEADER_SIZE = 4096
 DATA_OFFSET = 4096
@@ -33,9 +33,12 @@ READY_AT = 12
 CAPACITY_AT = 16
 DATA_OFFSET_AT = 24
 MAX_MESSAGE_SIZE_AT = 32
+READER_FIFO_INO_AT = 40
+WRITER_FIFO_INO_AT = 48
 WRITE_POS_AT = 128
 MESSAGES_PUSHED_AT = 136
 BYTES_PUSHED_AT = 144
+WRAP_POS_AT = 152
 READ_POS_AT = 256
 MESSAGES_POPPED_AT = 264
 BYTES_POPPED_AT = 272
@@ -43,11 +46,14 @@ READER_WAITING_AT = 384
 DATA_SEQ_AT = 388
 WRITER_WAITING_AT = 512
 SPACE_SEQ_AT = 516
-WRITER_CLOSED_AT = 520
+WRITER_STATE_AT = 520
+WRITER_GENERATION_AT = 524
 WRITER_FULL_WAITS_AT = 528
 HIGH_WATER_AT = 536
-READER_ATTACHED_AT = 392
+READER_STATE_AT = 392
 READER_EMPTY_WAITS_AT = 400
+# FORMAT.md "Roles and states"
+STATE_NONE, STATE_ATTACHED, STATE_VACANT, STATE_CLOSED, STATE_FAILED = range(5)
 COUNTERS_AT = {
     "messages_pushed": MESSAGES_PUSHED_AT,
     "bytes_pushed": BYTES_PUSHED_AT,
@@ -57,21 +63,20 @@ COUNTERS_AT = {
     "writer_full_waits": WRITER_FULL_WAITS_AT,
     "high_water": HIGH_WATER_AT,
 }
-# (start, end) of every reserved range of the header page: zero in version 1.
+# (start, end) of every reserved range of the header page: zero in version 2.
 RESERVED = [
-    (40, 128),
-    (152, 256),
+    (56, 128),
+    (160, 256),
     (280, 384),
     (396, 400),
     (408, 512),
-    (524, 528),
     (544, 4096),
 ]
 
 # FORMAT.md "Records"
 RECORD_HEADER = 8
 KIND_MESSAGE = 1
-KIND_PADDING = 2
+KIND_V1_PADDING = 2  # gone in version 2: corruption
 
 TIMEOUT = 5.0  # every blocking call is bounded, so a bug fails instead of hanging
 
@@ -146,16 +151,24 @@ def test_fresh_ring_has_documented_static_header(ring_file: Path) -> None:
         assert struct.unpack_from("<Q", data, DATA_OFFSET_AT)[0] == DATA_OFFSET
         max_message_size = struct.unpack_from("<Q", data, MAX_MESSAGE_SIZE_AT)[0]
         assert max_message_size == capacity - RECORD_HEADER == w.max_message_size
+        # The inodes of the FIFOs the creator made.
+        reader_fifo = os.stat(f"{ring_file}.rd")
+        writer_fifo = os.stat(f"{ring_file}.wr")
+        assert stat.S_ISFIFO(reader_fifo.st_mode) and stat.S_ISFIFO(writer_fifo.st_mode)
+        assert struct.unpack_from("<Q", data, READER_FIFO_INO_AT)[0] == reader_fifo.st_ino
+        assert struct.unpack_from("<Q", data, WRITER_FIFO_INO_AT)[0] == writer_fifo.st_ino
 
 
 def test_fresh_ring_has_zero_positions_flags_and_reserved_bytes(ring_file: Path) -> None:
     with RingWriter.create(ring_file, 4096):
         data = file_bytes(ring_file)
-        for offset in (WRITE_POS_AT, READ_POS_AT):
+        for offset in (WRITE_POS_AT, READ_POS_AT, WRAP_POS_AT):
             assert struct.unpack_from("<Q", data, offset)[0] == 0
         for offset in (READER_WAITING_AT, DATA_SEQ_AT, WRITER_WAITING_AT, SPACE_SEQ_AT):
             assert struct.unpack_from("<I", data, offset)[0] == 0
-        assert struct.unpack_from("<I", data, WRITER_CLOSED_AT)[0] == 0
+        assert struct.unpack_from("<I", data, WRITER_STATE_AT)[0] == STATE_ATTACHED
+        assert struct.unpack_from("<I", data, WRITER_GENERATION_AT)[0] == 1
+        assert struct.unpack_from("<I", data, READER_STATE_AT)[0] == STATE_NONE
         for start, end in RESERVED:
             assert data[start:end] == bytes(end - start), f"reserved bytes {start}..{end}"
 
@@ -174,10 +187,11 @@ def test_counters_are_little_endian_u64_at_documented_offsets(ring_file: Path) -
         assert u64(ring_file, MESSAGES_PUSHED_AT) == 3
         assert u64(ring_file, BYTES_PUSHED_AT) == 23
         assert u64(ring_file, MESSAGES_POPPED_AT) == 0
-        # 16 bytes do not fit in the 8 before the end: the wrap rule publishes a padding record
-        # of 8 first, then the reload of read_pos finds 64 bytes used: full.
+        # 16 bytes do not fit in the 8 before the end; at the next lap they need the reader
+        # past 16: the reload of read_pos finds 56 bytes used, and the ring full.
         assert not w.try_push(b"y" * 8)
-        assert u64(ring_file, HIGH_WATER_AT) == 64
+        assert u64(ring_file, HIGH_WATER_AT) == 56
+        assert u64(ring_file, WRAP_POS_AT) == 0  # nothing recorded for a record that did not fit
         assert r.pop(timeout=TIMEOUT) == b"abc"
         assert r.pop(timeout=TIMEOUT) == b"x" * 20
         assert u64(ring_file, MESSAGES_POPPED_AT) == 2
@@ -210,7 +224,8 @@ def test_reserved_header_bytes_stay_zero_through_pushes_pops_and_close(ring_file
             w.push(bytes([i]) * (i % 25), timeout=TIMEOUT)
             assert r.pop(timeout=TIMEOUT) == bytes([i]) * (i % 25)
     data = file_bytes(ring_file)
-    assert struct.unpack_from("<I", data, READER_ATTACHED_AT)[0] == 1
+    assert struct.unpack_from("<I", data, READER_STATE_AT)[0] == STATE_CLOSED
+    assert struct.unpack_from("<I", data, WRITER_STATE_AT)[0] == STATE_CLOSED
     for start, end in RESERVED:
         assert data[start:end] == bytes(end - start), f"reserved bytes {start}..{end}"
 
@@ -228,7 +243,7 @@ def test_push_writes_message_record_and_publishes_write_pos(
     assert u64(ring_file, READ_POS_AT) == 0
 
 
-def test_zero_length_message_is_an_8_byte_message_record_not_padding(
+def test_zero_length_message_is_an_8_byte_message_record(
     ring_file: Path, writer64: RingWriter
 ) -> None:
     writer64.push(b"abc", timeout=TIMEOUT)
@@ -268,7 +283,7 @@ def test_pop_publishes_read_pos_after_each_message(ring_file: Path, writer64: Ri
     assert u64(ring_file, READ_POS_AT) == 56
 
 
-def test_writer_inserts_padding_record_when_message_does_not_fit_before_end(
+def test_writer_records_the_wrap_point_when_a_message_does_not_fit_before_the_end(
     ring_file: Path, writer64: RingWriter
 ) -> None:
     # The worked example in FORMAT.md "Records".
@@ -278,26 +293,22 @@ def test_writer_inserts_padding_record_when_message_does_not_fit_before_end(
         for _ in range(3):
             r.pop(timeout=TIMEOUT)
         writer64.push(b"y" * 16, timeout=TIMEOUT)  # a 24-byte record; 8 bytes left before the end
-        assert record_at(ring_file, 64, 56) == (0, KIND_PADDING)
+        assert u64(ring_file, WRAP_POS_AT) == 56
         assert record_at(ring_file, 64, 64) == (16, KIND_MESSAGE)
         assert payload_at(ring_file, 64, 64, 16) == b"y" * 16
         assert u64(ring_file, WRITE_POS_AT) == 64 + 24
-        assert r.pop(timeout=TIMEOUT) == b"y" * 16
+        assert r.pop(timeout=TIMEOUT) == b"y" * 16  # jumps from 56 to 64
         assert u64(ring_file, READ_POS_AT) == 88
 
 
-def test_padding_record_length_covers_exactly_the_bytes_to_the_end(ring_file: Path) -> None:
+def test_a_message_that_wraps_into_an_empty_ring_goes_in_at_once(ring_file: Path) -> None:
     with RingWriter.create(ring_file, 128) as w, RingReader.open(ring_file) as r:
         w.push(b"a" * 40, timeout=TIMEOUT)  # record of 48 bytes: 80 bytes left before the end
         assert r.pop(timeout=TIMEOUT) == b"a" * 40
-        # A record of 88 bytes does not fit in 80. The padding is published, but the record needs
-        # 88 free bytes at index 0, which only the reader skipping the padding provides.
-        assert w.try_push(b"b" * 80) is False
-        assert record_at(ring_file, 128, 48) == (80 - RECORD_HEADER, KIND_PADDING)
-        assert u64(ring_file, WRITE_POS_AT) == 128
-        assert r.try_pop() is None
-        assert u64(ring_file, READ_POS_AT) == 128
+        # A record of 88 bytes does not fit in 80; the ring is empty, so it has all of the
+        # next lap, at once (version 1 needed the reader to skip a padding record first).
         assert w.try_push(b"b" * 80) is True
+        assert u64(ring_file, WRAP_POS_AT) == 48
         assert record_at(ring_file, 128, 128) == (80, KIND_MESSAGE)
         assert u64(ring_file, WRITE_POS_AT) == 128 + 88
         assert r.pop(timeout=TIMEOUT) == b"b" * 80
@@ -305,7 +316,7 @@ def test_padding_record_length_covers_exactly_the_bytes_to_the_end(ring_file: Pa
 
 
 @pytest.mark.parametrize("first", [0, 1, 8, 24, 48])
-def test_max_message_size_message_fits_from_any_position_once_drained(
+def test_max_message_size_message_goes_into_an_empty_ring_at_once_from_any_position(
     ring_file: Path, writer64: RingWriter, first: int
 ) -> None:
     biggest = b"m" * writer64.max_message_size
@@ -313,15 +324,9 @@ def test_max_message_size_message_fits_from_any_position_once_drained(
     with RingReader.open(ring_file) as r:
         writer64.push(b"f" * first, timeout=TIMEOUT)
         assert r.pop(timeout=TIMEOUT) == b"f" * first
-        got: list[bytes] = []
-        reader = threading.Thread(target=lambda: got.append(r.pop(timeout=TIMEOUT)))
-        reader.start()
-        # Publishes the padding, waits until the reader has skipped it, then writes at index 0.
-        writer64.push(biggest, timeout=TIMEOUT)
-        reader.join(TIMEOUT)
-        assert got == [biggest]
-        # write_pos = the first record + a padding record up to 64 + the 64-byte record, which
-        # now fills the whole data area (and has overwritten the padding header).
+        assert writer64.try_push(biggest) is True  # one thread: nothing waits
+        assert r.pop(timeout=0) == biggest
+        # write_pos = the next lap + the 64-byte record, which fills the whole data area.
         assert record_at(ring_file, 64, 64) == (len(biggest), KIND_MESSAGE)
         assert u64(ring_file, WRITE_POS_AT) == 64 + 64
         assert u64(ring_file, READ_POS_AT) == 64 + 64
@@ -336,21 +341,21 @@ def test_message_larger_than_max_message_size_writes_nothing(
     assert file_bytes(ring_file) == before
 
 
-def test_padding_is_published_on_its_own_before_waiting_for_space_at_index_0(
+def test_a_wrap_that_does_not_fit_yet_records_nothing_and_fits_once_the_reader_drains(
     ring_file: Path, writer64: RingWriter
 ) -> None:
     with RingReader.open(ring_file) as r:
         writer64.push(b"a" * 24, timeout=TIMEOUT)  # 32 bytes at index 0
         writer64.push(b"b" * 8, timeout=TIMEOUT)  # 16 bytes at index 32
         assert r.pop(timeout=TIMEOUT) == b"a" * 24  # read_pos = 32
-        # A 40-byte record at index 48 does not fit in 16; the padding does, the record does not.
+        # A 40-byte record at index 48 does not fit in 16; at the next lap it needs the
+        # reader past 40, and the reader's message at 32..48 is not consumed yet.
         assert writer64.try_push(b"c" * 32) is False
-        assert record_at(ring_file, 64, 48) == (8, KIND_PADDING)
-        assert u64(ring_file, WRITE_POS_AT) == 64
-        assert r.pop(timeout=TIMEOUT) == b"b" * 8
-        assert r.try_pop() is None  # skips the padding, then the ring is empty
-        assert u64(ring_file, READ_POS_AT) == 64
+        assert u64(ring_file, WRAP_POS_AT) == 0
+        assert u64(ring_file, WRITE_POS_AT) == 48
+        assert r.pop(timeout=TIMEOUT) == b"b" * 8  # read_pos = 48: the ring is empty
         assert writer64.try_push(b"c" * 32) is True
+        assert u64(ring_file, WRAP_POS_AT) == 48
         assert record_at(ring_file, 64, 64) == (32, KIND_MESSAGE)
         assert u64(ring_file, WRITE_POS_AT) == 64 + 40
         assert r.pop(timeout=TIMEOUT) == b"c" * 32
@@ -404,12 +409,46 @@ def test_new_reader_resumes_at_read_pos_in_the_file(ring_file: Path, writer64: R
 # ---- End of stream ---------------------------------------------------------------------------
 
 
-def test_close_sets_writer_closed_and_wakes_reader_through_data_seq(ring_file: Path) -> None:
+@pytest.mark.parametrize(
+    ("end", "state"),
+    [("close", STATE_CLOSED), ("abort", STATE_FAILED), ("detach", STATE_VACANT)],
+)
+def test_each_way_a_writer_leaves_stores_its_state_and_wakes_the_reader_through_data_seq(
+    ring_file: Path, end: str, state: int
+) -> None:
     w = RingWriter.create(ring_file, 64)
     w.push(b"last", timeout=TIMEOUT)
-    assert u32(ring_file, WRITER_CLOSED_AT) == 0
+    assert u32(ring_file, WRITER_STATE_AT) == STATE_ATTACHED
+    getattr(w, end)()
+    assert u32(ring_file, WRITER_STATE_AT) == state
+    assert u32(ring_file, DATA_SEQ_AT) == 1  # leaving increments it unconditionally
+    assert u64(ring_file, WRITE_POS_AT) == 16  # and publishes nothing else
+    with RingReader.open(ring_file) as r:
+        assert r.pop(timeout=TIMEOUT) == b"last"  # messages before it are delivered
+        if state == STATE_CLOSED:
+            with pytest.raises(RingClosed):
+                r.pop(timeout=TIMEOUT)
+        elif state == STATE_FAILED:
+            with pytest.raises(ipc_ring.PeerDied):
+                r.pop(timeout=TIMEOUT)
+        else:
+            with pytest.raises(RingTimeout, match="vacant"):
+                r.pop(timeout=0.1)
+
+
+def test_a_reattached_writer_bumps_the_generation(ring_file: Path) -> None:
+    RingWriter.create(ring_file, 64).detach()
+    assert u32(ring_file, WRITER_GENERATION_AT) == 1
+    with RingWriter.open(ring_file):
+        assert u32(ring_file, WRITER_GENERATION_AT) == 2
+        assert u32(ring_file, WRITER_STATE_AT) == STATE_ATTACHED
+
+
+def test_close_sets_the_closed_state_and_wakes_reader_through_data_seq(ring_file: Path) -> None:
+    w = RingWriter.create(ring_file, 64)
+    w.push(b"last", timeout=TIMEOUT)
     w.close()
-    assert u32(ring_file, WRITER_CLOSED_AT) == 1
+    assert u32(ring_file, WRITER_STATE_AT) == STATE_CLOSED
     assert u32(ring_file, DATA_SEQ_AT) == 1  # close increments it unconditionally
     assert u64(ring_file, WRITE_POS_AT) == 16  # close publishes nothing else
     with RingReader.open(ring_file) as r:
@@ -422,7 +461,7 @@ def test_reader_delivers_published_messages_before_reporting_end(ring_file: Path
     with RingWriter.create(ring_file, 64) as w, RingReader.open(ring_file) as r:
         assert r.try_pop() is None  # caches write_pos == read_pos
         w.push(b"late", timeout=TIMEOUT)
-        patch(ring_file, WRITER_CLOSED_AT, "<I", 1)
+        patch(ring_file, WRITER_STATE_AT, "<I", STATE_CLOSED)
         assert r.pop(timeout=TIMEOUT) == b"late"
         with pytest.raises(RingClosed):
             r.pop(timeout=TIMEOUT)
@@ -438,8 +477,8 @@ def test_publisher_leaves_waiting_flag_and_seq_alone_while_peer_is_awake(
         for i in range(50):
             writer64.push(bytes([i]) * (i % 25), timeout=TIMEOUT)
             assert r.pop(timeout=TIMEOUT) == bytes([i]) * (i % 25)
-    for offset in (READER_WAITING_AT, DATA_SEQ_AT, WRITER_WAITING_AT, SPACE_SEQ_AT):
-        assert u32(ring_file, offset) == 0
+        for offset in (READER_WAITING_AT, DATA_SEQ_AT, WRITER_WAITING_AT, SPACE_SEQ_AT):
+            assert u32(ring_file, offset) == 0
 
 
 def test_push_clears_reader_waiting_and_increments_data_seq(
@@ -548,8 +587,9 @@ CAPACITY = 4096
 HEADER_CORRUPTIONS: list[tuple[str, list[tuple[int, str, int]], str]] = [
     ("magic", [(MAGIC_AT, "<Q", MAGIC ^ 1)], "magic"),
     ("magic-zero", [(MAGIC_AT, "<Q", 0)], "magic"),
-    ("version-0", [(VERSION_AT, "<I", 0)], "version"),
-    ("version-2", [(VERSION_AT, "<I", 2)], "version"),
+    ("version-0", [(VERSION_AT, "<I", 0)], "version 0 \\(this library reads version 2\\)"),
+    ("version-1", [(VERSION_AT, "<I", 1)], "version 1 \\(this library reads version 2\\)"),
+    ("version-3", [(VERSION_AT, "<I", 3)], "version 3 \\(this library reads version 2\\)"),
     ("not-ready", [(READY_AT, "<I", 0)], "initialised"),
     ("ready-2", [(READY_AT, "<I", 2)], "initialised"),
     ("capacity-not-power-of-two", [(CAPACITY_AT, "<Q", CAPACITY + 8)], "capacity"),
@@ -573,6 +613,7 @@ HEADER_CORRUPTIONS: list[tuple[str, list[tuple[int, str, int]], str]] = [
         "write_pos/read_pos",
     ),
     ("read-pos-ahead-of-write-pos", [(READ_POS_AT, "<Q", 24)], "write_pos/read_pos"),
+    ("wrap-pos-misaligned", [(WRAP_POS_AT, "<Q", 12)], "wrap_pos"),
 ]
 
 
@@ -626,8 +667,8 @@ def test_open_refuses_a_file_that_is_not_regular(tmp_path: Path) -> None:
         RingReader.open(fifo)
 
 
-def test_open_accepts_nonzero_reserved_bytes_in_version_1(valid_ring: Path) -> None:
-    # FORMAT.md "Versioning": version 1 readers do not check reserved bytes, which is why a format
+def test_open_accepts_nonzero_reserved_bytes_in_version_2(valid_ring: Path) -> None:
+    # FORMAT.md "Versioning": version 2 readers do not check reserved bytes, which is why a format
     # that uses them must change the version number.
     patch(valid_ring, 64, "<Q", 0xDEADBEEF)
     with RingReader.open(valid_ring) as r:
@@ -643,7 +684,7 @@ def corrupt_first_record_and_pop(path: Path, length: int, kind: int) -> None:
         r.pop(timeout=TIMEOUT)
 
 
-@pytest.mark.parametrize("kind", [0, 3, 0xFFFFFFFF])
+@pytest.mark.parametrize("kind", [0, KIND_V1_PADDING, 3, 0xFFFFFFFF])
 def test_pop_refuses_record_with_unknown_kind(valid_ring: Path, kind: int) -> None:
     corrupt_first_record_and_pop(valid_ring, 7, kind)
 
@@ -653,30 +694,45 @@ def test_pop_refuses_message_longer_than_published_bytes(valid_ring: Path, lengt
     corrupt_first_record_and_pop(valid_ring, length, KIND_MESSAGE)  # write_pos - read_pos = 16
 
 
-def test_pop_refuses_padding_that_does_not_reach_the_end(valid_ring: Path) -> None:
-    corrupt_first_record_and_pop(valid_ring, 8, KIND_PADDING)
-
-
-def test_pop_refuses_padding_longer_than_published_bytes(valid_ring: Path) -> None:
-    # Exactly to the end (length = capacity - 8), but only 16 bytes are published.
-    corrupt_first_record_and_pop(valid_ring, CAPACITY - RECORD_HEADER, KIND_PADDING)
-
-
-def test_pop_refuses_padding_record_with_wrong_length(
+def test_pop_refuses_a_wrap_point_with_write_pos_inside_the_skipped_bytes(
     ring_file: Path, writer64: RingWriter
 ) -> None:
     with RingReader.open(ring_file) as r:
-        for m in (b"abc", b"", b"x" * 20):
-            writer64.push(m, timeout=TIMEOUT)
-            r.pop(timeout=TIMEOUT)
-        writer64.push(b"y" * 16, timeout=TIMEOUT)
-        assert record_at(ring_file, 64, 56) == (0, KIND_PADDING)
-        patch_record(ring_file, 64, 56, 8, KIND_PADDING)
+        writer64.push(b"a" * 40, timeout=TIMEOUT)  # 48 bytes at index 0
+        assert r.pop(timeout=TIMEOUT) == b"a" * 40
+        # A hostile writer says it wrapped at 48 but publishes a write_pos before the lap.
+        patch(ring_file, WRAP_POS_AT, "<Q", 48)
+        patch(ring_file, WRITE_POS_AT, "<Q", 56)
         with pytest.raises(InvalidRing, match="corrupted record"):
             r.pop(timeout=TIMEOUT)
         with pytest.raises(InvalidRing):  # the reader did not move: it keeps refusing
             r.pop(timeout=TIMEOUT)
-        assert u64(ring_file, READ_POS_AT) == 56
+        assert u64(ring_file, READ_POS_AT) == 48
+
+
+def test_a_record_may_not_cross_the_wrap_point(ring_file: Path, writer64: RingWriter) -> None:
+    with RingReader.open(ring_file) as r:
+        writer64.push(b"a" * 8, timeout=TIMEOUT)  # 16 bytes at 0
+        writer64.push(b"b" * 8, timeout=TIMEOUT)  # 16 bytes at 16
+        # wrap_pos = 8 claims a wrap inside the first record: it may not be read past.
+        patch(ring_file, WRAP_POS_AT, "<Q", 8)
+        with pytest.raises(InvalidRing, match="corrupted record"):
+            r.pop(timeout=TIMEOUT)
+
+
+def test_a_reattached_writer_forgets_a_wrap_its_predecessor_never_published(
+    ring_file: Path,
+) -> None:
+    with RingWriter.create(ring_file, 64) as w, RingReader.open(ring_file) as r:
+        w.push(b"a" * 40, timeout=TIMEOUT)  # write_pos = 48
+        assert r.pop(timeout=TIMEOUT) == b"a" * 40
+        w.detach()
+        # As a writer killed after recording the wrap and before publishing leaves it.
+        patch(ring_file, WRAP_POS_AT, "<Q", 48)
+        with RingWriter.open(ring_file) as again:
+            assert u64(ring_file, WRAP_POS_AT) == 0
+            again.push(b"b" * 8, timeout=TIMEOUT)  # fits at 48: must not be skipped
+            assert r.pop(timeout=TIMEOUT) == b"b" * 8
 
 
 def test_pop_refuses_message_running_past_end_of_data_area(

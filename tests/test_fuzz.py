@@ -70,7 +70,7 @@ WRITE_POS, READ_POS = 128, 256
 
 
 def random_message(rng: random.Random, max_len: int) -> bytes:
-    """Zero-length and maximal messages often (a maximal one always needs a padding record
+    """Zero-length and maximal messages often (a maximal one always wraps to the next lap
     unless the write index is 0), else a random or small length."""
     pick = rng.random()
     if pick < 0.15:
@@ -86,7 +86,7 @@ def random_message(rng: random.Random, max_len: int) -> bytes:
 
 def build_ring(rng: random.Random, path: Path) -> tuple[RingWriter | None, int]:
     """A valid ring with a random history: messages of every kind pushed, some popped (so
-    that paddings and wraps happen), the reader detached, and the writer closed or left
+    that wraps happen), the reader detached, and the writer closed or left
     open. Returns the writer if it is still open, and the capacity."""
     capacity = rng.choice(CAPACITIES)
     writer = RingWriter.create(path, capacity)
@@ -96,7 +96,7 @@ def build_ring(rng: random.Random, path: Path) -> tuple[RingWriter | None, int]:
             if rng.random() < 0.6:
                 message = random_message(rng, max_len)
                 while not writer.try_push(message):
-                    reader.try_pop()  # frees space, or skips the padding the push published
+                    reader.try_pop()  # frees space
             else:
                 reader.try_pop()
     if rng.random() < 0.5:

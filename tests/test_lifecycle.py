@@ -366,19 +366,6 @@ def test_open_wait_does_not_retry_an_invalid_ring(ring_path: Path) -> None:
 # ---- detach and pickling: handing a role to another process ------------------------------
 
 
-def _pop_across_handover(reader: RingReader, patience: float = 30.0) -> bytes:
-    """pop(), retried while the writer role is between its dead holder and the
-    process that re-attaches (the reader sees PeerDied in that gap)."""
-    deadline = time.monotonic() + patience
-    while True:
-        try:
-            return reader.pop(timeout=patience)
-        except PeerDied:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.01)
-
-
 def test_detach_releases_the_writer_role_without_ending_the_stream(ring_path: Path) -> None:
     writer = RingWriter.create(ring_path, 4096)
     with RingReader.open(ring_path) as reader:
@@ -387,8 +374,10 @@ def test_detach_releases_the_writer_role_without_ending_the_stream(ring_path: Pa
         writer.detach()  # idempotent
         assert not reader.writer_alive
         assert reader.pop(timeout=10) == b"before"
-        with pytest.raises(PeerDied):  # drained, and no live writer: not the end of stream
-            reader.pop(timeout=1)
+        # Drained, and the role is vacant: not the end of the stream, not a death either:
+        # the reader waits for the successor, within its timeout.
+        with pytest.raises(RingTimeout, match="vacant"):
+            reader.pop(timeout=0.2)
         with RingWriter.open(ring_path) as again:
             again.push(b"after", timeout=10)
         assert reader.pop(timeout=10) == b"after"
@@ -445,7 +434,7 @@ def test_writer_handed_to_a_child_by_a_process_that_then_exits(
     writer_owner.start()
     try:
         with RingReader.open(ring_path, wait=30) as reader:
-            got = [_pop_across_handover(reader) for _ in range(3)]
+            got = [reader.pop(timeout=30) for _ in range(3)]
             with pytest.raises(RingClosed):
                 reader.pop(timeout=30)
         assert got == [b"parent", b"child 1", b"child 2"]
@@ -472,7 +461,7 @@ def test_writer_handed_to_a_child_with_detach_continues_the_stream(
         try:
             writer.detach()  # the role goes to the child; the stream does not end
             assert writer.closed
-            got = [_pop_across_handover(reader) for _ in range(3)]
+            got = [reader.pop(timeout=30) for _ in range(3)]
             with pytest.raises(RingClosed):
                 reader.pop(timeout=30)
             assert got == [b"parent", b"child 1", b"child 2"]
@@ -482,6 +471,78 @@ def test_writer_handed_to_a_child_with_detach_continues_the_stream(
             if child.is_alive():
                 child.kill()
                 child.join(timeout=10)
+
+
+STREAMED = 20000
+
+
+def join_or_kill(process: multiprocessing.process.BaseProcess) -> int | None:
+    process.join(timeout=120)
+    if process.is_alive():
+        process.kill()
+        process.join(timeout=10)
+    return process.exitcode
+
+
+@pytest.mark.parametrize("method", START_METHODS)
+def test_the_readme_reader_hand_over_streams_at_once_without_peer_died(
+    ring_path: Path, method: str
+) -> None:
+    """README "Handing a ring to another process": start the child with the reader, close
+    it, push at once; the writer never sees PeerDied while the child attaches."""
+    ctx = multiprocessing.get_context(method)
+    with RingWriter.create(ring_path, 4096) as writer:
+        reader = RingReader.open(ring_path)
+        child = ctx.Process(target=_mp_children.read_numbered, args=(reader, STREAMED))
+        child.start()
+        try:
+            reader.close()
+            for seq in range(STREAMED):
+                writer.push(_mp_children.numbered(seq), timeout=30)
+        finally:
+            writer.close()
+            assert join_or_kill(child) == 0
+
+
+@pytest.mark.parametrize("ending", ["close", "detach"])
+@pytest.mark.parametrize("method", START_METHODS)
+def test_the_readme_writer_hand_over_streams_without_peer_died(
+    ring_path: Path, method: str, ending: str
+) -> None:
+    ctx = multiprocessing.get_context(method)
+    writer = RingWriter.create(ring_path, 4096)
+    with RingReader.open(ring_path) as reader:
+        child = ctx.Process(target=_mp_children.write_numbered, args=(writer, STREAMED))
+        child.start()
+        try:
+            getattr(writer, ending)()
+            got = [reader.pop(timeout=30) for _ in range(STREAMED)]
+            with pytest.raises(RingClosed):
+                reader.pop(timeout=30)
+        finally:
+            assert join_or_kill(child) == 0
+    assert got == [_mp_children.numbered(seq) for seq in range(STREAMED)]
+
+
+def test_the_readme_fork_pattern_detach_then_open_by_path_in_the_child(ring_path: Path) -> None:
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no fork start method")
+    ctx = multiprocessing.get_context("fork")
+    with RingWriter.create(ring_path, 4096) as writer:
+        reader = RingReader.open(ring_path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # fork() with threads, 3.12+
+            child = ctx.Process(
+                target=_mp_children.open_and_read_numbered, args=(str(ring_path), STREAMED)
+            )
+            child.start()
+        try:
+            reader.detach()
+            for seq in range(STREAMED):
+                writer.push(_mp_children.numbered(seq), timeout=30)
+        finally:
+            writer.close()
+            assert join_or_kill(child) == 0
 
 
 def test_pickling_a_closed_handle_raises(ring_path: Path) -> None:
@@ -494,14 +555,20 @@ def test_pickling_a_closed_handle_raises(ring_path: Path) -> None:
             pickle.dumps(handle)
 
 
-def test_unpickled_writer_after_the_sender_closed_reports_the_ended_stream(
+def test_a_pickled_writer_is_handed_over_so_closing_the_sender_does_not_end_the_stream(
     ring_path: Path,
 ) -> None:
     writer = RingWriter.create(ring_path, 4096)
-    data = pickle.dumps(writer)
-    writer.close()
-    with pytest.raises(RingClosed):
-        pickle.loads(data)
+    with RingReader.open(ring_path) as reader:
+        writer.push(b"from the sender", timeout=10)
+        data = pickle.dumps(writer)
+        writer.close()  # a handed-over handle leaves the role vacant
+        with pickle.loads(data) as successor:
+            successor.push(b"from the successor", timeout=10)
+        assert reader.pop(timeout=10) == b"from the sender"
+        assert reader.pop(timeout=10) == b"from the successor"
+        with pytest.raises(RingClosed):
+            reader.pop(timeout=10)
 
 
 # ---- fork --------------------------------------------------------------------------------

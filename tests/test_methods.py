@@ -55,6 +55,12 @@ def pop_into_a_buffer(reader: RingReader, timeout: float | None) -> list[bytes]:
     return [bytes(buffer[:length])]
 
 
+def peek_and_consume(reader: RingReader, timeout: float | None) -> list[bytes]:
+    messages = reader.peek_many(10, timeout=timeout)
+    reader.consume(len(messages))
+    return messages
+
+
 def pop_a_view(reader: RingReader, timeout: float | None) -> list[bytes]:
     with reader.pop_view(timeout=timeout) as view:
         message = bytes(view)
@@ -109,6 +115,7 @@ METHODS = [
     Method("writer", "fileno", "(self, /)", lambda w, t: w.fileno()),
     Method("writer", "stats", "(self, /)", lambda w, t: w.stats()),
     Method("writer", "detach", "(self, /)"),
+    Method("writer", "abort", "(self, /)"),
     Method("writer", "close", "(self, /)"),
     Method("reader", "pop", "(self, /, timeout=None)", lambda r, t: [r.pop(timeout=t)], timed=True),
     Method("reader", "try_pop", "(self, /)", lambda r, t: [r.try_pop()]),
@@ -120,10 +127,19 @@ METHODS = [
         lambda r, t: r.pop_many(10, timeout=t),
         timed=True,
     ),
+    Method(
+        "reader",
+        "peek_many",
+        "(self, /, max_messages, timeout=None, max_bytes=None)",
+        peek_and_consume,
+        timed=True,
+    ),
+    Method("reader", "consume", "(self, count, /)"),
     Method("reader", "pop_view", "(self, /, timeout=None)", pop_a_view, timed=True),
     Method("reader", "__next__", "(self, /)", lambda r, t: [next(r)]),
     Method("reader", "fileno", "(self, /)", lambda r, t: r.fileno()),
     Method("reader", "stats", "(self, /)", lambda r, t: r.stats()),
+    Method("reader", "detach", "(self, /)"),
     Method("reader", "close", "(self, /)"),
     Method("slot", "commit", "(self, size=None, /)"),
     Method("slot", "discard", "(self, /)"),
@@ -313,11 +329,13 @@ def test_unknown_keyword_argument_raises_type_error(
 
 def test_constructors_have_keyword_only_options() -> None:
     create = inspect.signature(RingWriter.create).parameters
-    assert list(create) == ["path", "capacity", "mode", "spin"]
+    assert list(create) == ["path", "capacity", "mode", "spin", "exist_ok"]
     assert create["mode"].kind is inspect.Parameter.KEYWORD_ONLY
     assert create["mode"].default == 0o600
     assert create["spin"].kind is inspect.Parameter.KEYWORD_ONLY
     assert create["spin"].default is None
+    assert create["exist_ok"].kind is inspect.Parameter.KEYWORD_ONLY
+    assert create["exist_ok"].default is False
     for cls in (RingReader, RingWriter):
         open_ = inspect.signature(cls.open).parameters
         assert list(open_) == ["path", "spin", "wait"]

@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -253,6 +254,78 @@ def child_batch_reader(path: str, count: str, api: str) -> int:
     return 0
 
 
+# ---- only an explicit end ends a stream ---------------------------------------------------
+
+# The endings of a writer process, and what its reader sees once it has every message.
+ENDINGS = {
+    "close": RingClosed,
+    "with-block": RingClosed,
+    "abort": PeerDied,
+    "with-block-raises": PeerDied,
+    "collected-without-close": PeerDied,
+    "exits-holding-it": PeerDied,
+    "uncaught-exception": PeerDied,
+    "killed": PeerDied,
+}
+KEEP: list[RingWriter] = []
+
+
+def child_writer_that_ends(path: str, count: str, ending: str) -> int:
+    """Creates a ring, pushes numbered(0) .. numbered(count - 1), then ends as `ending` says."""
+    import gc
+    import signal
+    import warnings
+
+    writer = RingWriter.create(path, 4096)
+    for i in range(int(count)):
+        writer.push(numbered(i), timeout=10)
+    if ending == "close":
+        writer.close()
+    elif ending == "with-block":
+        with writer:
+            pass
+    elif ending == "abort":
+        writer.abort()
+    elif ending == "with-block-raises":
+        with writer:
+            raise RuntimeError("the producer failed")
+    elif ending == "collected-without-close":
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            del writer
+            gc.collect()
+        print("warned", *sorted({w.category.__name__ for w in caught}), flush=True)
+    elif ending == "exits-holding-it":
+        KEEP.append(writer)  # alive until the interpreter exits
+    elif ending == "uncaught-exception":
+        raise RuntimeError("uncaught, with the writer in this frame")
+    elif ending == "killed":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return 0
+
+
+@pytest.mark.parametrize("ending", ENDINGS)
+def test_only_an_explicit_end_ends_the_stream_every_other_ending_is_peer_died(
+    spawn: Spawn, ring_path: Path, ending: str
+) -> None:
+    child = spawn(child_writer_that_ends, ring_path, 50, ending)
+    if ending == "collected-without-close":
+        assert child.expect_line("warned") == "warned ResourceWarning"
+    child.wait()
+    with RingReader.open(ring_path) as reader:
+        assert [reader.pop(timeout=TIMEOUT) for _ in range(50)] == [numbered(i) for i in range(50)]
+        with pytest.raises(ENDINGS[ending]) as raised:
+            reader.pop(timeout=TIMEOUT)
+        assert type(raised.value) is ENDINGS[ending]
+        if ENDINGS[ending] is PeerDied:
+            # Not an end: a restarted producer continues the stream.
+            with RingWriter.open(ring_path) as again:
+                again.push(b"continued", timeout=TIMEOUT)
+            assert reader.pop(timeout=TIMEOUT) == b"continued"
+            with pytest.raises(RingClosed):
+                reader.pop(timeout=TIMEOUT)
+
+
 # ---- the reader's view of a dead writer --------------------------------------------------
 
 
@@ -270,11 +343,55 @@ def test_reader_drains_every_committed_message_then_raises_peer_died_after_write
         assert not reader.writer_alive
         with pytest.raises(PeerDied):
             reader.pop(timeout=10)
-        with pytest.raises(PeerDied):
+        # Reported once: now the reader waits for a new writer, within its timeout.
+        with pytest.raises(RingTimeout, match="vacant"):
             reader.pop(timeout=0)
-        with pytest.raises(PeerDied):
-            reader.pop()
+        with pytest.raises(RingTimeout, match="vacant"):
+            reader.pop(timeout=0.2)
         assert reader.try_pop() is None
+        # A restarted producer: the waiting pop gets its message, with no polling loop.
+        restarted = threading.Timer(0.3, lambda: restart_and_push(ring_path, b"restarted"))
+        restarted.start()
+        try:
+            assert reader.pop(timeout=10) == b"restarted"
+        finally:
+            restarted.join(timeout=10)
+        with pytest.raises(RingClosed):
+            reader.pop(timeout=10)
+
+
+def child_reattaching_writer_that_dies(path: str, generation: str) -> NoReturn:
+    """Continues the stream as its writer, pushes one message and dies holding the role."""
+    writer = RingWriter.open(path, wait=10)
+    writer.push(b"successor %d" % int(generation), timeout=10)
+    os._exit(0)
+
+
+def restart_and_push(path: Path, message: bytes) -> None:
+    with RingWriter.open(path) as writer:
+        writer.push(message, timeout=10)
+
+
+def test_each_writer_that_dies_is_reported_once_then_its_successor_is_read(
+    spawn: Spawn, ring_path: Path
+) -> None:
+    first = spawn(child_numbered_writer, ring_path, 4096, 3, "die")
+    first.expect_line("pushed")
+    with RingReader.open(ring_path) as reader:
+        first.send("go")
+        first.finish()
+        assert [reader.pop(timeout=5) for _ in range(3)] == [numbered(i) for i in range(3)]
+        with pytest.raises(PeerDied, match="died"):
+            reader.pop(timeout=10)
+        for generation in range(2):
+            # A successor attaches, pushes, dies: its end is reported too, once.
+            successor = spawn(child_reattaching_writer_that_dies, ring_path, generation)
+            successor.finish(timeout=30)
+            assert reader.pop(timeout=10) == b"successor %d" % generation
+            with pytest.raises(PeerDied):
+                reader.pop(timeout=10)
+            with pytest.raises(RingTimeout, match="vacant"):
+                reader.pop(timeout=0)
 
 
 def test_reader_opened_after_writer_died_still_gets_every_committed_message(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import mmap
+import struct
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +32,8 @@ from conftest import (
 from ipc_ring import MessageTooLarge, RingClosed, RingError, RingReader, RingWriter
 
 # ---- child processes ---------------------------------------------------------------------
+
+WRAP_POS_AT = 152  # FORMAT.md "Header", block 1
 
 
 def child_enters_a_reservation_after_closing_the_writer(path: str) -> int:
@@ -256,7 +259,7 @@ def test_reserve_zero_gives_an_empty_view_and_an_empty_message(
     assert positions(writer.path) == (RECORD_HEADER, RECORD_HEADER)
 
 
-def test_reserve_after_the_end_of_the_data_area_publishes_padding_and_starts_at_index_0(
+def test_reserve_after_the_end_of_the_data_area_records_the_wrap_and_starts_at_index_0(
     ring_path: Path,
 ) -> None:
     with (
@@ -268,7 +271,8 @@ def test_reserve_after_the_end_of_the_data_area_publishes_padding_and_starts_at_
         writer.push(b"a" * 40, timeout=0)  # 48 bytes: 16 left before the end
         assert reader.pop(timeout=0) == b"a" * 40
         with writer.reserve(16, timeout=0) as view:
-            assert positions(ring_path)[0] == 64  # the padding is published
+            assert positions(ring_path)[0] == 48  # nothing is published for the wrap ...
+            assert struct.unpack_from("<Q", shared, WRAP_POS_AT)[0] == 48  # ... it is recorded
             view[:] = b"wrapped around!!"
             assert shared[DATA_OFFSET + 8 : DATA_OFFSET + 24] == b"wrapped around!!"
         assert reader.pop(timeout=0) == b"wrapped around!!"
@@ -350,13 +354,14 @@ def test_numpy_array_made_from_a_reserved_view_stays_valid_after_the_block_and_c
             array_[:] = np.arange(8, dtype=np.uint64)
         writer.close()
         assert writer.closed
-        # The mapping must outlive the array: reading and writing it does not crash.
-        assert array_.tolist() == list(range(8))
+        # The array outlives the role: its memory stays valid (reading and writing it does
+        # not crash) but is detached from the ring, which belongs to a successor now.
+        assert array_.tolist() == [0] * 8
         array_ += 1
-        assert array_.tolist() == list(range(1, 9))
+        assert array_.tolist() == [1] * 8
         del array_
         message = reader.pop(timeout=TIMEOUT)
-        assert len(message) == 64
+        assert message == np.arange(8, dtype=np.uint64).tobytes()  # the committed message
         with pytest.raises(RingClosed):
             reader.pop(timeout=0)
 
@@ -566,9 +571,11 @@ def test_reader_close_inside_a_pop_view_block_leaves_the_message_for_the_next_re
     with RingWriter.create(ring_path, 64) as writer:
         writer.push_many([b"unfinished", b"second"], timeout=0)
         with RingReader.open(ring_path) as reader:
-            with reader.pop_view(timeout=TIMEOUT) as view:
-                reader.close()
-                assert bytes(view) == b"unfinished"  # the mapping outlives the view
+            with pytest.raises(RingClosed, match="not consumed"):  # noqa: SIM117
+                with reader.pop_view(timeout=TIMEOUT) as view:
+                    reader.close()
+                    with pytest.raises(ValueError):  # the block's view is released
+                        bytes(view)
             assert reader.closed
         with RingReader.open(ring_path) as again:
             assert again.pop_many(5, timeout=TIMEOUT) == [b"unfinished", b"second"]

@@ -97,9 +97,9 @@ def test_stats_count_committed_reservations_and_consumed_views_only(ring_path: P
         assert (r.stats()["messages_popped"], r.stats()["bytes_popped"]) == (2, 105)
 
 
-def test_padding_records_are_not_counted(ring_path: Path) -> None:
+def test_bytes_skipped_at_wrap_points_are_not_counted(ring_path: Path) -> None:
     with RingWriter.create(ring_path, 64) as w, RingReader.open(ring_path) as r:
-        for i in range(50):  # records of 24 bytes in 64: padding every few messages
+        for i in range(50):  # records of 24 bytes in 64: a wrap every few messages
             w.push(bytes([i]) * 16, timeout=TIMEOUT)
             assert r.pop(timeout=TIMEOUT) == bytes([i]) * 16
         s = w.stats()

@@ -1,18 +1,20 @@
 """asyncio on top of fileno(): wait for a ring next to sockets, no thread per ring.
 
-The protocol is docs/FORMAT.md, "Waiting on a file descriptor": try the
-operation; if it cannot proceed, arm (``_arm()`` sets this side's waiting
-flag to 2 and re-checks), hand ``fileno()`` to the loop with
-``loop.add_reader``, and when it is readable (or a liveness poll is due)
-drain and disarm (``_disarm()``) and try again. A message is consumed only by
-the synchronous ``pop`` that returns it, so a cancelled wait consumes
-nothing.
+The protocol is docs/FORMAT.md, "Waiting on a file descriptor", used through the
+public methods alone: try the operation with ``timeout=0``; when it cannot proceed
+it raises ``RingTimeout`` and leaves ``fileno()`` armed, so the descriptor becomes
+readable as soon as the peer publishes (or at once if it already has); wait for
+that with ``loop.add_reader``, or for the next liveness poll, and try again. A
+message is consumed only by the synchronous ``pop`` that returns it, so a cancelled
+wait consumes nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
 from . import _core
 from ._core import RingTimeout
@@ -23,69 +25,73 @@ if TYPE_CHECKING:
 __all__ = ["POLL_INTERVAL", "pop_async", "push_async"]
 
 #: Seconds between liveness checks while a side waits on its FIFO: a dead peer
-#: never writes to the FIFO, so the waiter looks at its lock this often (the
-#: blocking calls' sleep slice).
+#: never writes to the FIFO, so the waiter tries again this often (the blocking
+#: calls' sleep slice).
 POLL_INTERVAL = _core.SLEEP_SLICE
 
+_T = TypeVar("_T")
 
-def _deadline(loop: asyncio.AbstractEventLoop, timeout: float | None) -> float | None:
+
+async def _until(
+    handle: _core.Writer | _core.Reader,
+    attempt: Callable[[], _T],
+    timeout: float | None,
+    name: str,
+) -> _T:
+    """Run `attempt` (which raises RingTimeout when it would block) until it succeeds,
+    awaiting fileno() between tries; RingTimeout once `timeout` has passed."""
     limit = _core.check_timeout(timeout)
-    return None if limit is None else loop.time() + limit
-
-
-async def _wait_readable(
-    loop: asyncio.AbstractEventLoop, handle: _core.Writer | _core.Reader, deadline: float | None
-) -> None:
-    """Wait until the armed handle's fileno() is readable, the next liveness
-    poll is due, or the deadline passes; then drain and disarm."""
-    fd = handle.fileno()
-    done = loop.create_future()
-
-    def wake() -> None:
-        if not done.done():
-            done.set_result(None)
-
-    delay = POLL_INTERVAL if deadline is None else min(POLL_INTERVAL, deadline - loop.time())
-    loop.add_reader(fd, wake)
-    timer = loop.call_later(max(delay, 0.0), wake)
+    loop = asyncio.get_running_loop()
+    deadline = None if limit is None else loop.time() + limit
+    # The loop watches a descriptor of its own: close() of the handle during
+    # the await closes the handle's, whose number another file may take.
+    fd = os.dup(handle.fileno())
     try:
-        await done
+        return await _attempts(loop, fd, attempt, name, timeout, deadline)
     finally:
-        timer.cancel()
-        loop.remove_reader(fd)
-        handle._disarm()
+        os.close(fd)
+
+
+async def _attempts(
+    loop: asyncio.AbstractEventLoop,
+    fd: int,
+    attempt: Callable[[], _T],
+    name: str,
+    timeout: float | None,
+    deadline: float | None,
+) -> _T:
+    while True:
+        try:
+            return attempt()
+        except RingTimeout:
+            pass
+        now = loop.time()
+        if deadline is not None and now >= deadline:
+            raise RingTimeout(f"{name} timed out after {timeout:.6g} s")
+        done = loop.create_future()
+
+        def wake(done: asyncio.Future[None] = done) -> None:
+            if not done.done():
+                done.set_result(None)
+
+        delay = POLL_INTERVAL if deadline is None else min(POLL_INTERVAL, deadline - now)
+        loop.add_reader(fd, wake)
+        timer = loop.call_later(max(delay, 0.0), wake)
+        try:
+            await done
+        finally:
+            timer.cancel()
+            loop.remove_reader(fd)
 
 
 async def pop_async(reader: _core.Reader, timeout: float | None = None) -> bytes:
-    """Await the next message (see RingReader.pop_async)."""
-    loop = asyncio.get_running_loop()
-    deadline = _deadline(loop, timeout)
-    while True:
-        try:
-            # Takes the message if there is one; on an empty ring tests the
-            # writer's lock once (PeerDied) and sees the end (RingClosed).
-            return reader.pop(timeout=0)
-        except RingTimeout:
-            pass
-        if deadline is not None and loop.time() >= deadline:
-            raise RingTimeout(f"pop_async timed out after {timeout:.6g} s")
-        if reader._arm():
-            await _wait_readable(loop, reader, deadline)
+    """Await the next message (see RingReader.pop_async). pop(timeout=0) takes the
+    message if there is one; on an empty ring it tests the writer's liveness once
+    (PeerDied), sees the end (RingClosed), and arms fileno()."""
+    return await _until(reader, lambda: reader.pop(timeout=0), timeout, "pop_async")
 
 
 async def push_async(writer: _core.Writer, data: Buffer, timeout: float | None = None) -> None:
-    """Await room for ``data`` and push it (see RingWriter.push_async)."""
-    loop = asyncio.get_running_loop()
-    deadline = _deadline(loop, timeout)
-    while True:
-        try:
-            # Pushes if there is room; on a full ring tests the reader's lock
-            # once (PeerDied). MessageTooLarge and the rest propagate.
-            writer.push(data, timeout=0)
-            return
-        except RingTimeout:
-            pass
-        if deadline is not None and loop.time() >= deadline:
-            raise RingTimeout(f"push_async timed out after {timeout:.6g} s")
-        if writer._arm():
-            await _wait_readable(loop, writer, deadline)
+    """Await room for ``data`` and push it (see RingWriter.push_async). MessageTooLarge
+    and PeerDied come from push(timeout=0) as in the blocking API."""
+    await _until(writer, lambda: writer.push(data, timeout=0), timeout, "push_async")

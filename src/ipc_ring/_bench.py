@@ -5,9 +5,11 @@ every message and the reader checks each one. The reader times from the
 arrival of the first message to the arrival of the last and prints the
 seed's JSON line, then a line for people.
 
-Roles: ``both`` (default) removes a stale ring, starts a writer process and
-a reader process, lets the writer start once the reader is attached, and
-removes the ring at the end; ``writer`` and ``reader`` run one side alone.
+Roles: ``both`` (default) starts a writer process, which creates a ring
+under a path that must not exist, and a reader process, lets the writer
+start once the reader is attached, and removes the ring it created at the
+end; ``writer`` and ``reader`` run one side alone. Bench never removes a
+file it did not create.
 
 APIs (``--api``): ``single`` (push / pop), ``into`` (push / pop_into a reused
 buffer, as the seed's reader pops into a reused Vec), ``batch`` (push_many / pop_many of
@@ -24,6 +26,7 @@ import contextlib
 import json
 import os
 import platform
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -42,10 +45,30 @@ APIS = ("single", "into", "batch", "zero-copy")
 SEQUENCE = Struct("<Q")
 
 
-def default_ring_path() -> str:
+def _ring_dir() -> str:
     if sys.platform.startswith("linux") and os.path.isdir("/dev/shm"):
-        return "/dev/shm/ipc_ring.bench"
-    return os.path.join(tempfile.gettempdir(), "ipc_ring.bench")
+        return "/dev/shm"
+    return tempfile.gettempdir()
+
+
+def default_ring_path() -> str:
+    """The ring of a writer and a reader run by hand, one command each."""
+    return os.path.join(_ring_dir(), "ipc_ring.bench")
+
+
+def fresh_ring_path() -> str:
+    """A name for the ring of one run, used by nothing else."""
+    return os.path.join(_ring_dir(), f"ipc_ring.bench.{os.getpid()}.{secrets.token_hex(4)}")
+
+
+def _refuse_existing(*paths: str) -> None:
+    for path in paths:
+        if os.path.lexists(path):
+            raise FileExistsError(
+                f"{path!r} exists: bench creates its ring there and removes it afterwards, "
+                "so it needs a path that does not exist (it never removes a file it did "
+                "not create)"
+            )
 
 
 @dataclass(frozen=True)
@@ -64,7 +87,7 @@ class BenchConfig:
 
 
 def _remove(path: str) -> None:
-    """Remove a ring and its notification FIFOs, if there."""
+    """Remove a ring this process (or its child) created, and its FIFOs."""
     with contextlib.suppress(FileNotFoundError):
         unlink(path)
 
@@ -266,7 +289,6 @@ READERS: dict[str, Callable[[RingReader, BenchConfig], tuple[float, int]]] = {
 def run_writer(cfg: BenchConfig, wait_for_go: bool) -> int:
     """Create the ring, optionally wait for "go" on stdin, push every message, close."""
     _pin(cfg, "writer")
-    _remove(cfg.ring)
     with RingWriter.create(cfg.ring, cfg.cap, spin=cfg.spin) as writer:
         if wait_for_go:
             print("ready", flush=True)
@@ -328,29 +350,41 @@ def _child(role: str, cfg: BenchConfig) -> list[str]:
     return args
 
 
+class BenchError(Exception):
+    """A side of the benchmark failed (its own error is on stderr already)."""
+
+
 def _expect_line(proc: subprocess.Popen[str], want: str, who: str) -> None:
     assert proc.stdout is not None
     line = proc.stdout.readline().strip()
     if line != want:
-        raise RuntimeError(f"bench {who} failed to start (said {line!r})")
+        proc.wait(timeout=STALL_TIMEOUT)
+        raise BenchError(f"the {who} process failed to start (exit status {proc.returncode})")
 
 
 def _run_pair(
-    first: list[str], second: list[str], rings: list[str], cfg: BenchConfig | None = None
+    first: list[str],
+    second: list[str],
+    rings: tuple[str | None, str | None],
+    cfg: BenchConfig | None = None,
 ) -> int:
-    """Start `first` (it creates a ring and waits for "go" on stdin), then
-    `second` (it attaches and says "ready"), then let `first` go; relay
-    `second`'s output. Removes `rings` at the end."""
-    for ring in rings:
-        _remove(ring)
+    """Start `first` (it creates rings[0], if any, and waits for "go" on stdin),
+    then `second` (it creates rings[1], if any, attaches and says "ready"), then
+    let `first` go; relay `second`'s output. Removes the rings they created."""
+    _refuse_existing(*(ring for ring in rings if ring))
     procs: list[subprocess.Popen[str]] = []
+    created: list[str] = []
     try:
         one = subprocess.Popen(first, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         procs.append(one)
         _expect_line(one, "ready", first[4])
+        if rings[0]:
+            created.append(rings[0])
         two = subprocess.Popen(second, stdout=subprocess.PIPE, text=True)
         procs.append(two)
         _expect_line(two, "ready", second[4])
+        if rings[1]:
+            created.append(rings[1])
         assert one.stdin is not None and two.stdout is not None
         one.stdin.write("go\n")
         one.stdin.flush()
@@ -366,13 +400,13 @@ def _run_pair(
             if p.poll() is None:
                 p.kill()
                 p.wait()
-        for ring in rings:
+        for ring in created:
             _remove(ring)
 
 
 def run_both(cfg: BenchConfig) -> int:
     """Writer and reader in two fresh processes; the writer starts once the reader is attached."""
-    return _run_pair(_child("writer", cfg), _child("reader", cfg), [cfg.ring], cfg)
+    return _run_pair(_child("writer", cfg), _child("reader", cfg), (cfg.ring, None), cfg)
 
 
 # ---- latency ---------------------------------------------------------------
@@ -466,6 +500,6 @@ def run_latency(cfg: BenchConfig) -> int:
     return _run_pair(
         _child("latency-echo", cfg),
         _child("latency-client", cfg),
-        [cfg.ring, _pong_path(cfg)],
+        (_pong_path(cfg), cfg.ring),
         BenchConfig(cfg.ring, cfg.cap, 1, cfg.msg_size, json_only=cfg.json_only),
     )

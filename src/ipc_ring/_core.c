@@ -67,6 +67,7 @@ enum call_flag {
     CALL_SLEEPING = RB_HANDLE_CALLER << 1, /* ...and its thread sleeps without the GIL */
     SLOT_OPEN = RB_HANDLE_CALLER << 2,     /* a reserve() or pop_view() slot is open */
     HANDLE_CLOSED = RB_HANDLE_CALLER << 3, /* close() or detach() was called */
+    MESSAGES_PEEKED = RB_HANDLE_CALLER << 4, /* peek_many() left messages for consume() */
 };
 
 typedef struct {
@@ -75,6 +76,10 @@ typedef struct {
     Py_ssize_t exports; /* buffers of this handle's slots that point into the mapping */
     PyObject *path;     /* str, as given */
     int initialised;    /* __init__ has run once (it never runs again) */
+    int handed_over;    /* pickled for another process: closing leaves the role vacant */
+    Py_ssize_t peeked;  /* reader: messages peek_many() returned and consume() did not */
+    rb_read_mark peek_mark; /* reader: where the next peek_many() reads, while peeked > 0 */
+    struct SlotObject *slot; /* the open slot (borrowed), if SLOT_OPEN */
 } HandleObject;
 
 static inline int is_writer(HandleObject *self) { return self->h.role == RB_ROLE_WRITER; }
@@ -90,13 +95,22 @@ static void release_if_idle(HandleObject *self) {
         rb_handle_unmap(&self->h);
 }
 
-/* Gives the role up (ending the stream if `end_stream`) and unmaps unless
- * a call or an export still uses the mapping. Idempotent. */
-static void handle_close(HandleObject *self, int end_stream) {
+static PyObject *str_release;
+struct SlotObject;
+static void revoke_slot_view(HandleObject *self);
+
+/* Gives the role up, leaving it in `state` (a handle handed over to
+ * another process leaves it vacant whatever the call), and unmaps unless a
+ * call or an export still uses the mapping. Idempotent. */
+static void handle_close(HandleObject *self, rb_role_state state) {
     if (self->h.flags & HANDLE_CLOSED) return;
     int sleeping = (self->h.flags & CALL_SLEEPING) != 0;
     self->h.flags |= HANDLE_CLOSED;
-    rb_handle_release(&self->h, end_stream, sleeping);
+    rb_handle_release(&self->h, self->handed_over ? RB_STATE_VACANT : state, sleeping);
+    revoke_slot_view(self);
+    /* Buffers still pointing into the mapping must not reach the ring, which
+     * belongs to a successor now: they get private memory in its place. */
+    if (self->exports > 0) rb_handle_detach_memory(&self->h);
     release_if_idle(self);
 }
 
@@ -154,6 +168,11 @@ static int raise_unusable(HandleObject *self) {
     else if (flags & SLOT_OPEN)
         PyErr_Format(PyExc_RuntimeError,
                      "a reserve() or pop_view() block is open on this %s: finish it first", what);
+    else if ((flags & MESSAGES_PEEKED) && !(flags & CALL_ACTIVE))
+        PyErr_Format(PyExc_RuntimeError,
+                     "%zd messages that peek_many() returned are not consumed yet: consume() "
+                     "them (or close the reader) before another read",
+                     self->peeked);
     else
         PyErr_Format(PyExc_RuntimeError,
                      "a call on this %s is already in progress (in another thread, or in Python "
@@ -163,12 +182,15 @@ static int raise_unusable(HandleObject *self) {
     return -1;
 }
 
-/* Starts a call that can run Python code: 0, or -1 with the reason raised. */
-static inline int call_begin(HandleObject *self) {
-    if (RB_UNLIKELY(self->h.flags != 0)) return raise_unusable(self);
+/* Starts a call that can run Python code: 0, or -1 with the reason raised.
+ * `allowed`: flags that do not stop this call. */
+static inline int call_begin_allowing(HandleObject *self, unsigned allowed) {
+    if (RB_UNLIKELY((self->h.flags & ~allowed) != 0)) return raise_unusable(self);
     self->h.flags |= CALL_ACTIVE;
     return 0;
 }
+
+static inline int call_begin(HandleObject *self) { return call_begin_allowing(self, 0); }
 
 /* Ends it, and unmaps if close() came meanwhile and nothing else uses the
  * mapping. */
@@ -315,9 +337,8 @@ static int handle_wait(HandleObject *self, rb_wait_state *ws) {
  * outlives every exported buffer: the unmap waits for the last release. */
 
 /* "release", interned once (module exec): memoryview.release per slot. */
-static PyObject *str_release;
 
-typedef struct {
+typedef struct SlotObject {
     PyObject_HEAD
     HandleObject *owner; /* strong reference; NULL until the slot is filled */
     uint8_t *payload;    /* inside owner's mapping */
@@ -326,6 +347,20 @@ typedef struct {
     int writer;          /* 1: a reservation (writable); 0: a message view (read-only) */
     int open;            /* 1 until committed, discarded or consumed */
 } SlotObject;
+
+/* close() of a handle with an open slot: the memoryview handed out is
+ * released, so that the block's next use of it raises ValueError (it cannot
+ * be while a buffer derived from it lives; such buffers are detached from
+ * the ring by rb_handle_detach_memory). Keeps any exception being raised. */
+static void revoke_slot_view(HandleObject *self) {
+    if (!self->slot || !self->slot->view) return;
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyObject *r = PyObject_CallMethodNoArgs(self->slot->view, str_release);
+    Py_XDECREF(r);
+    PyErr_Clear(); /* BufferError: a derived buffer still exists */
+    PyErr_Restore(type, value, tb);
+}
 
 static int slot_getbuffer(PyObject *op, Py_buffer *view, int flags) {
     SlotObject *slot = (SlotObject *)op;
@@ -370,10 +405,23 @@ static int slot_finish(SlotObject *slot, Py_ssize_t size, int consume) {
     }
     HandleObject *h = slot->owner;
     h->h.flags &= ~(unsigned)SLOT_OPEN;
+    h->slot = NULL;
     if (h->h.flags & (HANDLE_CLOSED | RB_HANDLE_FORKED)) {
         release_if_idle(h);
-        if (!(slot->writer && size >= 0)) return 0;
-        return raise_unusable(h);
+        /* Only a finish that would have touched the ring says so: a block that
+         * raised, or a discard, keeps its own outcome. */
+        if (size < 0 || !(slot->writer || consume)) return 0;
+        core_state *st = state_of((PyObject *)h);
+        if (st && !(h->h.flags & RB_HANDLE_FORKED))
+            PyErr_SetString(st->RingClosed,
+                            slot->writer ? "the RingWriter was closed during the reserve() "
+                                           "block: nothing was published"
+                                         : "the RingReader was closed during the pop_view() "
+                                           "block: the message was not consumed, the next "
+                                           "reader gets it again");
+        else
+            raise_unusable(h);
+        return -1;
     }
     if (slot->writer && size >= 0)
         rb_commit(&h->h.ring.writer, (uint64_t)size);
@@ -405,6 +453,7 @@ static PyObject *slot_bind(SlotObject *slot, HandleObject *owner, void *payload,
     slot->size = (Py_ssize_t)size;
     slot->open = 1;
     owner->h.flags |= SLOT_OPEN;
+    owner->slot = slot;
     PyObject_GC_Track(slot);
     return (PyObject *)slot;
 }
@@ -417,9 +466,20 @@ PyDoc_STRVAR(slot_enter_doc,
 static PyObject *slot_enter(PyObject *op, PyObject *Py_UNUSED(ignored)) {
     SlotObject *slot = (SlotObject *)op;
     if (!slot->view) {
+        /* Allocating the view can run the collector, and its Python code may
+         * finish the slot (or enter it) meanwhile. */
         PyObject *view = PyMemoryView_FromObject(op);
         if (!view) return NULL;
-        if (slot->view) /* the collector ran __enter__ meanwhile: keep the first */
+        if (!slot->open) {
+            PyObject *r = PyObject_CallMethodNoArgs(view, str_release);
+            Py_XDECREF(r);
+            Py_DECREF(view);
+            if (!r) return NULL;
+            PyErr_SetString(PyExc_ValueError,
+                            "the slot is finished: its memory is back in the ring");
+            return NULL;
+        }
+        if (slot->view)
             Py_DECREF(view);
         else
             slot->view = view;
@@ -436,7 +496,7 @@ static PyObject *slot_exit(PyObject *op, PyObject *const *args, Py_ssize_t nargs
     SlotObject *slot = (SlotObject *)op;
     int failed = nargs > 0 && args[0] != Py_None;
     if (!slot->open) Py_RETURN_FALSE; /* commit() or discard() already finished it */
-    if (slot_finish(slot, slot->writer ? (failed ? -1 : slot->size) : 0, 1) < 0) return NULL;
+    if (slot_finish(slot, failed ? -1 : slot->size, 1) < 0) return NULL;
     Py_RETURN_FALSE;
 }
 
@@ -555,6 +615,9 @@ static PyType_Spec slot_spec = {
 
 /* ---- construction, close, dealloc (both types) ------------------------ */
 
+/* The longest spin a handle accepts, in seconds. */
+#define MAX_SPIN_S 1.0
+
 /* Converts the `capacity` keyword, which only a new ring has: an int (not a
  * bool); absent for an existing ring (0). 0 on success, -1 with
  * TypeError/ValueError set. */
@@ -578,39 +641,48 @@ static int parse_capacity(PyObject *obj, uint64_t *out) {
     return 0;
 }
 
-/* Writer(fd, path, *, capacity=..., spin=None) / Reader(fd, path, *, spin=None):
- * attaches to the ring file open on fd; with capacity, fd is a new, empty
- * file that becomes a ring of that capacity.
- * On success the handle owns fd. */
+/* Writer(path, *, capacity=..., mode=0o600, spin=None): creates a ring at
+ * path (with capacity) or attaches to the existing one (without).
+ * Reader(path, *, spin=None): attaches to the existing ring. */
 static int handle_init(PyObject *op, PyObject *args, PyObject *kwds, rb_role role) {
-    static char *writer_kwlist[] = {"fd", "path", "capacity", "spin", NULL};
-    static char *reader_kwlist[] = {"fd", "path", "spin", NULL};
+    static char *writer_kwlist[] = {"path", "capacity", "mode", "spin", NULL};
+    static char *reader_kwlist[] = {"path", "spin", NULL};
     HandleObject *self = (HandleObject *)op;
-    int fd;
     PyObject *path, *capacity_obj = NULL, *spin_obj = Py_None;
+    unsigned int mode = 0600;
     if (self->initialised) {
         PyErr_SetString(PyExc_RuntimeError, "a ring handle is initialised only once");
         return -1;
     }
     self->initialised = 1;
     int parsed = role == RB_ROLE_WRITER
-                     ? PyArg_ParseTupleAndKeywords(args, kwds, "iU|$OO:Writer", writer_kwlist, &fd,
-                                                   &path, &capacity_obj, &spin_obj)
-                     : PyArg_ParseTupleAndKeywords(args, kwds, "iU|$O:Reader", reader_kwlist, &fd,
+                     ? PyArg_ParseTupleAndKeywords(args, kwds, "U|$OIO:Writer", writer_kwlist,
+                                                   &path, &capacity_obj, &mode, &spin_obj)
+                     : PyArg_ParseTupleAndKeywords(args, kwds, "U|$O:Reader", reader_kwlist,
                                                    &path, &spin_obj);
     if (!parsed) return -1;
     uint64_t capacity;
     if (parse_capacity(capacity_obj, &capacity) < 0) return -1;
+    if (mode > 07777) {
+        PyErr_Format(PyExc_ValueError, "mode must be permission bits (at most 0o7777), got %#o",
+                     mode);
+        return -1;
+    }
     uint64_t spin_ns = RB_DEFAULT_SPIN_NS;
     if (spin_obj != Py_None) {
         double v = PyFloat_AsDouble(spin_obj);
         if (v == -1.0 && PyErr_Occurred()) return -1;
-        if (!(v >= 0.0 && v <= 1.0)) {
+        if (!(v >= 0.0 && v <= MAX_SPIN_S)) {
             PyErr_Format(PyExc_ValueError, "spin must be a number of seconds in [0, 1], got %R",
                          spin_obj);
             return -1;
         }
         spin_ns = (uint64_t)(v * 1e9);
+    }
+    if (self->h.flags & HANDLE_CLOSED) { /* by Python code an argument ran */
+        core_state *st = state_of(op);
+        if (st) PyErr_SetString(st->RingClosed, "the handle was closed during __init__");
+        return -1;
     }
     /* An exact str, so that no __repr__ of a subclass runs inside a call. */
     PyObject *name = PyUnicode_FromObject(path);
@@ -618,10 +690,13 @@ static int handle_init(PyObject *op, PyObject *args, PyObject *kwds, rb_role rol
     Py_XSETREF(self->path, name);
     PyObject *encoded = PyUnicode_EncodeFSDefault(name);
     if (!encoded) return -1;
-    rb_options opt = {.path = PyBytes_AS_STRING(encoded), .capacity = capacity,
+    rb_options opt = {.path = PyBytes_AS_STRING(encoded), .capacity = capacity, .mode = mode,
                       .spin_ns = spin_ns};
     rb_error err;
-    rb_result res = rb_handle_attach(&self->h, fd, role, &opt, &err);
+    rb_result res;
+    Py_BEGIN_ALLOW_THREADS /* file system calls; nothing else sees this handle yet */
+    res = capacity ? rb_handle_create(&self->h, &opt, &err) : rb_handle_open(&self->h, role, &opt, &err);
+    Py_END_ALLOW_THREADS
     Py_DECREF(encoded);
     return res == RB_OK ? 0 : raise_error(self, &err);
 }
@@ -645,12 +720,30 @@ static PyObject *handle_new(PyTypeObject *type, PyObject *args, PyObject *kwds) 
     return (PyObject *)self;
 }
 
+/* A handle dropped without close() did not end its stream (FORMAT.md
+ * "Roles and states"): say so with a ResourceWarning, and leave the role so
+ * that the peer knows (a writer: stopped without an end; a reader: gone).
+ * tp_finalize, so that the warning's Python code sees a live object. */
+static void handle_finalize(PyObject *op) {
+    HandleObject *self = (HandleObject *)op;
+    if (self->h.flags & (HANDLE_CLOSED | RB_HANDLE_DETACHED | RB_HANDLE_FORKED)) return;
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    if (!self->handed_over &&
+        PyErr_ResourceWarning(op, 1, "unclosed %s %R: collected without close()", kind_of(self),
+                              self->path) < 0)
+        PyErr_WriteUnraisable(op);
+    handle_close(self, is_writer(self) ? RB_STATE_FAILED : RB_STATE_CLOSED);
+    PyErr_Restore(type, value, tb);
+}
+
 static void handle_dealloc(PyObject *op) {
     PyTypeObject *tp = Py_TYPE(op);
     HandleObject *self = (HandleObject *)op;
+    if (PyObject_CallFinalizerFromDealloc(op) < 0) return; /* resurrected */
     /* Nothing can use the mapping now: slots and their buffers hold a
      * reference to the handle, and so does every running call. */
-    handle_close(self, 1);
+    handle_close(self, is_writer(self) ? RB_STATE_FAILED : RB_STATE_CLOSED);
     rb_handle_unmap(&self->h);
     Py_CLEAR(self->path);
     tp->tp_free(op);
@@ -659,31 +752,53 @@ static void handle_dealloc(PyObject *op) {
 
 PyDoc_STRVAR(writer_close_doc,
 "close($self, /)\n--\n\n"
-"End the stream: the reader drains what is left, then sees the end.\n"
-"Releases the writer role and the file descriptors at once, and the mapping\n"
-"as soon as no call and no buffer uses it. Idempotent.");
+"End the stream: the reader drains what is left, then sees the end\n"
+"(RingClosed). Releases the writer role and the file descriptors at once,\n"
+"and the mapping as soon as no call and no buffer uses it. Idempotent.");
 
 PyDoc_STRVAR(reader_close_doc,
 "close($self, /)\n--\n\n"
 "Detach from the ring: releases the reader role and the file descriptors at\n"
 "once, and the mapping as soon as no call and no buffer uses it. Messages\n"
-"not read stay in the ring. Idempotent.");
+"not read stay in the ring for the next reader. Idempotent.");
 
 static PyObject *handle_close_method(PyObject *op, PyObject *Py_UNUSED(ignored)) {
-    handle_close((HandleObject *)op, 1);
+    handle_close((HandleObject *)op, RB_STATE_CLOSED);
     Py_RETURN_NONE;
 }
 
-PyDoc_STRVAR(writer_detach_doc,
-"detach($self, /)\n--\n\n"
-"Release the writer role without ending the stream, so that another process\n"
-"continues it: RingWriter.open(path), or unpickling a copy of this handle\n"
-"(how a writer is handed to a child process). Until one attaches, the reader\n"
-"sees no live writer: it drains the ring, then gets PeerDied. The handle is\n"
-"closed afterwards. Idempotent.");
+PyDoc_STRVAR(writer_abort_doc,
+"abort($self, /)\n--\n\n"
+"Stop writing without ending the stream: the reader drains every message\n"
+"already written, then gets PeerDied instead of the end of the stream (what\n"
+"an exception leaving a with block does). A new writer may continue the\n"
+"stream (RingWriter.open). The handle is closed afterwards. Idempotent.");
 
-static PyObject *writer_detach(PyObject *op, PyObject *Py_UNUSED(ignored)) {
-    handle_close((HandleObject *)op, 0);
+static PyObject *writer_abort(PyObject *op, PyObject *Py_UNUSED(ignored)) {
+    handle_close((HandleObject *)op, RB_STATE_FAILED);
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(handle_detach_doc,
+"detach($self, /)\n--\n\n"
+"Release the role for a successor without ending anything: another process\n"
+"continues it with open(path), or by unpickling a copy of this handle (how a\n"
+"handle is handed to a child process). Until one attaches, the other side\n"
+"waits for it (within its own timeout) instead of raising PeerDied. The\n"
+"handle is closed afterwards. Idempotent.");
+
+static PyObject *handle_detach(PyObject *op, PyObject *Py_UNUSED(ignored)) {
+    handle_close((HandleObject *)op, RB_STATE_VACANT);
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(handle_hand_over_doc,
+"_hand_over($self, /)\n--\n\n"
+"Internal (pickling): this handle is being handed to another process, so\n"
+"closing it, or collecting it, leaves the role vacant for the successor.");
+
+static PyObject *handle_hand_over(PyObject *op, PyObject *Py_UNUSED(ignored)) {
+    ((HandleObject *)op)->handed_over = 1;
     Py_RETURN_NONE;
 }
 
@@ -701,8 +816,12 @@ typedef struct {
  * publish and `written` never counts a message the reader cannot see. */
 static inline void batch_flush(HandleObject *self, batch_state *bs) {
     if (bs->staged) {
-        rb_flush(&self->h.ring.writer);
-        bs->written += bs->staged;
+        /* Python code (an item's finalizer) may have closed the handle, or
+         * forked: then the staged records are dropped, never published. */
+        if (!(self->h.flags & (HANDLE_CLOSED | RB_HANDLE_FORKED))) {
+            rb_flush(&self->h.ring.writer);
+            bs->written += bs->staged;
+        }
         bs->staged = 0;
     }
 }
@@ -755,6 +874,7 @@ static int writer_stage(HandleObject *self, PyObject *item, batch_state *bs, int
             break;
         }
         if (report_full) {
+            rb_handle_idle(&self->h); /* fileno(): readable when room frees */
             ret = 0;
             break;
         }
@@ -868,10 +988,14 @@ static PyObject *writer_push_many(PyObject *op, PyObject *const *args, Py_ssize_
     HandleObject *self = (HandleObject *)op;
     PyObject *messages;
     uint64_t timeout;
-    if (call_begin(self) < 0) return NULL;
+    if (call_begin(self) < 0) {
+        note_written(0);
+        return NULL;
+    }
     if (args_then(self, unpack_timeout_args("push_many", args, nargs, kwnames, 1, &messages,
                                             &timeout)) < 0) {
         call_end(self);
+        note_written(0);
         return NULL;
     }
     batch_state bs = {.written = 0, .staged = 0};
@@ -974,7 +1098,10 @@ static int reader_next(HandleObject *self, uint64_t timeout, int report_empty, i
         rb_result res = rb_peek(&self->h.ring.reader, payload, length);
         if (RB_LIKELY(res == RB_OK)) return 1;
         if (res == RB_EMPTY) {
-            if (report_empty) return 0;
+            if (report_empty) {
+                rb_handle_idle(&self->h); /* fileno(): readable when a message comes */
+                return 0;
+            }
             if (handle_wait(self, &ws) < 0) return -1;
             continue;
         }
@@ -1123,16 +1250,27 @@ PyDoc_STRVAR(reader_pop_many_doc,
 "Wait for at least one message like pop(), then return every message\n"
 "available, up to max_messages and up to max_bytes of payload in total (a\n"
 "first message longer than max_bytes comes alone), as a list of bytes. The\n"
-"read position is published once for the batch.");
+"read position is published once for the batch. With timeout=0 it never\n"
+"waits and returns [] when the ring is empty.");
 
-/* Parses pop_many's arguments (which may run __index__ and __float__). 0, or
- * -1 with an exception set. */
-static int pop_many_args(PyObject *args, PyObject *kwds, Py_ssize_t *max_messages,
-                         uint64_t *timeout, Py_ssize_t *max_bytes) {
+PyDoc_STRVAR(reader_peek_many_doc,
+"peek_many($self, max_messages, timeout=None, max_bytes=None)\n--\n\n"
+"Like pop_many(), but the messages stay in the ring until consume(count)\n"
+"releases them: for at-least-once processing (write them out, then consume).\n"
+"Successive calls return the messages after those already peeked. Until\n"
+"every peeked message is consumed, other reads raise RuntimeError; a reader\n"
+"closed (or killed) before consume() leaves them to the next reader.");
+
+/* Parses the arguments of pop_many and peek_many (which may run __index__
+ * and __float__). 0, or -1 with an exception set. */
+static int pop_many_args(PyObject *args, PyObject *kwds, const char *name,
+                         Py_ssize_t *max_messages, uint64_t *timeout, Py_ssize_t *max_bytes) {
     static char *kwlist[] = {"max_messages", "timeout", "max_bytes", NULL};
     PyObject *timeout_obj = Py_None, *max_bytes_obj = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "n|OO:pop_many", kwlist, max_messages,
-                                     &timeout_obj, &max_bytes_obj))
+    char format[32];
+    PyOS_snprintf(format, sizeof format, "n|OO:%s", name);
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, format, kwlist, max_messages, &timeout_obj,
+                                     &max_bytes_obj))
         return -1;
     if (*max_messages < 1) {
         PyErr_Format(PyExc_ValueError, "max_messages must be >= 1, got %zd", *max_messages);
@@ -1149,53 +1287,128 @@ static int pop_many_args(PyObject *args, PyObject *kwds, Py_ssize_t *max_message
     return parse_timeout(timeout_obj, timeout);
 }
 
-static PyObject *reader_pop_many(PyObject *op, PyObject *args, PyObject *kwds) {
-    HandleObject *self = (HandleObject *)op;
+/* pop_many (peek = 0) and peek_many (peek = 1): waits for one message, then
+ * copies every available one up to the limits. pop_many publishes read_pos
+ * once; peek_many reads ahead from its own mark and leaves read_pos alone. */
+static PyObject *reader_batch(HandleObject *self, PyObject *args, PyObject *kwds, int peek) {
+    const char *name = peek ? "peek_many" : "pop_many";
     Py_ssize_t max_messages, max_bytes = PY_SSIZE_T_MAX;
     uint64_t timeout;
-    if (call_begin(self) < 0) return NULL;
-    if (pop_many_args(args, kwds, &max_messages, &timeout, &max_bytes) < 0) {
+    if (call_begin_allowing(self, peek ? MESSAGES_PEEKED : 0) < 0) return NULL;
+    if (pop_many_args(args, kwds, name, &max_messages, &timeout, &max_bytes) < 0) {
         call_end(self);
         return NULL;
     }
     /* The list first: allocating it can run the collector, and with it
      * Python code that may close this handle. */
     PyObject *list = PyList_New(0);
-    const void *payload;
-    uint64_t length;
-    if (!list || call_interrupted(self) < 0 ||
-        reader_next(self, timeout, 0, 0, "pop_many", &payload, &length) <= 0) {
-        Py_CLEAR(list);
+    if (!list || call_interrupted(self) < 0) {
+        Py_XDECREF(list);
         call_end(self);
         return NULL;
     }
-    /* From here to rb_release no Python code runs (bytes objects are not
-     * tracked by the collector; growing the list only reallocates). */
-    uint64_t taken = 0;
-    for (Py_ssize_t n = 0;;) {
-        PyObject *msg = PyBytes_FromStringAndSize((const char *)payload, (Py_ssize_t)length);
-        if (!msg || PyList_Append(list, msg) < 0) {
-            /* Out of memory: this message stays in the ring. Return what was
-             * taken (the next call raises again if memory is still short). */
-            Py_XDECREF(msg);
-            if (n == 0)
-                Py_CLEAR(list);
-            else
-                PyErr_Clear();
-            break;
+    rb_reader *r = &self->h.ring.reader;
+    rb_read_mark consumed;
+    rb_mark(r, &consumed);
+    if (peek && self->peeked) rb_rewind(r, &self->peek_mark);
+    const void *payload;
+    uint64_t length;
+    int got = reader_next(self, timeout, 0, 0, name, &payload, &length);
+    Py_ssize_t n = 0;
+    if (got > 0) {
+        /* From here to the end no Python code runs (bytes objects are not
+         * tracked by the collector; growing the list only reallocates). */
+        uint64_t taken = 0;
+        for (;;) {
+            PyObject *msg = PyBytes_FromStringAndSize((const char *)payload, (Py_ssize_t)length);
+            if (!msg || PyList_Append(list, msg) < 0) {
+                /* Out of memory: this message stays in the ring. Return what
+                 * was taken (the next call raises again if memory is short). */
+                Py_XDECREF(msg);
+                if (n == 0)
+                    Py_CLEAR(list);
+                else
+                    PyErr_Clear();
+                break;
+            }
+            Py_DECREF(msg);
+            rb_skip(r);
+            taken += length;
+            if (++n >= max_messages) break;
+            /* Anything but a message that fits (empty, end, corruption) ends
+             * the batch; the next call reports it. */
+            if (rb_peek(r, &payload, &length) != RB_OK) break;
+            if (taken + length > (uint64_t)max_bytes) break;
         }
-        Py_DECREF(msg);
-        rb_skip(&self->h.ring.reader);
-        taken += length;
-        if (++n >= max_messages) break;
-        /* Anything but a message that fits (empty, end, corruption) ends the
-         * batch; the next call reports it. */
-        if (rb_peek(&self->h.ring.reader, &payload, &length) != RB_OK) break;
-        if (taken + length > (uint64_t)max_bytes) break;
     }
-    rb_release(&self->h.ring.reader);
+    else if (got < 0) {
+        core_state *st = state_of((PyObject *)self);
+        /* timeout=0 polls: an empty ring is an empty list (armed for fileno()). */
+        if (timeout == 0 && st && PyErr_ExceptionMatches(st->RingTimeout))
+            PyErr_Clear();
+        else
+            Py_CLEAR(list);
+    }
+    if (!(self->h.flags & HANDLE_CLOSED)) {
+        if (peek) {
+            rb_mark(r, &self->peek_mark);
+            rb_rewind(r, &consumed);
+            self->peeked += n;
+            if (self->peeked) self->h.flags |= MESSAGES_PEEKED;
+        }
+        else if (n) {
+            rb_release(r);
+        }
+    }
     call_end(self);
     return list;
+}
+
+static PyObject *reader_pop_many(PyObject *op, PyObject *args, PyObject *kwds) {
+    return reader_batch((HandleObject *)op, args, kwds, 0);
+}
+
+static PyObject *reader_peek_many(PyObject *op, PyObject *args, PyObject *kwds) {
+    return reader_batch((HandleObject *)op, args, kwds, 1);
+}
+
+PyDoc_STRVAR(reader_consume_doc,
+"consume($self, count, /)\n--\n\n"
+"Release the first `count` messages that peek_many() returned and no\n"
+"consume() released yet: the read position moves past them and their space\n"
+"goes back to the writer. ValueError if count is negative or more than that.");
+
+static PyObject *reader_consume(PyObject *op, PyObject *arg) {
+    HandleObject *self = (HandleObject *)op;
+    if (call_begin_allowing(self, MESSAGES_PEEKED) < 0) return NULL;
+    Py_ssize_t count = PyNumber_AsSsize_t(arg, PyExc_OverflowError); /* may run __index__ */
+    PyObject *result = NULL;
+    if (count == -1 && PyErr_Occurred()) {
+    }
+    else if (count < 0 || count > self->peeked) {
+        PyErr_Format(PyExc_ValueError, "consume count must be in [0, %zd] (the messages peeked "
+                     "and not consumed), got %zd", self->peeked, count);
+    }
+    else if (call_interrupted(self) == 0) {
+        rb_reader *r = &self->h.ring.reader;
+        Py_ssize_t done = 0;
+        for (; done < count; done++) {
+            const void *payload;
+            uint64_t length;
+            rb_result res = rb_peek(r, &payload, &length);
+            if (res != RB_OK) { /* the peeked records changed under us: a hostile writer */
+                raise_result(self, res == RB_CORRUPT ? res : RB_CORRUPT, 0);
+                break;
+            }
+            rb_skip(r);
+        }
+        if (done) rb_release(r);
+        self->peeked -= done;
+        if (!self->peeked) self->h.flags &= ~(unsigned)MESSAGES_PEEKED;
+        if (done == count) result = Py_NewRef(Py_None);
+    }
+    call_end(self);
+    return result;
 }
 
 PyDoc_STRVAR(reader_pop_view_doc,
@@ -1276,93 +1489,39 @@ static PyObject *handle_get_peer_alive(PyObject *op, void *Py_UNUSED(closure)) {
 }
 
 /* ---- waiting on a file descriptor (FORMAT.md "Waiting on a file
- * descriptor"): the primitives under fileno() and ipc_ring._async ------ */
+ * descriptor") --------------------------------------------------------- */
 
 /* 0 if the handle may take a call that touches the header now (not closed,
  * not forked, no call of its own running), else -1 with the reason. */
 static int require_usable(HandleObject *self) {
-    return (self->h.flags & ~(unsigned)SLOT_OPEN) == 0 ? 0 : raise_unusable(self);
-}
-
-PyDoc_STRVAR(handle_attach_notify_doc,
-"_attach_notify($self, rx, tx, /)\n--\n\n"
-"Internal: take ownership of the descriptors of the own FIFO (rx) and the\n"
-"peer's FIFO (tx), both open O_RDWR | O_NONBLOCK.");
-
-static PyObject *handle_attach_notify(PyObject *op, PyObject *args) {
-    HandleObject *self = (HandleObject *)op;
-    int rx, tx;
-    if (!PyArg_ParseTuple(args, "ii:_attach_notify", &rx, &tx)) return NULL;
-    if (require_usable(self) < 0) return NULL;
-    if (self->h.notify_rx >= 0) {
-        PyErr_SetString(PyExc_RuntimeError, "notification FIFOs are already attached");
-        return NULL;
-    }
-    rb_handle_set_notify(&self->h, rx, tx);
-    Py_RETURN_NONE;
-}
-
-/* -1 with RingError set if the handle has no notification FIFOs, else 0. */
-static int require_notify(HandleObject *self) {
-    if (self->h.notify_rx >= 0) return 0;
-    core_state *st = state_of((PyObject *)self);
-    if (st)
-        PyErr_Format(st->RingError,
-                     "%R has no notification FIFOs (%U.rd and %U.wr): it was created by a version "
-                     "of ipc_ring without fileno() support, or they were removed; fileno() and the "
-                     "async methods need them, the blocking API works without",
-                     self->path, self->path, self->path);
-    return -1;
+    return (self->h.flags & ~(unsigned)(SLOT_OPEN | MESSAGES_PEEKED)) == 0 ? 0
+                                                                            : raise_unusable(self);
 }
 
 PyDoc_STRVAR(handle_fileno_doc,
 "fileno($self, /)\n--\n\n"
-"A file descriptor that becomes readable when this side was armed and the\n"
-"peer then published (reader: a message or end of stream; writer: free\n"
-"space). For event loops; see docs/FORMAT.md, \"Waiting on a file\n"
-"descriptor\". RingError if the ring has no notification FIFOs.");
+"A file descriptor for select, selectors, epoll, multiprocessing.connection.wait\n"
+"or an event loop. After a call found nothing to do (reader: try_pop()\n"
+"returned None, pop_many(timeout=0) returned [], a pop timed out; writer:\n"
+"try_push() returned False, a push timed out), it becomes readable as soon\n"
+"as the peer publishes (reader: a message or the end of the stream; writer:\n"
+"free space), or at once if that happened already; then call again. See\n"
+"docs/FORMAT.md, \"Waiting on a file descriptor\". RingError if the ring has\n"
+"no notification FIFOs.");
 
 static PyObject *handle_fileno(PyObject *op, PyObject *Py_UNUSED(ignored)) {
     HandleObject *self = (HandleObject *)op;
-    if (require_usable(self) < 0 || require_notify(self) < 0) return NULL;
-    return PyLong_FromLong(self->h.notify_rx);
-}
-
-PyDoc_STRVAR(handle_arm_doc,
-"_arm($self, /)\n--\n\n"
-"Set this side's waiting flag to 2 (asleep on its FIFO), then re-check.\n"
-"True: armed, wait for fileno() to become readable, then call _disarm().\n"
-"False: the condition holds already (flag taken down), retry now.");
-
-static PyObject *handle_arm(PyObject *op, PyObject *Py_UNUSED(ignored)) {
-    HandleObject *self = (HandleObject *)op;
-    if (require_usable(self) < 0 || require_notify(self) < 0) return NULL;
-    rb_error err;
-    if (rb_handle_check_size(&self->h, &err) != RB_OK) {
-        raise_error(self, &err);
-        return NULL;
-    }
-    int armed = is_writer(self) ? rb_arm_writable(&self->h.ring.writer)
-                                : rb_arm_readable(&self->h.ring.reader);
-    return PyBool_FromLong(armed);
-}
-
-PyDoc_STRVAR(handle_disarm_doc,
-"_disarm($self, /)\n--\n\n"
-"Drain fileno() and take this side's waiting flag down. Idempotent; does\n"
-"nothing on a closed handle or a truncated file.");
-
-static PyObject *handle_disarm(PyObject *op, PyObject *Py_UNUSED(ignored)) {
-    HandleObject *self = (HandleObject *)op;
-    if ((self->h.flags & ~(unsigned)SLOT_OPEN) != 0 || self->h.notify_rx < 0) Py_RETURN_NONE;
-    rb_drain_fd(self->h.notify_rx);
-    rb_error err;
-    if (rb_handle_check_size(&self->h, &err) != RB_OK) Py_RETURN_NONE;
-    if (is_writer(self))
-        rb_end_wait_writable(&self->h.ring.writer);
-    else
-        rb_end_wait_readable(&self->h.ring.reader);
-    Py_RETURN_NONE;
+    if (require_usable(self) < 0) return NULL;
+    int fd = rb_handle_watch(&self->h);
+    if (fd >= 0) return PyLong_FromLong(fd);
+    core_state *st = state_of(op);
+    if (st)
+        PyErr_Format(st->RingError,
+                     "%R has no usable notification FIFOs (%U.rd and %U.wr): %s; fileno() and "
+                     "the async methods need them, the blocking API works without",
+                     self->path, self->path, self->path,
+                     self->h.notify_missing ? self->h.notify_missing : "unknown");
+    return NULL;
 }
 
 /* ---- stats() --------------------------------------------------------- */
@@ -1386,16 +1545,16 @@ static PyObject *handle_stats(PyObject *op, PyObject *Py_UNUSED(ignored)) {
         return NULL;
     }
     rb_header *hdr = (rb_header *)self->h.map;
-    /* Own position from the handle, the peer's from the header: the
-     * difference cannot be torn by the peer moving between two loads. */
-    uint64_t used;
-    if (is_writer(self))
-        used = self->h.ring.writer.write_pos -
-               atomic_load_explicit(&hdr->read_pos, memory_order_relaxed);
-    else
-        used = atomic_load_explicit(&hdr->write_pos, memory_order_relaxed) -
-               self->h.ring.reader.read_pos;
-    if (used > self->h.capacity) used = self->h.capacity; /* only a hostile peer gets here */
+    /* Own position from the handle, the peer's from the header. */
+    uint64_t write_pos = is_writer(self)
+                             ? self->h.ring.writer.write_pos
+                             : atomic_load_explicit(&hdr->write_pos, memory_order_acquire);
+    uint64_t read_pos = is_writer(self)
+                            ? atomic_load_explicit(&hdr->read_pos, memory_order_relaxed)
+                            : self->h.ring.reader.read_pos;
+    uint64_t used = rb_used_bytes(write_pos, read_pos,
+                                  atomic_load_explicit(&hdr->wrap_pos, memory_order_relaxed),
+                                  self->h.capacity);
 #define RB_LOAD(field) \
     (unsigned long long)atomic_load_explicit(&hdr->field, memory_order_relaxed)
     return Py_BuildValue(
@@ -1407,11 +1566,10 @@ static PyObject *handle_stats(PyObject *op, PyObject *Py_UNUSED(ignored)) {
 #undef RB_LOAD
 }
 
-#define HANDLE_METHODS                                                                 \
-    {"fileno", handle_fileno, METH_NOARGS, handle_fileno_doc},                        \
-    {"_attach_notify", handle_attach_notify, METH_VARARGS, handle_attach_notify_doc}, \
-    {"_arm", handle_arm, METH_NOARGS, handle_arm_doc},                                \
-    {"_disarm", handle_disarm, METH_NOARGS, handle_disarm_doc},                       \
+#define HANDLE_METHODS                                                          \
+    {"fileno", handle_fileno, METH_NOARGS, handle_fileno_doc},                 \
+    {"detach", handle_detach, METH_NOARGS, handle_detach_doc},                 \
+    {"_hand_over", handle_hand_over, METH_NOARGS, handle_hand_over_doc},       \
     {"stats", handle_stats, METH_NOARGS, handle_stats_doc},
 
 #define HANDLE_GETSET_ENTRIES \
@@ -1447,17 +1605,18 @@ static PyMethodDef writer_methods[] = {
     {"reserve", _PyCFunction_CAST(writer_reserve), METH_FASTCALL | METH_KEYWORDS,
      writer_reserve_doc},
     {"close", handle_close_method, METH_NOARGS, writer_close_doc},
-    {"detach", writer_detach, METH_NOARGS, writer_detach_doc},
+    {"abort", writer_abort, METH_NOARGS, writer_abort_doc},
     HANDLE_METHODS
     {NULL, NULL, 0, NULL},
 };
 
 static PyType_Slot writer_slots[] = {
-    {Py_tp_doc, "Writer(fd, path, *, capacity=..., spin=None)\n--\n\n"
+    {Py_tp_doc, "Writer(path, *, capacity=..., mode=0o600, spin=None)\n--\n\n"
                 "Low-level writer handle; use ipc_ring.RingWriter."},
     {Py_tp_new, handle_new},
     {Py_tp_init, writer_init},
     {Py_tp_dealloc, handle_dealloc},
+    {Py_tp_finalize, handle_finalize},
     {Py_tp_methods, writer_methods},
     {Py_tp_getset, writer_getset},
     {0, NULL},
@@ -1475,6 +1634,9 @@ static PyMethodDef reader_methods[] = {
     {"try_pop", reader_try_pop, METH_NOARGS, reader_try_pop_doc},
     {"pop_many", _PyCFunction_CAST(reader_pop_many), METH_VARARGS | METH_KEYWORDS,
      reader_pop_many_doc},
+    {"peek_many", _PyCFunction_CAST(reader_peek_many), METH_VARARGS | METH_KEYWORDS,
+     reader_peek_many_doc},
+    {"consume", reader_consume, METH_O, reader_consume_doc},
     {"pop_view", _PyCFunction_CAST(reader_pop_view), METH_FASTCALL | METH_KEYWORDS,
      reader_pop_view_doc},
     {"pop_into", _PyCFunction_CAST(reader_pop_into), METH_FASTCALL | METH_KEYWORDS,
@@ -1485,11 +1647,12 @@ static PyMethodDef reader_methods[] = {
 };
 
 static PyType_Slot reader_slots[] = {
-    {Py_tp_doc, "Reader(fd, path, *, spin=None)\n--\n\n"
+    {Py_tp_doc, "Reader(path, *, spin=None)\n--\n\n"
                 "Low-level reader handle; use ipc_ring.RingReader."},
     {Py_tp_new, handle_new},
     {Py_tp_init, reader_init},
     {Py_tp_dealloc, handle_dealloc},
+    {Py_tp_finalize, handle_finalize},
     {Py_tp_methods, reader_methods},
     {Py_tp_getset, reader_getset},
     {Py_tp_iter, PyObject_SelfIter},
@@ -1571,10 +1734,15 @@ static PyObject *core_inspect(PyObject *module, PyObject *arg) {
     uint64_t capacity = 0;
     for (int i = 0; rb_header_fields[i].name; i++)
         if (strcmp(rb_header_fields[i].name, "capacity") == 0) capacity = out.values[i];
-    PyObject *extra = Py_BuildValue("{sKsKsOsO}", "used_bytes", (unsigned long long)out.used_bytes,
-                                    "free_bytes", (unsigned long long)(capacity - out.used_bytes),
+    uint64_t writer_state = 0;
+    for (int i = 0; rb_header_fields[i].name; i++)
+        if (strcmp(rb_header_fields[i].name, "writer_state") == 0) writer_state = out.values[i];
+    PyObject *extra = Py_BuildValue("{sKsKsOsOsO}", "used_bytes",
+                                    (unsigned long long)out.used_bytes, "free_bytes",
+                                    (unsigned long long)(capacity - out.used_bytes),
                                     "writer_alive", out.writer_alive ? Py_True : Py_False,
-                                    "reader_alive", out.reader_alive ? Py_True : Py_False);
+                                    "reader_alive", out.reader_alive ? Py_True : Py_False,
+                                    "closed", writer_state == RB_STATE_CLOSED ? Py_True : Py_False);
     if (!extra || PyDict_Update(dict, extra) < 0) {
         Py_XDECREF(extra);
         Py_DECREF(dict);
@@ -1584,8 +1752,49 @@ static PyObject *core_inspect(PyObject *module, PyObject *arg) {
     return dict;
 }
 
+PyDoc_STRVAR(unlink_doc,
+"unlink($module, path, /)\n--\n\n"
+"Remove the ring file at path and its notification FIFOs (path + \".rd\",\n"
+"path + \".wr\", where they are FIFOs). FileNotFoundError if the ring file\n"
+"does not exist; InvalidRing, and nothing removed, if it is not a ring\n"
+"file (see check_ring_file). Open handles keep working; nobody new can open\n"
+"the ring.");
+
+/* unlink (check_only = 0) and check_ring_file (1). */
+static PyObject *unlink_or_check(PyObject *module, PyObject *arg, int check_only) {
+    PyObject *encoded;
+    if (!PyUnicode_FSConverter(arg, &encoded)) return NULL;
+    rb_error err;
+    rb_result res = check_only ? rb_check_ring_file(PyBytes_AS_STRING(encoded), &err)
+                               : rb_unlink(PyBytes_AS_STRING(encoded), &err);
+    Py_DECREF(encoded);
+    if (res == RB_OK) Py_RETURN_NONE;
+    if (err.code == RB_INVALID) {
+        PyErr_SetString(get_state(module)->InvalidRing, err.message);
+        return NULL;
+    }
+    errno = err.sys_errno;
+    return PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, arg);
+}
+
+static PyObject *core_unlink(PyObject *module, PyObject *arg) {
+    return unlink_or_check(module, arg, 0);
+}
+
+PyDoc_STRVAR(check_ring_file_doc,
+"check_ring_file($module, path, /)\n--\n\n"
+"None if path is a ring file of any version (a regular file, not followed\n"
+"if it is a symlink, that starts with the ring magic); InvalidRing or\n"
+"OSError otherwise. What unlink() checks before it removes anything.");
+
+static PyObject *core_check_ring_file(PyObject *module, PyObject *arg) {
+    return unlink_or_check(module, arg, 1);
+}
+
 static PyMethodDef core_methods[] = {
     {"capacity_valid", core_capacity_valid, METH_O, capacity_valid_doc},
+    {"unlink", core_unlink, METH_O, unlink_doc},
+    {"check_ring_file", core_check_ring_file, METH_O, check_ring_file_doc},
     {"check_timeout", core_check_timeout, METH_O, check_timeout_doc},
     {"inspect", core_inspect, METH_O, inspect_doc},
     {NULL, NULL, 0, NULL},
@@ -1675,6 +1884,8 @@ static int core_exec(PyObject *module) {
     if (PyModule_AddIntConstant(module, "DATA_OFFSET", RB_DATA_OFFSET) < 0) return -1;
     if (PyModule_AddIntConstant(module, "FORMAT_VERSION", RB_VERSION) < 0) return -1;
     if (PyModule_AddIntConstant(module, "MIN_CAPACITY", RB_MIN_CAPACITY) < 0) return -1;
+    if (PyModule_AddIntConstant(module, "RECORD_HEADER", RB_RECORD_HEADER) < 0) return -1;
+    if (PyModule_AddObject(module, "MAX_SPIN", PyFloat_FromDouble(MAX_SPIN_S)) < 0) return -1;
     if (PyModule_AddObject(module, "MAX_CAPACITY",
                            PyLong_FromUnsignedLongLong(RB_MAX_CAPACITY)) < 0)
         return -1;

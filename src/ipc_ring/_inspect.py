@@ -20,7 +20,6 @@ def inspect_ring(path: str) -> dict[str, int | float | bool]:
     fields: dict[str, int | float | bool] = dict(_core.inspect(path))
     used, capacity = int(fields["used_bytes"]), int(fields["capacity"])
     fields["fill_percent"] = round(100.0 * used / capacity, 2)
-    fields["closed"] = bool(fields["writer_closed"])
     return fields
 
 

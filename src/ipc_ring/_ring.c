@@ -194,16 +194,34 @@ int rb_capacity_valid(uint64_t capacity) {
            (capacity & (capacity - 1)) == 0;
 }
 
-void rb_init(void *base, uint64_t capacity) {
+void rb_init(void *base, uint64_t capacity, uint64_t reader_fifo_ino, uint64_t writer_fifo_ino) {
     rb_header *hdr = (rb_header *)base;
     hdr->magic = RB_MAGIC;
     hdr->version = RB_VERSION;
     hdr->capacity = capacity;
     hdr->data_offset = RB_DATA_OFFSET;
     hdr->max_message_size = capacity - RB_RECORD_HEADER;
+    hdr->reader_fifo_ino = reader_fifo_ino;
+    hdr->writer_fifo_ino = writer_fifo_ino;
     atomic_store_explicit(&hdr->write_pos, 0, memory_order_relaxed);
     atomic_store_explicit(&hdr->read_pos, 0, memory_order_relaxed);
+    atomic_store_explicit(&hdr->wrap_pos, 0, memory_order_relaxed);
     atomic_store_explicit(&hdr->ready, RB_READY, memory_order_release);
+}
+
+/* The start of the lap after the one `position` lies in. */
+static inline uint64_t rb_next_lap(uint64_t position, uint64_t capacity) {
+    return (position | (capacity - 1)) + 1;
+}
+
+/* 1 if a writer at `w` and a reader at `r` are consistent (FORMAT.md "Wrap
+ * rule"): at most `capacity` bytes apart, or, with the reader standing at
+ * the wrap point, at most `capacity` bytes beyond the lap it wrapped to. */
+static inline int rb_span_ok(uint64_t w, uint64_t r, uint64_t wrap, uint64_t capacity) {
+    if (w - r <= capacity) return 1;
+    if (r != wrap || !(wrap & (capacity - 1))) return 0;
+    uint64_t lap = rb_next_lap(wrap, capacity);
+    return w - r >= lap - r && w - lap <= capacity;
 }
 
 rb_invalid rb_validate_header(const void *base, uint64_t map_size, rb_snapshot *snap) {
@@ -222,10 +240,13 @@ rb_invalid rb_validate_header(const void *base, uint64_t map_size, rb_snapshot *
     rb_header *live = (rb_header *)(uintptr_t)base;
     uint64_t w = atomic_load_explicit(&live->write_pos, memory_order_acquire);
     uint64_t r = atomic_load_explicit(&live->read_pos, memory_order_acquire);
-    if (((w | r) & (RB_ALIGN - 1)) || w - r > capacity) return RB_INVALID_POSITIONS;
+    uint64_t wrap = atomic_load_explicit(&live->wrap_pos, memory_order_acquire);
+    if (((w | r | wrap) & (RB_ALIGN - 1)) || !rb_span_ok(w, r, wrap, capacity))
+        return RB_INVALID_POSITIONS;
     snap->capacity = capacity;
     snap->write_pos = w;
     snap->read_pos = r;
+    snap->wrap_pos = wrap;
     return RB_VALID;
 }
 
@@ -240,13 +261,24 @@ const char *rb_invalid_reason(rb_invalid why) {
     case RB_INVALID_DATA_OFFSET: return "data_offset is not 4096";
     case RB_INVALID_MAX_MESSAGE: return "max_message_size is not capacity - 8";
     case RB_INVALID_TRUNCATED: return "file is shorter than data_offset + capacity";
-    case RB_INVALID_POSITIONS: return "write_pos/read_pos are misaligned or more than capacity apart";
+    case RB_INVALID_POSITIONS:
+        return "write_pos/read_pos/wrap_pos are misaligned or write_pos and read_pos are more "
+               "than capacity apart";
     case RB_INVALID_RECORD: return "corrupted record";
     }
     return "unknown reason";
 }
 
-/* ---- writer ---------------------------------------------------------- */
+uint64_t rb_used_bytes(uint64_t write_pos, uint64_t read_pos, uint64_t wrap_pos,
+                       uint64_t capacity) {
+    if (read_pos == wrap_pos && (wrap_pos & (capacity - 1)) &&
+        write_pos - read_pos >= rb_next_lap(wrap_pos, capacity) - read_pos)
+        read_pos = rb_next_lap(wrap_pos, capacity);
+    uint64_t used = write_pos - read_pos;
+    return used > capacity ? capacity : used;
+}
+
+/* ---- writer (FORMAT.md "Push", "Wrap rule") ---------------------------- */
 
 void rb_writer_attach(rb_writer *w, void *base, const rb_snapshot *snap) {
     w->hdr = (rb_header *)base;
@@ -254,83 +286,118 @@ void rb_writer_attach(rb_writer *w, void *base, const rb_snapshot *snap) {
     w->capacity = snap->capacity;
     w->mask = snap->capacity - 1;
     w->write_pos = snap->write_pos;
-    w->read_pos_seen = snap->read_pos;
-    w->need = 0;
+    w->need_start = w->need_end = snap->write_pos;
     w->notify_fd = -1;
+    rb_header *hdr = w->hdr;
+    w->reader_state_seen = atomic_load_explicit(&hdr->reader_state, memory_order_seq_cst);
+    /* A wrap recorded at or beyond the published write_pos was never
+     * published (its writer died first): the records that come next go
+     * there, so the reader must not skip them. */
+    uint64_t wrap = snap->wrap_pos;
+    if ((wrap & w->mask) == 0 || wrap - snap->read_pos >= snap->write_pos - snap->read_pos ||
+        wrap - snap->read_pos > w->capacity) {
+        if (wrap) atomic_store_explicit(&hdr->wrap_pos, 0, memory_order_relaxed);
+        w->wrap_from = w->wrap_to = 0;
+    }
+    else {
+        w->wrap_from = wrap;
+        w->wrap_to = rb_next_lap(wrap, w->capacity);
+    }
+    w->read_pos_seen = snap->read_pos == w->wrap_from ? w->wrap_to : snap->read_pos;
     /* Counters continue from the header; they are statistics, trusted for
      * nothing (FORMAT.md "Counters"). */
-    rb_header *hdr = w->hdr;
     w->messages_pushed = atomic_load_explicit(&hdr->messages_pushed, memory_order_relaxed);
     w->bytes_pushed = atomic_load_explicit(&hdr->bytes_pushed, memory_order_relaxed);
     w->full_waits = atomic_load_explicit(&hdr->writer_full_waits, memory_order_relaxed);
     w->high_water = atomic_load_explicit(&hdr->high_water, memory_order_relaxed);
+    atomic_fetch_add_explicit(&hdr->writer_generation, 1u, memory_order_relaxed);
+    atomic_store_explicit(&hdr->writer_state, RB_STATE_ATTACHED, memory_order_seq_cst);
 }
 
-/* RB_OK if `need` bytes are free, reloading read_pos only when the cached
- * value says they are not; else RB_FULL (remembering `need`) or RB_CORRUPT. */
-static inline rb_result rb_ensure_free(rb_writer *w, uint64_t need) {
-    if (RB_LIKELY(w->capacity - (w->write_pos - w->read_pos_seen) >= need)) return RB_OK;
-    uint64_t r = atomic_load_explicit(&w->hdr->read_pos, memory_order_acquire);
-    uint64_t used = w->write_pos - r;
-    if (RB_UNLIKELY(used > w->capacity || (r & (RB_ALIGN - 1)))) return RB_CORRUPT;
+/* A read position as the writer counts free space: a reader standing at the
+ * last wrap point has nothing before the next lap left to read. */
+static inline uint64_t rb_effective_read(const rb_writer *w, uint64_t r) {
+    return r == w->wrap_from ? w->wrap_to : r;
+}
+
+/* 1 if a record from `start` to `end` fits with the reader at the effective
+ * position `r`. A record that wraps (start beyond write_pos) into a ring the
+ * reader has drained completely (r == write_pos) has all of the next lap. */
+static inline int rb_room(const rb_writer *w, uint64_t r, uint64_t start, uint64_t end) {
+    if (r == w->write_pos && start != w->write_pos) r = start;
+    return end - r <= w->capacity;
+}
+
+/* RB_OK if the record from `start` to `end` fits, reloading read_pos only
+ * when the cached value says it does not; else RB_FULL (remembering the
+ * record) or RB_CORRUPT. */
+static rb_result rb_ensure_room(rb_writer *w, uint64_t start, uint64_t end) {
+    if (rb_room(w, w->read_pos_seen, start, end)) return RB_OK;
+    uint64_t raw = atomic_load_explicit(&w->hdr->read_pos, memory_order_acquire);
+    if (RB_UNLIKELY(!rb_span_ok(w->write_pos, raw, w->wrap_from, w->capacity) ||
+                    (raw & (RB_ALIGN - 1))))
+        return RB_CORRUPT;
+    uint64_t r = rb_effective_read(w, raw);
     w->read_pos_seen = r;
+    uint64_t used = w->write_pos - r;
     if (RB_UNLIKELY(used > w->high_water)) {
         w->high_water = used;
         atomic_store_explicit(&w->hdr->high_water, used, memory_order_relaxed);
     }
-    if (w->capacity - used >= need) return RB_OK;
-    w->need = need;
+    if (rb_room(w, r, start, end)) return RB_OK;
+    w->need_start = start;
+    w->need_end = end;
     return RB_FULL;
-}
-
-static inline void rb_write_record_header(uint8_t *at, uint64_t length, uint32_t kind) {
-    rb_record rec = {(uint32_t)length, kind};
-    memcpy(at, &rec, sizeof rec);
 }
 
 rb_result rb_reserve_slow(rb_writer *w, uint64_t length, void **payload) {
     if (length > w->capacity - RB_RECORD_HEADER) return RB_TOO_LARGE;
     uint64_t size = rb_record_size(length);
-    uint64_t index = w->write_pos & w->mask;
-    uint64_t to_end = w->capacity - index;
-    if (size > to_end) {
-        /* Wrap rule: pad to the end and publish the padding on its own, so
-         * the reader can free the space this record needs at index 0. */
-        rb_result res = rb_ensure_free(w, to_end);
-        if (res != RB_OK) return res;
-        rb_write_record_header(w->data + index, to_end - RB_RECORD_HEADER, RB_KIND_PADDING);
-        RB_CRASH_POINT("writer_padding_written");
-        w->write_pos += to_end;
-        rb_publish(&w->hdr->write_pos, w->write_pos, &w->hdr->reader_waiting, &w->hdr->data_seq,
-                   &w->notify_fd);
-        RB_CRASH_POINT("writer_padding_published");
-        index = 0;
-    }
-    rb_result res = rb_ensure_free(w, size);
+    uint64_t start = w->write_pos;
+    if (size > w->capacity - (start & w->mask)) start = rb_next_lap(start, w->capacity);
+    rb_result res = rb_ensure_room(w, start, start + size);
     if (res != RB_OK) return res;
-    *payload = w->data + index + RB_RECORD_HEADER;
+    if (start != w->write_pos) {
+        /* Wrap rule: the record goes at the start of the next lap; the bytes
+         * to the end of this one hold no record. wrap_pos says so, before
+         * the publication that makes the record visible (release). */
+        atomic_store_explicit(&w->hdr->wrap_pos, w->write_pos, memory_order_relaxed);
+        w->wrap_from = w->write_pos;
+        w->wrap_to = start;
+        if (w->read_pos_seen == w->wrap_from) w->read_pos_seen = start;
+        w->write_pos = start;
+        RB_CRASH_POINT("writer_wrap_recorded");
+    }
+    *payload = w->data + (start & w->mask) + RB_RECORD_HEADER;
     return RB_OK;
 }
 
-void rb_writer_close(rb_writer *w) {
-    atomic_store_explicit(&w->hdr->writer_closed, 1u, memory_order_seq_cst);
-    RB_CRASH_POINT("writer_closed_flag_set");
+void rb_writer_leave(rb_writer *w, rb_role_state state) {
+    atomic_store_explicit(&w->hdr->writer_state, (uint32_t)state, memory_order_seq_cst);
+    if (state == RB_STATE_CLOSED) RB_CRASH_POINT("writer_stream_ended");
     rb_wake_reader(w->hdr);
     if (w->notify_fd >= 0) rb_notify_fd(w->notify_fd); /* a reader armed on its FIFO */
 }
 
-static inline int rb_writable_now(rb_writer *w) {
-    uint64_t r = atomic_load_explicit(&w->hdr->read_pos, memory_order_relaxed);
-    return w->capacity - (w->write_pos - r) >= w->need;
+void rb_writer_note_peer_state(rb_writer *w) {
+    w->reader_state_seen = atomic_load_explicit(&w->hdr->reader_state, memory_order_seq_cst);
+}
+
+/* The condition a waiting writer waits for: room for the record of its last
+ * RB_FULL, or a change of the reader's state. */
+static inline int rb_writable_now(rb_writer *w, memory_order order) {
+    uint64_t r = atomic_load_explicit(&w->hdr->read_pos, order);
+    return rb_room(w, rb_effective_read(w, r), w->need_start, w->need_end) ||
+           atomic_load_explicit(&w->hdr->reader_state, order) != w->reader_state_seen;
 }
 
 rb_result rb_spin_writable(rb_writer *w, uint64_t budget_ns) {
-    if (rb_writable_now(w)) return RB_WOKEN;
+    if (rb_writable_now(w, memory_order_relaxed)) return RB_WOKEN;
     if (budget_ns == 0) return RB_TIMEOUT;
     uint64_t start = rb_now_ns();
     for (uint32_t i = 1;; i++) {
         rb_cpu_relax();
-        if (rb_writable_now(w)) return RB_WOKEN;
+        if (rb_writable_now(w, memory_order_relaxed)) return RB_WOKEN;
         if ((i & 15) == 0 && rb_now_ns() - start >= budget_ns) return RB_TIMEOUT;
     }
 }
@@ -338,9 +405,8 @@ rb_result rb_spin_writable(rb_writer *w, uint64_t budget_ns) {
 rb_result rb_wait_writable(rb_writer *w, uint64_t deadline_ns) {
     rb_header *hdr = w->hdr;
     uint32_t seq = atomic_load_explicit(&hdr->space_seq, memory_order_seq_cst);
-    atomic_store_explicit(&hdr->writer_waiting, 1u, memory_order_seq_cst);
-    uint64_t r = atomic_load_explicit(&hdr->read_pos, memory_order_seq_cst);
-    if (w->capacity - (w->write_pos - r) >= w->need) {
+    atomic_store_explicit(&hdr->writer_waiting, RB_WAITING_FUTEX, memory_order_seq_cst);
+    if (rb_writable_now(w, memory_order_seq_cst)) {
         /* No sleep after all: take the flag down at once, or the reader
          * would make a wake-up call for nobody. */
         atomic_store_explicit(&hdr->writer_waiting, 0u, memory_order_relaxed);
@@ -354,7 +420,15 @@ void rb_end_wait_writable(rb_writer *w) {
     atomic_store_explicit(&w->hdr->writer_full_waits, ++w->full_waits, memory_order_relaxed);
 }
 
-/* ---- reader ---------------------------------------------------------- */
+/* ---- reader (FORMAT.md "Pop", "Wrap rule") ----------------------------- */
+
+/* Caches write_pos `w` and wrap_pos `wrap`: records may be read up to the
+ * wrap point if it lies ahead, else up to `w`. */
+static inline void rb_see(rb_reader *r, uint64_t w, uint64_t wrap) {
+    r->write_pos_seen = w;
+    r->wrap_seen = wrap;
+    r->readable_end = (wrap & r->mask) && wrap - r->read_pos < w - r->read_pos ? wrap : w;
+}
 
 void rb_reader_attach(rb_reader *r, void *base, const rb_snapshot *snap) {
     r->hdr = (rb_header *)base;
@@ -362,63 +436,82 @@ void rb_reader_attach(rb_reader *r, void *base, const rb_snapshot *snap) {
     r->capacity = snap->capacity;
     r->mask = snap->capacity - 1;
     r->read_pos = snap->read_pos;
-    r->write_pos_seen = snap->write_pos;
+    rb_see(r, snap->write_pos, snap->wrap_pos);
     r->peeked_length = 0;
     r->notify_fd = -1;
     rb_header *hdr = r->hdr;
+    r->writer_state_seen = atomic_load_explicit(&hdr->writer_state, memory_order_seq_cst);
     r->messages_popped = atomic_load_explicit(&hdr->messages_popped, memory_order_relaxed);
     r->bytes_popped = atomic_load_explicit(&hdr->bytes_popped, memory_order_relaxed);
     r->empty_waits = atomic_load_explicit(&hdr->reader_empty_waits, memory_order_relaxed);
-    atomic_store_explicit(&r->hdr->reader_attached, 1u, memory_order_seq_cst);
+    atomic_store_explicit(&hdr->reader_state, RB_STATE_ATTACHED, memory_order_seq_cst);
 }
 
-/* Loads write_pos into write_pos_seen. RB_OK if there are bytes to read,
- * RB_EMPTY, RB_CLOSED or RB_CORRUPT. */
+void rb_reader_leave(rb_reader *r, rb_role_state state) {
+    atomic_store_explicit(&r->hdr->reader_state, (uint32_t)state, memory_order_seq_cst);
+    rb_wake_writer(r->hdr);
+    if (r->notify_fd >= 0) rb_notify_fd(r->notify_fd); /* a writer armed on its FIFO */
+}
+
+void rb_reader_note_peer_state(rb_reader *r) {
+    r->writer_state_seen = atomic_load_explicit(&r->hdr->writer_state, memory_order_seq_cst);
+}
+
+/* Loads write_pos (and the wrap_pos published with it). RB_OK if there are
+ * bytes to read, RB_EMPTY, RB_CLOSED or RB_CORRUPT. */
 static rb_result rb_refresh(rb_reader *r) {
     uint64_t w = atomic_load_explicit(&r->hdr->write_pos, memory_order_acquire);
     if (w == r->read_pos) {
-        if (!atomic_load_explicit(&r->hdr->writer_closed, memory_order_acquire)) return RB_EMPTY;
+        if (atomic_load_explicit(&r->hdr->writer_state, memory_order_acquire) != RB_STATE_CLOSED)
+            return RB_EMPTY;
         /* Closed: everything the writer published is visible now. */
         w = atomic_load_explicit(&r->hdr->write_pos, memory_order_acquire);
         if (w == r->read_pos) return RB_CLOSED;
     }
-    if (RB_UNLIKELY(w - r->read_pos > r->capacity || (w & (RB_ALIGN - 1)))) return RB_CORRUPT;
-    r->write_pos_seen = w;
+    /* Loaded after write_pos (acquire): the wrap_pos stored before it. */
+    uint64_t wrap = atomic_load_explicit(&r->hdr->wrap_pos, memory_order_relaxed);
+    if (RB_UNLIKELY(!rb_span_ok(w, r->read_pos, wrap, r->capacity) || (w & (RB_ALIGN - 1))))
+        return RB_CORRUPT;
+    rb_see(r, w, wrap);
     return RB_OK;
 }
 
 rb_result rb_peek_slow(rb_reader *r, const void **payload, uint64_t *length) {
     for (;;) {
-        if (r->write_pos_seen == r->read_pos) {
+        if (r->readable_end == r->read_pos) {
+            if (r->read_pos == r->wrap_seen && (r->read_pos & r->mask) &&
+                r->write_pos_seen != r->read_pos) {
+                /* The writer skipped from here to the next lap, and published
+                 * beyond it. A write_pos inside the skip is corruption. */
+                uint64_t lap = rb_next_lap(r->read_pos, r->capacity);
+                if (r->write_pos_seen - r->read_pos <= lap - r->read_pos) return RB_CORRUPT;
+                r->read_pos = lap;
+                r->readable_end = r->write_pos_seen;
+                continue;
+            }
             rb_result res = rb_refresh(r);
             if (res != RB_OK) return res;
+            continue;
         }
-        uint64_t avail = r->write_pos_seen - r->read_pos;
         uint64_t index = r->read_pos & r->mask;
-        uint64_t to_end = r->capacity - index;
         uint64_t word = *(const volatile uint64_t *)(const void *)(r->data + index);
         uint64_t len = (uint32_t)word;
-        uint32_t kind = (uint32_t)(word >> 32);
-        if (kind == RB_KIND_MESSAGE) {
-            uint64_t size = rb_record_size(len);
-            if (size > avail || size > to_end) return RB_CORRUPT;
-            *payload = r->data + index + RB_RECORD_HEADER;
-            *length = len;
-            r->peeked_length = len;
-            return RB_OK;
-        }
-        if (kind != RB_KIND_PADDING || len != to_end - RB_RECORD_HEADER || to_end > avail)
+        uint64_t size = rb_record_size(len);
+        if ((uint32_t)(word >> 32) != RB_KIND_MESSAGE || size > r->readable_end - r->read_pos ||
+            size > r->capacity - index)
             return RB_CORRUPT;
-        r->read_pos += to_end;
-        rb_publish(&r->hdr->read_pos, r->read_pos, &r->hdr->writer_waiting, &r->hdr->space_seq,
-                   &r->notify_fd);
-        RB_CRASH_POINT("reader_padding_consumed");
+        *payload = r->data + index + RB_RECORD_HEADER;
+        *length = len;
+        r->peeked_length = len;
+        return RB_OK;
     }
 }
 
+/* The condition a waiting reader waits for: a message, the end of the
+ * stream, or a change of the writer's state. */
 static inline int rb_readable_now(rb_reader *r, memory_order order) {
     return atomic_load_explicit(&r->hdr->write_pos, order) != r->read_pos ||
-           atomic_load_explicit(&r->hdr->writer_closed, order) != 0;
+           atomic_load_explicit(&r->hdr->writer_state, order) != r->writer_state_seen;
 }
 
 rb_result rb_spin_readable(rb_reader *r, uint64_t budget_ns) {
@@ -435,7 +528,7 @@ rb_result rb_spin_readable(rb_reader *r, uint64_t budget_ns) {
 rb_result rb_wait_readable(rb_reader *r, uint64_t deadline_ns) {
     rb_header *hdr = r->hdr;
     uint32_t seq = atomic_load_explicit(&hdr->data_seq, memory_order_seq_cst);
-    atomic_store_explicit(&hdr->reader_waiting, 1u, memory_order_seq_cst);
+    atomic_store_explicit(&hdr->reader_waiting, RB_WAITING_FUTEX, memory_order_seq_cst);
     if (rb_readable_now(r, memory_order_seq_cst)) {
         atomic_store_explicit(&hdr->reader_waiting, 0u, memory_order_relaxed);
         return RB_WOKEN;
@@ -461,8 +554,7 @@ int rb_arm_readable(rb_reader *r) {
 
 int rb_arm_writable(rb_writer *w) {
     atomic_store_explicit(&w->hdr->writer_waiting, RB_WAITING_FD, memory_order_seq_cst);
-    uint64_t r = atomic_load_explicit(&w->hdr->read_pos, memory_order_seq_cst);
-    if (w->capacity - (w->write_pos - r) >= w->need) {
+    if (rb_writable_now(w, memory_order_seq_cst)) {
         atomic_store_explicit(&w->hdr->writer_waiting, 0u, memory_order_relaxed);
         return 0;
     }

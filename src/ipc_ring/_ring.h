@@ -22,7 +22,7 @@
 /* ---- constants (FORMAT.md "Header") ---------------------------------- */
 
 #define RB_MAGIC 0x474E495243504921ULL /* the bytes "!IPCRING" on disk */
-#define RB_VERSION 1u
+#define RB_VERSION 2u
 #define RB_DATA_OFFSET 4096u           /* header page; data area follows */
 #define RB_MIN_CAPACITY 64u
 #define RB_MAX_CAPACITY (1ULL << 32)
@@ -30,9 +30,19 @@
 #define RB_ALIGN 8u                    /* records start on 8-byte boundaries */
 #define RB_READY 1u                    /* value of `ready` once built */
 
-/* Record kinds (FORMAT.md "Records"). Any other value is corruption. */
+/* Record kinds (FORMAT.md "Records"). Any other value is corruption
+ * (version 1's padding records, kind 2, do not exist in version 2). */
 #define RB_KIND_MESSAGE 1u
-#define RB_KIND_PADDING 2u
+
+/* What a role's state field says (FORMAT.md "Roles and states"). Whether
+ * the process is alive is the lock's word, not the state's. */
+typedef enum rb_role_state {
+    RB_STATE_NONE = 0,     /* no process has attached in this role yet */
+    RB_STATE_ATTACHED = 1, /* a process attached; if its lock is free, it died */
+    RB_STATE_VACANT = 2,   /* released for a successor: detach(), a hand-over by pickling */
+    RB_STATE_CLOSED = 3,   /* writer: end of stream; reader: gone (closed) */
+    RB_STATE_FAILED = 4    /* writer only: stopped without ending the stream */
+} rb_role_state;
 
 /* ---- the header page (FORMAT.md "Header") ----------------------------
  * Every group of fields that one side writes often sits in its own
@@ -47,13 +57,16 @@ typedef struct rb_header {
     uint64_t capacity;           /* data area size in bytes, a power of two */
     uint64_t data_offset;        /* byte offset of the data area in the file */
     uint64_t max_message_size;   /* capacity - RB_RECORD_HEADER */
-    uint8_t reserved0[128 - 40]; /* zero */
+    uint64_t reader_fifo_ino;    /* inode of PATH.rd, the reader's FIFO; 0: none by name */
+    uint64_t writer_fifo_ino;    /* inode of PATH.wr, the writer's FIFO; 0: none by name */
+    uint8_t reserved0[128 - 56]; /* zero */
 
     /* block 1 (offset 128): producer-owned, written on every push */
     _Atomic uint64_t write_pos;  /* bytes ever published by the writer */
     _Atomic uint64_t messages_pushed; /* messages ever published; stored with write_pos */
     _Atomic uint64_t bytes_pushed;    /* their payload bytes; stored with write_pos */
-    uint8_t reserved1[128 - 24]; /* zero */
+    _Atomic uint64_t wrap_pos;   /* where the writer last skipped to the next lap; 0: never */
+    uint8_t reserved1[128 - 32]; /* zero */
 
     /* block 2 (offset 256): consumer-owned, written on every pop */
     _Atomic uint64_t read_pos;   /* bytes ever consumed by the reader */
@@ -64,7 +77,7 @@ typedef struct rb_header {
     /* block 3 (offset 384): the reader's sleep (FORMAT.md "Waiting") */
     _Atomic uint32_t reader_waiting; /* 1 while the reader may be asleep; set by reader, cleared by either */
     _Atomic uint32_t data_seq;       /* futex word the reader sleeps on; bumped by whoever wakes it */
-    _Atomic uint32_t reader_attached; /* 1 once any reader has attached; never cleared */
+    _Atomic uint32_t reader_state;   /* rb_role_state of the reader role; set by readers */
     uint32_t reserved3a;             /* zero */
     _Atomic uint64_t reader_empty_waits; /* sleep slices of the reader on an empty ring */
     uint8_t reserved3[128 - 24];     /* zero */
@@ -72,8 +85,8 @@ typedef struct rb_header {
     /* block 4 (offset 512): the writer's sleep and end of stream */
     _Atomic uint32_t writer_waiting; /* 1 while the writer may be asleep; set by writer, cleared by either */
     _Atomic uint32_t space_seq;      /* futex word the writer sleeps on; bumped by whoever wakes it */
-    _Atomic uint32_t writer_closed;  /* 1 once the writer has closed: end of stream */
-    uint32_t reserved4a;             /* zero */
+    _Atomic uint32_t writer_state;   /* rb_role_state of the writer role; set by writers */
+    _Atomic uint32_t writer_generation; /* + 1 at every attach of a writer */
     _Atomic uint64_t writer_full_waits; /* sleep slices of the writer on a full ring */
     _Atomic uint64_t high_water;     /* largest write_pos - read_pos the writer saw on a reload */
     uint8_t reserved4[128 - 32];     /* zero */
@@ -87,19 +100,23 @@ _Static_assert(offsetof(rb_header, ready) == 12, "FORMAT.md: ready");
 _Static_assert(offsetof(rb_header, capacity) == 16, "FORMAT.md: capacity");
 _Static_assert(offsetof(rb_header, data_offset) == 24, "FORMAT.md: data_offset");
 _Static_assert(offsetof(rb_header, max_message_size) == 32, "FORMAT.md: max_message_size");
+_Static_assert(offsetof(rb_header, reader_fifo_ino) == 40, "FORMAT.md: reader_fifo_ino");
+_Static_assert(offsetof(rb_header, writer_fifo_ino) == 48, "FORMAT.md: writer_fifo_ino");
 _Static_assert(offsetof(rb_header, write_pos) == 128, "FORMAT.md: write_pos");
 _Static_assert(offsetof(rb_header, messages_pushed) == 136, "FORMAT.md: messages_pushed");
 _Static_assert(offsetof(rb_header, bytes_pushed) == 144, "FORMAT.md: bytes_pushed");
+_Static_assert(offsetof(rb_header, wrap_pos) == 152, "FORMAT.md: wrap_pos");
 _Static_assert(offsetof(rb_header, read_pos) == 256, "FORMAT.md: read_pos");
 _Static_assert(offsetof(rb_header, messages_popped) == 264, "FORMAT.md: messages_popped");
 _Static_assert(offsetof(rb_header, bytes_popped) == 272, "FORMAT.md: bytes_popped");
 _Static_assert(offsetof(rb_header, reader_waiting) == 384, "FORMAT.md: reader_waiting");
 _Static_assert(offsetof(rb_header, data_seq) == 388, "FORMAT.md: data_seq");
-_Static_assert(offsetof(rb_header, reader_attached) == 392, "FORMAT.md: reader_attached");
+_Static_assert(offsetof(rb_header, reader_state) == 392, "FORMAT.md: reader_state");
 _Static_assert(offsetof(rb_header, reader_empty_waits) == 400, "FORMAT.md: reader_empty_waits");
 _Static_assert(offsetof(rb_header, writer_waiting) == 512, "FORMAT.md: writer_waiting");
 _Static_assert(offsetof(rb_header, space_seq) == 516, "FORMAT.md: space_seq");
-_Static_assert(offsetof(rb_header, writer_closed) == 520, "FORMAT.md: writer_closed");
+_Static_assert(offsetof(rb_header, writer_state) == 520, "FORMAT.md: writer_state");
+_Static_assert(offsetof(rb_header, writer_generation) == 524, "FORMAT.md: writer_generation");
 _Static_assert(offsetof(rb_header, writer_full_waits) == 528, "FORMAT.md: writer_full_waits");
 _Static_assert(offsetof(rb_header, high_water) == 536, "FORMAT.md: high_water");
 _Static_assert(sizeof(rb_header) == RB_DATA_OFFSET, "FORMAT.md: header page is 4096 bytes");
@@ -109,7 +126,7 @@ _Static_assert(sizeof(_Atomic uint64_t) == 8 && sizeof(_Atomic uint32_t) == 4,
 /* The record header (FORMAT.md "Records"): payload length, then kind. */
 typedef struct rb_record {
     uint32_t length; /* payload bytes, not counting this header or padding */
-    uint32_t kind;   /* RB_KIND_MESSAGE or RB_KIND_PADDING */
+    uint32_t kind;   /* RB_KIND_MESSAGE */
 } rb_record;
 _Static_assert(sizeof(rb_record) == RB_RECORD_HEADER, "FORMAT.md: record header is 8 bytes");
 
@@ -158,8 +175,13 @@ typedef struct rb_writer {
     uint64_t capacity;      /* copied from the validated header */
     uint64_t mask;          /* capacity - 1 */
     uint64_t write_pos;     /* own position; the shared one is a copy of it */
-    uint64_t read_pos_seen; /* last read_pos loaded from the file */
-    uint64_t need;          /* free bytes the last RB_FULL was waiting for */
+    uint64_t read_pos_seen; /* last read_pos loaded, as an effective position: a reader
+                             * standing at wrap_from counts as standing at wrap_to */
+    uint64_t wrap_from;     /* the last wrap: the position skipped from (0: none) ... */
+    uint64_t wrap_to;       /* ... and the start of the next lap it skipped to */
+    uint64_t need_start;    /* the record the last RB_FULL was placing: its start ... */
+    uint64_t need_end;      /* ... and its end (the wait conditions test these) */
+    uint32_t reader_state_seen; /* reader_state when the current wait began */
     /* Counters (FORMAT.md "Counters"), private copies. The two that every
      * message bumps are not adjacent: GCC would pair their additions into a
      * slower SSE sequence. */
@@ -177,7 +199,11 @@ typedef struct rb_reader {
     uint64_t capacity;       /* copied from the validated header */
     uint64_t mask;           /* capacity - 1 */
     uint64_t read_pos;       /* own position; the shared one is a copy of it */
+    uint64_t readable_end;   /* how far records may be read: write_pos_seen, or the wrap
+                              * point if one lies ahead (FORMAT.md "Wrap rule") */
     uint64_t write_pos_seen; /* last write_pos loaded from the file */
+    uint64_t wrap_seen;      /* wrap_pos loaded with it */
+    uint32_t writer_state_seen; /* writer_state when the current wait began */
     /* Counters (FORMAT.md "Counters"), private copies; not adjacent, as in
      * rb_writer. */
     uint64_t messages_popped; /* stored into the header by rb_release */
@@ -206,8 +232,9 @@ static inline uint64_t rb_file_size(uint64_t capacity) { return RB_DATA_OFFSET +
 int rb_capacity_valid(uint64_t capacity);
 
 /* Writes a fresh header for `capacity` into zeroed memory of at least
- * rb_file_size(capacity) bytes; `ready` is stored last, with release. */
-void rb_init(void *base, uint64_t capacity);
+ * rb_file_size(capacity) bytes, with the inodes of the two notification
+ * FIFOs (0: none by name); `ready` is stored last, with release. */
+void rb_init(void *base, uint64_t capacity, uint64_t reader_fifo_ino, uint64_t writer_fifo_ino);
 
 /* What rb_validate_header read and checked, for rb_*_attach: each shared
  * field is loaded once, so a process rewriting the header concurrently
@@ -216,6 +243,7 @@ typedef struct rb_snapshot {
     uint64_t capacity;  /* a valid capacity that fits in the mapping */
     uint64_t write_pos; /* 8-aligned, at most capacity ahead of read_pos */
     uint64_t read_pos;  /* 8-aligned */
+    uint64_t wrap_pos;  /* 8-aligned */
 } rb_snapshot;
 
 /* Checks a mapping of `map_size` bytes: every header field and the positions.
@@ -225,25 +253,41 @@ rb_invalid rb_validate_header(const void *base, uint64_t map_size, rb_snapshot *
 /* One line of text for an rb_invalid value. */
 const char *rb_invalid_reason(rb_invalid why);
 
-/* Attach to a mapping that rb_validate_header accepted, with its snapshot. */
+/* Attach to a mapping that rb_validate_header accepted, with its snapshot,
+ * and mark the role ATTACHED (a writer also bumps writer_generation and
+ * forgets an unpublished wrap of a predecessor). Call with the role's lock. */
 void rb_writer_attach(rb_writer *w, void *base, const rb_snapshot *snap);
 void rb_reader_attach(rb_reader *r, void *base, const rb_snapshot *snap);
 
-/* Writer: marks end of stream and wakes the reader (on the futex, and on
- * its FIFO if w->notify_fd is set). */
-void rb_writer_close(rb_writer *w);
+/* Leave the role in `state` and wake the peer, so that a waiting peer
+ * looks at it now (on the futex, and on its FIFO if notify_fd is set).
+ * Writer: RB_STATE_CLOSED ends the stream (FORMAT.md "End of stream"),
+ * RB_STATE_VACANT hands it over, RB_STATE_FAILED stops it without an end.
+ * Reader: RB_STATE_CLOSED or RB_STATE_VACANT. */
+void rb_writer_leave(rb_writer *w, rb_role_state state);
+void rb_reader_leave(rb_reader *r, rb_role_state state);
+
+/* The bytes published and not yet consumed, seen from positions loaded
+ * from the file: a reader standing at the wrap point has the skipped bytes
+ * behind it. */
+uint64_t rb_used_bytes(uint64_t write_pos, uint64_t read_pos, uint64_t wrap_pos,
+                       uint64_t capacity);
 
 /* Spins with a CPU pause for up to `budget_ns` nanoseconds (a time, not a
  * count: a pause lasts 1 to 150 cycles depending on the CPU): RB_WOKEN as soon as the
- * condition may hold (reader: data or end of stream; writer: the free bytes
- * that the last RB_FULL asked for), else RB_TIMEOUT. No system call. */
+ * condition may hold (reader: data or end of stream; writer: the room that
+ * the last RB_FULL asked for), else RB_TIMEOUT. No system call. */
 rb_result rb_spin_readable(rb_reader *r, uint64_t budget_ns);
 rb_result rb_spin_writable(rb_writer *w, uint64_t budget_ns);
 
 /* Sleeps until the peer signals, the deadline (CLOCK_MONOTONIC ns; 0 = no
  * deadline) passes, or a signal arrives. Sets the side's waiting flag first
- * and re-checks the condition, so no wake-up is lost (FORMAT.md "Waiting").
- * RB_WOKEN, RB_TIMEOUT or RB_INTERRUPTED. Call without the GIL. */
+ * and re-checks the condition, so no wake-up is lost (FORMAT.md "Waiting");
+ * the condition includes a change of the peer's state since
+ * rb_*_note_peer_state. RB_WOKEN, RB_TIMEOUT or RB_INTERRUPTED. Call without
+ * the GIL. */
+void rb_writer_note_peer_state(rb_writer *w);
+void rb_reader_note_peer_state(rb_reader *r);
 rb_result rb_wait_readable(rb_reader *r, uint64_t deadline_ns);
 rb_result rb_wait_writable(rb_writer *w, uint64_t deadline_ns);
 
@@ -348,8 +392,10 @@ static inline void rb_publish(_Atomic uint64_t *position, uint64_t value,
 
 /* Writer: makes room for a message of `length` bytes and returns a pointer
  * to its payload in *payload (8-byte aligned). Nothing is visible to the
- * reader until rb_commit. May publish a padding record first (FORMAT.md
- * "Wrap rule"). RB_OK, RB_FULL, RB_TOO_LARGE or RB_CORRUPT. */
+ * reader until rb_commit. A record that does not fit before the end of the
+ * data area goes at the start of the next lap, and wrap_pos records the
+ * skip (FORMAT.md "Wrap rule"). RB_OK, RB_FULL, RB_TOO_LARGE or
+ * RB_CORRUPT. */
 static inline rb_result rb_reserve(rb_writer *w, uint64_t length, void **payload) {
     uint64_t index = w->write_pos & w->mask;
     if (RB_LIKELY(length <= w->capacity - RB_RECORD_HEADER)) {
@@ -406,18 +452,18 @@ static inline rb_result rb_try_push(rb_writer *w, const void *src, uint64_t leng
     return RB_OK;
 }
 
-/* Reader: finds the next message, skipping padding. On RB_OK *payload and
- * *length describe it, inside the mapping, until rb_consume. RB_OK,
+/* Reader: finds the next message, jumping over a wrap. On RB_OK *payload
+ * and *length describe it, inside the mapping, until rb_consume. RB_OK,
  * RB_EMPTY, RB_CLOSED or RB_CORRUPT. */
 static inline rb_result rb_peek(rb_reader *r, const void **payload, uint64_t *length) {
-    if (RB_LIKELY(r->write_pos_seen != r->read_pos)) {
+    if (RB_LIKELY(r->readable_end != r->read_pos)) {
         uint64_t index = r->read_pos & r->mask;
         /* One load of the record header: a hostile writer cannot change it
          * between the check and the use. */
         uint64_t word = *(const volatile uint64_t *)(const void *)(r->data + index);
         uint64_t size = rb_record_size((uint32_t)word);
         if (RB_LIKELY((uint32_t)(word >> 32) == RB_KIND_MESSAGE &&
-                      size <= r->write_pos_seen - r->read_pos && size <= r->capacity - index)) {
+                      size <= r->readable_end - r->read_pos && size <= r->capacity - index)) {
             *payload = r->data + index + RB_RECORD_HEADER;
             *length = (uint32_t)word;
             r->peeked_length = (uint32_t)word;
@@ -445,6 +491,33 @@ static inline void rb_release(rb_reader *r) {
     atomic_store_explicit(&hdr->bytes_popped, bytes, memory_order_relaxed);
     rb_publish(&hdr->read_pos, read_pos, &hdr->writer_waiting, &hdr->space_seq, &r->notify_fd);
     RB_CRASH_POINT("reader_consumed");
+}
+
+/* Reader: a place in the stream to come back to (rb_mark, rb_rewind): the
+ * private position and everything cached relative to it. Reading ahead
+ * from a mark and rewinding to it leaves the ring as it was: nothing is
+ * published in between. */
+typedef struct rb_read_mark {
+    uint64_t read_pos, readable_end, write_pos_seen, wrap_seen;
+    uint64_t messages_popped, bytes_popped;
+} rb_read_mark;
+
+static inline void rb_mark(const rb_reader *r, rb_read_mark *m) {
+    m->read_pos = r->read_pos;
+    m->readable_end = r->readable_end;
+    m->write_pos_seen = r->write_pos_seen;
+    m->wrap_seen = r->wrap_seen;
+    m->messages_popped = r->messages_popped;
+    m->bytes_popped = r->bytes_popped;
+}
+
+static inline void rb_rewind(rb_reader *r, const rb_read_mark *m) {
+    r->read_pos = m->read_pos;
+    r->readable_end = m->readable_end;
+    r->write_pos_seen = m->write_pos_seen;
+    r->wrap_seen = m->wrap_seen;
+    r->messages_popped = m->messages_popped;
+    r->bytes_popped = m->bytes_popped;
 }
 
 /* Reader: rb_skip + rb_release: done with the message returned by rb_peek. */

@@ -8,22 +8,30 @@
  *   cc -std=c11 -Wall -Wextra -Wshadow -Wconversion -DRB_CRASH_POINTS -Isrc/ipc_ring \
  *      src/ipc_ring/_ring.c src/ipc_ring/_handle.c tests/c/crash_peer.c -o crash_peer -pthread
  *
- * It attaches and waits through the same functions as the extension
- * (_handle.h: rb_handle_attach, rb_wait), so the order of lock, map and
- * validation is the library's own.
+ * It creates, attaches and waits through the same functions as the
+ * extension (_handle.h: rb_handle_create, rb_handle_open, rb_wait), so the
+ * order of lock, map and validation is the library's own.
  *
  *   crash_peer writer PATH CAPACITY N
- *       Creates the ring at PATH as RingWriter.create does (temporary name,
- *       liveness lock, link into place), prints "ready\n", then pushes
+ *       Creates the ring at PATH as RingWriter.create does (rb_handle_create),
+ *       prints "ready\n", then pushes
  *       messages 0..N-1, blocking while the ring is full, and closes the
  *       stream. After each push returns, writes the message's sequence number
  *       to stdout as 8 little-endian bytes ("reported as pushed").
- *   crash_peer reader PATH N
+ *   crash_peer reader PATH N [BATCH]
  *       Attaches to the ring at PATH as its reader, prints "ready\n", then
  *       pops messages and checks every byte. For each message it writes the
  *       sequence number to stdout (8 little-endian bytes, "reported as
  *       received") BEFORE releasing it with rb_consume; the crash point
- *       "reader_copied" sits between the two.
+ *       "reader_copied" sits between the two. The crash point
+ *       "reader_jumped" sits right after an rb_peek that jumped over a wrap
+ *       point (FORMAT.md "Wrap rule"): the jump is private, nothing of it
+ *       is published yet. At the end of the stream it leaves the role
+ *       closed, as RingReader.close() does.
+ *       With BATCH > 1 it reads as pop_many does: it copies and reports each
+ *       message and skips it (rb_skip), and releases them together
+ *       (rb_release) once BATCH are skipped or no more is there now; the
+ *       crash point "reader_batch_skipped" sits right before that release.
  *
  * Message `seq` has message_length(seq) bytes filled by fill(); the tests
  * compute the same pattern in Python (tests/test_crash.py), so keep the two
@@ -68,8 +76,9 @@ static uint64_t mix(uint64_t x) {
 }
 
 /* 0 .. max_len: zero-length and maximal messages one time in eight each (a
- * maximal record never fits after index 0, so it always needs a padding
- * record first), a uniform size one time in eight, else 8..71 bytes. */
+ * maximal record fills the whole data area, so from any index but 0 it
+ * wraps: the writer records wrap_pos and writes it at the next lap), a
+ * uniform size one time in eight, else 8..71 bytes. */
 static uint64_t message_length(uint64_t seq, uint64_t max_len) {
     uint64_t r = mix(seq + 1);
     switch (r & 7) {
@@ -141,32 +150,13 @@ static int fail(const rb_error *err) {
 
 /* ---- writer ------------------------------------------------------------ */
 
-/* Creates the ring file at `path` like RingWriter.create (FORMAT.md "Creating
- * a ring"): built under a temporary name in the same directory, attached as
- * the writer (sized, initialised, locked), then linked into place. */
-static int create_ring(rb_handle *h, const char *path, uint64_t capacity, rb_error *err) {
-    size_t path_len = strlen(path);
-    char *tmp = malloc(path_len + 64);
-    if (!tmp) die("malloc");
-    const char *slash = strrchr(path, '/');
-    size_t dir_len = slash ? (size_t)(slash - path) + 1 : 0;
-    snprintf(tmp, path_len + 64, "%.*s.%s.%ld.crash_peer.tmp", (int)dir_len, path,
-             path + dir_len, (long)getpid());
-    int fd = open(tmp, O_RDWR | O_CLOEXEC | O_CREAT | O_EXCL | O_NOFOLLOW, 0600);
-    if (fd < 0) die("open temporary ring file");
-    rb_options opt = {.path = path, .capacity = capacity, .spin_ns = SPIN_NS};
-    rb_result res = rb_handle_attach(h, fd, RB_ROLE_WRITER, &opt, err);
-    if (res == RB_OK && link(tmp, path) != 0) die("link ring file into place");
-    if (unlink(tmp) != 0) die("unlink temporary ring file");
-    free(tmp);
-    return res == RB_OK ? 0 : -1;
-}
-
 static int run_writer(const char *path, uint64_t capacity, uint64_t n) {
     rb_handle h;
     rb_error err;
     rb_handle_init(&h);
-    if (create_ring(&h, path, capacity, &err) < 0) return fail(&err);
+    /* As RingWriter.create: built under temporary names, linked into place. */
+    rb_options opt = {.path = path, .capacity = capacity, .mode = 0600, .spin_ns = SPIN_NS};
+    if (rb_handle_create(&h, &opt, &err) != RB_OK) return fail(&err);
     rb_writer *w = &h.ring.writer;
     uint64_t max_len = capacity - RB_RECORD_HEADER;
     uint8_t *buf = malloc(max_len + 1);
@@ -188,7 +178,7 @@ static int run_writer(const char *path, uint64_t capacity, uint64_t n) {
         }
         report(seq);
     }
-    rb_handle_release(&h, 1, 0);
+    rb_handle_release(&h, RB_STATE_CLOSED, 0);
     rb_handle_unmap(&h);
     free(buf);
     return EXIT_DONE;
@@ -196,14 +186,12 @@ static int run_writer(const char *path, uint64_t capacity, uint64_t n) {
 
 /* ---- reader ------------------------------------------------------------ */
 
-static int run_reader(const char *path, uint64_t n) {
-    int fd = open(path, O_RDWR | O_CLOEXEC);
-    if (fd < 0) die("open ring file");
+static int run_reader(const char *path, uint64_t n, uint64_t batch) {
     rb_handle h;
     rb_error err;
     rb_handle_init(&h);
     rb_options opt = {.path = path, .spin_ns = SPIN_NS};
-    if (rb_handle_attach(&h, fd, RB_ROLE_READER, &opt, &err) != RB_OK) return fail(&err);
+    if (rb_handle_open(&h, RB_ROLE_READER, &opt, &err) != RB_OK) return fail(&err);
     rb_reader *r = &h.ring.reader;
     uint64_t max_len = r->capacity - RB_RECORD_HEADER;
     uint8_t *expect = malloc(max_len + 1);
@@ -211,12 +199,22 @@ static int run_reader(const char *path, uint64_t n) {
     if (!expect || !copy) die("malloc");
     say_ready();
     uint64_t seq = 0;
+    uint64_t skipped = 0; /* messages skipped and not yet released (batch mode) */
     rb_wait_state ws;
     rb_wait_init(&ws, RB_FOREVER, "pop");
     for (;;) {
         const void *payload;
         uint64_t len;
+        uint64_t before = r->read_pos;
         rb_result res = rb_peek(r, &payload, &len);
+        /* rb_peek moves the private read_pos only to jump over a wrap point. */
+        if (res == RB_OK && r->read_pos != before) RB_CRASH_POINT("reader_jumped");
+        if (skipped && (res == RB_EMPTY || res == RB_CLOSED)) {
+            /* As pop_many: the batch ends with what is there now, released at once. */
+            RB_CRASH_POINT("reader_batch_skipped");
+            rb_release(r);
+            skipped = 0;
+        }
         if (res == RB_EMPTY) {
             if (rb_wait(&h, &ws, &err) != RB_OK) return fail(&err);
             continue;
@@ -238,10 +236,18 @@ static int run_reader(const char *path, uint64_t n) {
         }
         memcpy(copy, payload, len);
         report(seq);
-#ifdef RB_CRASH_POINTS
-        rb_crash_point("reader_copied");
-#endif
-        rb_consume(r);
+        RB_CRASH_POINT("reader_copied");
+        if (batch <= 1) {
+            rb_consume(r);
+        }
+        else {
+            rb_skip(r);
+            if (++skipped == batch) {
+                RB_CRASH_POINT("reader_batch_skipped");
+                rb_release(r);
+                skipped = 0;
+            }
+        }
         seq++;
     }
     if (seq != n) {
@@ -250,6 +256,7 @@ static int run_reader(const char *path, uint64_t n) {
                 seq, n);
         return EXIT_CORRUPT;
     }
+    rb_handle_release(&h, RB_STATE_CLOSED, 0);
     rb_handle_unmap(&h);
     free(copy);
     free(expect);
@@ -260,9 +267,10 @@ int main(int argc, char **argv) {
     alarm(BACKSTOP_SECONDS);
     if (argc == 5 && strcmp(argv[1], "writer") == 0)
         return run_writer(argv[2], parse_u64(argv[3], "capacity"), parse_u64(argv[4], "N"));
-    if (argc == 4 && strcmp(argv[1], "reader") == 0)
-        return run_reader(argv[2], parse_u64(argv[3], "N"));
+    if ((argc == 4 || argc == 5) && strcmp(argv[1], "reader") == 0)
+        return run_reader(argv[2], parse_u64(argv[3], "N"),
+                          argc == 5 ? parse_u64(argv[4], "BATCH") : 1);
     fprintf(stderr, "usage: crash_peer writer PATH CAPACITY N\n"
-                    "       crash_peer reader PATH N\n");
+                    "       crash_peer reader PATH N [BATCH]\n");
     return EXIT_SYSTEM;
 }

@@ -77,7 +77,7 @@ static void *writer_main(void *arg) {
             }
         }
     }
-    rb_writer_close(&w);
+    rb_writer_leave(&w, RB_STATE_CLOSED);
     free(buf);
     return NULL;
 }
@@ -138,7 +138,7 @@ int main(int argc, char **argv) {
         perror("mmap");
         return 1;
     }
-    rb_init(mapping, capacity);
+    rb_init(mapping, capacity, 0, 0);
     if (rb_validate_header(mapping, size, &snapshot) != RB_VALID) {
         fprintf(stderr, "fresh ring does not validate\n");
         return 1;
