@@ -4,8 +4,9 @@ the single-message calls and every way a role is given up and taken again.
 The model is conftest.RingModel (FORMAT.md "Wrap rule"): it predicts exactly when `try_push`
 finds the ring full and what every read returns. On top of it this machine models the roles
 (FORMAT.md "Roles and states"): a writer that closes ends the stream; one that aborts or is
-detached leaves its role to a successor (RingWriter.open), and the reader, once it has every
-message, reports an aborted writer exactly once (PeerDied) and then waits for the next one.
+detached leaves its role to a successor (RingWriter.open), and a reader, once it has every
+message, reports an aborted writer exactly once (PeerDied; a new reader reports it again) and
+then waits for the next one.
 Every call uses timeout 0, so each outcome is predictable.
 """
 
@@ -33,9 +34,11 @@ class RingMachine(RuleBasedStateMachine):
         self.reader: RingReader | None = None
         self.capacity = 0
         self.model = RingModel(0)
-        # The writer's role: "attached", "closed" (end of stream), "aborted" (a PeerDied to
-        # report once the ring is drained), "vacant" (handed over, or the abort reported).
+        # The writer's role as the header has it: "attached", "closed" (end of stream),
+        # "failed" (aborted: a PeerDied for each reader that drains the ring) or "vacant"
+        # (handed over); and whether this reader has reported the failed writer already.
         self.writer_role = "attached"
+        self.reported = False
         self.push_attempts = 0
 
     # ---- what a read of an empty ring reports ---------------------------------
@@ -44,8 +47,8 @@ class RingMachine(RuleBasedStateMachine):
         """What pop(timeout=0) raises on a drained ring; records a PeerDied as reported."""
         if self.writer_role == "closed":
             return RingClosed
-        if self.writer_role == "aborted":
-            self.writer_role = "vacant"
+        if self.writer_role == "failed" and not self.reported:
+            self.reported = True
             event("PeerDied reported")
             return PeerDied
         return RingTimeout
@@ -116,7 +119,7 @@ class RingMachine(RuleBasedStateMachine):
         with pytest.raises(RingClosed):
             self.writer.try_push(b"")
         self.writer = None
-        self.writer_role = {"close": "closed", "abort": "aborted", "detach": "vacant"}[how]
+        self.writer_role = {"close": "closed", "abort": "failed", "detach": "vacant"}[how]
 
     @precondition(lambda self: self.writer is None)
     @rule()
@@ -130,6 +133,7 @@ class RingMachine(RuleBasedStateMachine):
         self.writer = RingWriter.open(self.path)
         # An abort not reported yet is superseded: the reader now waits for this writer.
         self.writer_role = "attached"
+        self.reported = False
 
     # ---- rules: the reader ----------------------------------------------------------
 
@@ -180,6 +184,7 @@ class RingMachine(RuleBasedStateMachine):
         assert self.reader is not None
         getattr(self.reader, how)()
         self.reader = RingReader.open(self.path)
+        self.reported = False  # a new reader reports a failed writer again
 
     @precondition(lambda self: self.writer is not None and self.push_attempts >= 8)
     @rule()
