@@ -458,6 +458,23 @@ def test_the_writer_leaving_wakes_a_reader_waiting_on_fileno(ring_path: Path, en
             reader.pop_many(8, timeout=0)
 
 
+def test_a_successor_attaching_wakes_a_reader_waiting_on_fileno(ring_path: Path) -> None:
+    writer = RingWriter.create(ring_path, 1024)
+    with RingReader.open(ring_path) as reader:
+        fd = reader.fileno()
+        writer.detach()  # a hand-over: a change, then nothing to read until a successor
+        for _ in range(5):
+            assert reader.pop_many(8, timeout=0) == []
+            if not readable(fd, 0.2):
+                break
+        else:
+            pytest.fail("fileno() stays readable while the writer's role is vacant")
+        with RingWriter.open(ring_path) as successor:
+            assert readable(fd, TIMEOUT), "the successor's attach did not wake the reader"
+            successor.push(b"m", timeout=5)
+            assert reader.pop(timeout=5) == b"m"
+
+
 def test_the_reader_leaving_wakes_a_writer_waiting_on_fileno(ring_path: Path) -> None:
     with RingWriter.create(ring_path, 64) as writer:
         reader = RingReader.open(ring_path)

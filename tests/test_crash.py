@@ -497,9 +497,10 @@ def continue_with_reopened_writer(
     """After a writer died, RingWriter.open continues the stream from the published
     write_pos. The reader first gets the `unread` messages the dead writer committed and it
     had not read yet (first_seq - unread .. first_seq - 1), then the new writer's messages
-    first_seq..: intact and in order, every push into the drained ring accepted at once
-    (FORMAT.md "Wrap rule": any message fits an empty ring), the records where the wrap rule
-    puts them, and close() then ends the stream.
+    first_seq.. (with PeerDied between the two, where the dead writer stopped, if the reader
+    had not reached that point yet): intact and in order, every push into the drained ring
+    accepted at once (FORMAT.md "Wrap rule": any message fits an empty ring), the records
+    where the wrap rule puts them, and close() then ends the stream.
 
     wrap_pos (FORMAT.md "Crash contract of the wrap"): a wrap the dead writer recorded and
     never published (wrap_pos not below write_pos) is set to 0; a published one that the
@@ -517,6 +518,11 @@ def continue_with_reopened_writer(
             assert wrap_now == before["wrap_pos"], f"published wrap dropped: {before}"
         backlog = [reader.pop(timeout=5) for _ in range(unread)]
         check_messages(backlog, first_seq - unread, max_len, "dead writer's unread messages")
+        if unread:
+            # The reader had not reached the end of the dead writer's stream: it learns of
+            # the death there, before the new writer's first message (FORMAT.md "Breaks").
+            with pytest.raises(PeerDied, match="stopped here"):
+                reader.pop(timeout=5)
         messages = [
             b"",
             *(expected_message(seq, max_len) for seq in range(first_seq, first_seq + more)),

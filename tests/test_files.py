@@ -286,9 +286,41 @@ def test_create_exist_ok_continues_a_ring_whose_writer_stopped(ring_path: Path) 
     with RingReader.open(ring_path) as reader:
         with RingWriter.create(ring_path, 4096, exist_ok=True) as second:
             second.push(b"second run")
-        assert [reader.pop(timeout=1), reader.pop(timeout=1)] == [b"first run", b"second run"]
+        assert reader.pop(timeout=1) == b"first run"
+        with pytest.raises(PeerDied):  # the first run stopped without ending its stream
+            reader.pop(timeout=1)
+        assert reader.pop(timeout=1) == b"second run"
         with pytest.raises(RingClosed):
             reader.pop(timeout=1)
+
+
+def test_create_exist_ok_reports_a_fifo_name_taken_by_a_directory_not_a_missing_ring(
+    ring_path: Path,
+) -> None:
+    Path(f"{ring_path}.rd").mkdir()
+    with pytest.raises(FileExistsError, match=rf"'{ring_path}\.rd' exists and is not a FIFO"):
+        RingWriter.create(ring_path, 4096, exist_ok=True)
+    assert sorted(os.listdir(ring_path.parent)) == ["ring.rd"]
+
+
+@pytest.mark.parametrize("length", [1, 200, 229, 252])
+def test_create_takes_any_name_the_file_system_takes_with_room_for_the_fifos(
+    ring_dir: Path, length: int
+) -> None:
+    path = ring_dir / ("n" * length)
+    with RingWriter.create(path, 4096) as writer, RingReader.open(path) as reader:
+        writer.push(b"m", timeout=5)
+        assert reader.pop(timeout=5) == b"m"
+    assert sorted(os.listdir(ring_dir)) == sorted(path.name + s for s in ("", ".rd", ".wr"))
+
+
+def test_create_with_a_name_too_long_for_its_fifos_fails_and_leaves_nothing(
+    ring_dir: Path,
+) -> None:
+    path = ring_dir / ("n" * 253)  # PATH.rd would exceed NAME_MAX (255)
+    with pytest.raises(OSError, match=str(path)):
+        RingWriter.create(path, 4096)
+    assert os.listdir(ring_dir) == []
 
 
 def test_create_exist_ok_refuses_a_live_writer_a_closed_stream_and_another_capacity(

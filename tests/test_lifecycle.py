@@ -9,6 +9,7 @@ and return the child's exit status.
 from __future__ import annotations
 
 import contextlib
+import copy
 import multiprocessing
 import os
 import pickle
@@ -363,6 +364,15 @@ def test_open_wait_does_not_retry_an_invalid_ring(ring_path: Path) -> None:
     assert time.monotonic() - start < 5
 
 
+@pytest.mark.parametrize("wait", [float("nan"), -1.0, "1"], ids=repr)
+def test_open_rejects_a_wait_that_is_not_a_number_of_seconds(ring_path: Path, wait: object) -> None:
+    RingWriter.create(ring_path, 4096).detach()
+    with pytest.raises((ValueError, TypeError)):
+        RingReader.open(ring_path, wait=wait)  # type: ignore[arg-type]
+    with pytest.raises((ValueError, TypeError)):
+        RingWriter.open(ring_path, wait=wait)  # type: ignore[arg-type]
+
+
 # ---- detach and pickling: handing a role to another process ------------------------------
 
 
@@ -420,6 +430,9 @@ def test_pickled_writer_reattaches_once_the_sending_process_died(
         with writer:
             writer.push(b"after", timeout=10)
         assert reader.pop(timeout=10) == b"before"
+        # Killed, it died holding the role: a break, reported where it happened.
+        with pytest.raises(PeerDied):
+            reader.pop(timeout=10)
         assert reader.pop(timeout=10) == b"after"
         with pytest.raises(RingClosed):
             reader.pop(timeout=10)
@@ -569,6 +582,27 @@ def test_a_pickled_writer_is_handed_over_so_closing_the_sender_does_not_end_the_
         assert reader.pop(timeout=10) == b"from the successor"
         with pytest.raises(RingClosed):
             reader.pop(timeout=10)
+
+
+def test_an_abort_after_pickling_still_marks_the_stream_failed(ring_path: Path) -> None:
+    writer = RingWriter.create(ring_path, 4096)
+    with RingReader.open(ring_path) as reader:
+        writer.push(b"m", timeout=10)
+        pickle.dumps(writer)  # pickled, never unpickled: no successor is coming
+        writer.abort()
+        assert reader.pop(timeout=10) == b"m"
+        with pytest.raises(PeerDied):
+            reader.pop(timeout=10)
+
+
+@pytest.mark.parametrize("copy_function", [copy.copy, copy.deepcopy])
+def test_handles_cannot_be_copied(ring_path: Path, copy_function: Callable[..., object]) -> None:
+    with RingWriter.create(ring_path, 4096) as writer, RingReader.open(ring_path) as reader:
+        for handle in (writer, reader):
+            with pytest.raises(TypeError, match="cannot be copied"):
+                copy_function(handle)
+        writer.push(b"still one writer", timeout=10)
+        assert reader.pop(timeout=10) == b"still one writer"
 
 
 # ---- fork --------------------------------------------------------------------------------

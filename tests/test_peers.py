@@ -654,7 +654,14 @@ def test_reopened_writer_continues_the_stream_after_writer_process_died(
             assert reader.writer_alive
             for i in range(10, 20):
                 writer.push(numbered(i), timeout=5)
-        assert [struct.unpack_from("<Q", m)[0] for m in reader] == list(range(20))
+        # Every message of the dead writer, then its death, where it happened; then the
+        # successor's messages and the end it made.
+        assert [struct.unpack_from("<Q", reader.pop(timeout=5))[0] for _ in range(10)] == list(
+            range(10)
+        )
+        with pytest.raises(PeerDied, match="stopped here without ending the stream"):
+            reader.pop(timeout=5)
+        assert [struct.unpack_from("<Q", m)[0] for m in reader] == list(range(10, 20))
 
 
 def test_reopened_writer_after_death_mid_read_continues_without_gap(
@@ -668,8 +675,94 @@ def test_reopened_writer_after_death_mid_read_continues_without_gap(
         old.finish()
         with RingWriter.open(ring_path) as writer:
             following = 6 + len(fill(writer, 16, start=6))
-        got = [struct.unpack_from("<Q", m)[0] for m in reader]
+        got = [struct.unpack_from("<Q", reader.pop(timeout=5))[0] for _ in range(1, 6)]
+        with pytest.raises(PeerDied):
+            reader.pop(timeout=5)
+        got += [struct.unpack_from("<Q", m)[0] for m in reader]
     assert got == list(range(1, following))
+
+
+def read_stream(reader: RingReader) -> list[bytes | str]:
+    """Every message to the end of the stream, each break (PeerDied) as "PeerDied"."""
+    got: list[bytes | str] = []
+    while True:
+        try:
+            got.append(reader.pop(timeout=5))
+        except PeerDied:
+            got.append("PeerDied")
+        except RingClosed:
+            return got
+
+
+def succeed_aborted_writers(path: Path, writers: int, capacity: int = 4096) -> list[bytes | str]:
+    """`writers` writers in turn, each pushing three messages and aborting, the next one
+    attaching before anybody read; then one that closes. What a reader must see."""
+    expected: list[bytes | str] = []
+    writer = RingWriter.create(path, capacity)
+    for n in range(writers):
+        messages = [b"%d-%d" % (n, i) for i in range(3)]
+        for message in messages:
+            writer.push(message, timeout=5)
+        writer.abort()
+        expected += [*messages, "PeerDied"]
+        writer = RingWriter.open(path)
+    writer.push(b"last", timeout=5)
+    writer.close()
+    return [*expected, b"last"]
+
+
+@pytest.mark.parametrize("writers", [1, 3, 4])
+def test_writers_that_stopped_before_anyone_read_are_each_reported_where_their_messages_end(
+    ring_path: Path, writers: int
+) -> None:
+    expected = succeed_aborted_writers(ring_path, writers)
+    with RingReader.open(ring_path) as reader:
+        assert read_stream(reader) == expected
+
+
+def test_more_unread_breaks_than_the_header_holds_merge_but_lose_no_message(
+    ring_path: Path,
+) -> None:
+    expected = succeed_aborted_writers(ring_path, 6)
+    with RingReader.open(ring_path) as reader:
+        got = read_stream(reader)
+    assert [m for m in got if m != "PeerDied"] == [m for m in expected if m != "PeerDied"]
+    # Four entries: the fifth and sixth writers' stops merge into the fourth's, reported
+    # once where the fourth writer's messages end.
+    assert got == expected[: 4 * 4] + [m for m in expected[4 * 4 :] if m != "PeerDied"]
+
+
+def test_a_break_is_reported_once_across_readers_and_at_a_wrap_point(ring_path: Path) -> None:
+    with RingWriter.create(ring_path, 64) as writer:
+        for _ in range(5):  # five 8-byte records
+            writer.push(b"", timeout=5)
+        with RingReader.open(ring_path) as reader:
+            assert [reader.pop(timeout=5) for _ in range(5)] == [b""] * 5
+        writer.push(b"x", timeout=5)  # a 16-byte record at 40: 8 bytes left in the lap
+        writer.abort()
+    with RingWriter.open(ring_path) as writer:
+        writer.push(b"y" * 20, timeout=5)  # 32 bytes: skips from 56 to the next lap
+        with RingReader.open(ring_path) as reader:
+            assert reader.pop(timeout=5) == b"x"
+            with pytest.raises(PeerDied, match="a new writer continued"):
+                reader.try_pop()
+        with RingReader.open(ring_path) as reader:  # reported already: not again
+            assert reader.pop(timeout=5) == b"y" * 20
+            assert reader.try_pop() is None
+
+
+def test_a_writer_reported_dead_with_nothing_left_is_no_break_for_its_successor(
+    ring_path: Path,
+) -> None:
+    with RingWriter.create(ring_path, 4096) as writer, RingReader.open(ring_path) as reader:
+        writer.push(b"a", timeout=5)
+        writer.abort()
+        assert reader.pop(timeout=5) == b"a"
+        with pytest.raises(PeerDied):
+            reader.pop(timeout=5)
+        with RingWriter.open(ring_path) as successor:
+            successor.push(b"b", timeout=5)
+        assert read_stream(reader) == [b"b"]
 
 
 def test_reopening_the_writer_of_a_closed_stream_raises_ring_closed(

@@ -3,10 +3,11 @@ the single-message calls and every way a role is given up and taken again.
 
 The model is conftest.RingModel (FORMAT.md "Wrap rule"): it predicts exactly when `try_push`
 finds the ring full and what every read returns. On top of it this machine models the roles
-(FORMAT.md "Roles and states"): a writer that closes ends the stream; one that aborts or is
-detached leaves its role to a successor (RingWriter.open), and a reader, once it has every
-message, reports an aborted writer exactly once (PeerDied; a new reader reports it again) and
-then waits for the next one.
+(FORMAT.md "Roles and states", "Breaks"): a writer that closes ends the stream; one that aborts
+or is detached leaves its role to a successor (RingWriter.open). A reader, once it has every
+message, reports an aborted writer once (PeerDied; a new reader reports it again) and then waits
+for the next one; if a successor attached before any reader reported the abort, the reader
+reports it where the aborted writer's messages end (a break), before the successor's.
 Every call uses timeout 0, so each outcome is predictable.
 """
 
@@ -36,22 +37,68 @@ class RingMachine(RuleBasedStateMachine):
         self.model = RingModel(0)
         # The writer's role as the header has it: "attached", "closed" (end of stream),
         # "failed" (aborted: a PeerDied for each reader that drains the ring) or "vacant"
-        # (handed over); and whether this reader has reported the failed writer already.
+        # (handed over).
         self.writer_role = "attached"
-        self.reported = False
         self.push_attempts = 0
+        # Writers counted from 1 (the header's writer_generation); the latest writer whose
+        # end this reader reported, and the latest any reader reported (the header's).
+        self.generation = 0
+        self.reported = 0
+        self.reported_by_any = 0
+        # The header's break table: (position, writer generation), 0 for a free entry.
+        self.breaks = [(0, 0)] * 4
+        self.break_generation = 0
 
     # ---- what a read of an empty ring reports ---------------------------------
+
+    def report(self, generation: int) -> None:
+        self.reported = max(self.reported, generation)
+        self.reported_by_any = max(self.reported_by_any, generation)
+
+    def break_here(self) -> bool:
+        """Whether the next read stops at a break (PeerDied); records it as reported."""
+        if self.break_generation <= self.reported:
+            return False
+        self.reported = max(self.reported, self.reported_by_any)
+        ahead = [g for at, g in self.breaks if g > self.reported and at >= self.model.read_pos]
+        if not ahead:
+            return False
+        generation = min(ahead)
+        at = next(at for at, g in self.breaks if g == generation)
+        if at != self.model.read_pos:
+            return False
+        self.report(generation)
+        event("PeerDied at a break")
+        return True
 
     def empty_outcome(self) -> type[Exception]:
         """What pop(timeout=0) raises on a drained ring; records a PeerDied as reported."""
         if self.writer_role == "closed":
             return RingClosed
-        if self.writer_role == "failed" and not self.reported:
-            self.reported = True
+        if self.writer_role == "failed" and self.reported != self.generation:
+            self.report(self.generation)
             event("PeerDied reported")
             return PeerDied
         return RingTimeout
+
+    def record_break(self) -> None:
+        """A successor attaches after a writer that aborted: unless a reader reported that
+        writer with nothing of it left, its end is a break, in a free entry of the table
+        (never used, or behind the read position) or merged into the latest."""
+        model = self.model
+        if (
+            self.reported_by_any == self.generation
+            and model.read_published == model.write_published
+        ):
+            return
+        free = [i for i, (at, g) in enumerate(self.breaks) if g == 0 or at < model.read_published]
+        if free:
+            self.breaks[free[0]] = (model.write_published, self.generation)
+        else:
+            event("break merged")
+            latest = max(range(4), key=lambda i: self.breaks[i][1])
+            self.breaks[latest] = (self.breaks[latest][0], self.generation)
+        self.break_generation = self.generation
 
     @property
     def max_size(self) -> int:
@@ -64,6 +111,7 @@ class RingMachine(RuleBasedStateMachine):
         self.capacity = capacity
         self.model = RingModel(capacity)
         self.writer = RingWriter.create(self.path, capacity)
+        self.generation = 1
         self.reader = RingReader.open(self.path)
 
     def draw_message(self, data: st.DataObject) -> bytes:
@@ -131,15 +179,20 @@ class RingMachine(RuleBasedStateMachine):
                 RingWriter.open(self.path)
             return
         self.writer = RingWriter.open(self.path)
-        # An abort not reported yet is superseded: the reader now waits for this writer.
+        if self.writer_role == "failed":
+            self.record_break()
+        self.generation += 1
         self.writer_role = "attached"
-        self.reported = False
 
     # ---- rules: the reader ----------------------------------------------------------
 
     @rule()
     def try_pop(self) -> None:
         assert self.reader is not None
+        if self.break_here():
+            with pytest.raises(PeerDied):
+                self.reader.try_pop()
+            return
         expected = self.model.head()
         if expected is None and self.writer_role == "closed":
             with pytest.raises(RingClosed):
@@ -152,6 +205,10 @@ class RingMachine(RuleBasedStateMachine):
     @rule()
     def pop_with_zero_timeout(self) -> None:
         assert self.reader is not None
+        if self.break_here():
+            with pytest.raises(PeerDied):
+                self.reader.pop(timeout=0)
+            return
         expected = self.model.head()
         if expected is None:
             with pytest.raises(self.empty_outcome()):
@@ -164,6 +221,11 @@ class RingMachine(RuleBasedStateMachine):
     def pop_into(self, size: int) -> None:
         assert self.reader is not None
         buffer = bytearray(b"\xa5" * size)
+        if self.break_here():
+            with pytest.raises(PeerDied):
+                self.reader.pop_into(buffer, timeout=0)
+            assert buffer == b"\xa5" * size
+            return
         expected = self.model.head()
         if expected is None:
             with pytest.raises(self.empty_outcome()):
@@ -184,7 +246,7 @@ class RingMachine(RuleBasedStateMachine):
         assert self.reader is not None
         getattr(self.reader, how)()
         self.reader = RingReader.open(self.path)
-        self.reported = False  # a new reader reports a failed writer again
+        self.reported = 0  # a new reader reports a failed writer again
 
     @precondition(lambda self: self.writer is not None and self.push_attempts >= 8)
     @rule()
@@ -192,9 +254,30 @@ class RingMachine(RuleBasedStateMachine):
         """Closes the writer (iteration would wait for it), then reads everything left."""
         assert self.reader is not None
         self.writer_leaves("close")
-        assert list(self.reader) == self.model.drain()
+        assert self.read_to_the_end() == self.expected_to_the_end()
         with pytest.raises(RingClosed):
             self.reader.pop(timeout=0)
+
+    def read_to_the_end(self) -> list[bytes | str]:
+        """Iterates to the end of the stream; a break shows as "PeerDied"."""
+        assert self.reader is not None
+        got: list[bytes | str] = []
+        while True:
+            try:
+                got.extend(self.reader)
+                return got
+            except PeerDied:
+                got.append("PeerDied")
+
+    def expected_to_the_end(self) -> list[bytes | str]:
+        expected: list[bytes | str] = []
+        while True:
+            if self.break_here():
+                expected.append("PeerDied")
+            elif self.model.head() is not None:
+                expected.append(self.model.pop())
+            else:
+                return expected
 
     # ---- invariants ---------------------------------------------------------
 
@@ -207,10 +290,10 @@ class RingMachine(RuleBasedStateMachine):
         try:
             if self.reader is not None:
                 if self.writer is None and self.writer_role != "closed":
-                    self.writer = RingWriter.open(self.path)
+                    self.writer_reopens()
                 if self.writer is not None:
                     self.writer.close()
-                assert list(self.reader) == self.model.drain()
+                assert self.read_to_the_end() == self.expected_to_the_end()
         finally:
             for handle in (self.writer, self.reader):
                 if handle is not None:

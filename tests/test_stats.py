@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import Child
-from ipc_ring import RingReader, RingStats, RingTimeout, RingWriter
+from ipc_ring import PeerDied, RingReader, RingStats, RingTimeout, RingWriter
 
 TIMEOUT = 5.0  # every blocking call is bounded, so a bug fails instead of hanging
 
@@ -200,7 +200,10 @@ def test_counters_survive_reattaching_writer_and_reader(
         with RingReader.open(ring_path, spin=0) as r:
             assert counters(r.stats()) == before
             w.push(b"efgh", timeout=TIMEOUT)
-            assert len(r.pop_many(10, timeout=TIMEOUT)) == 3
+            assert len(r.pop_many(10, timeout=TIMEOUT)) == 2  # up to where the writer died
+            with pytest.raises(PeerDied):
+                r.pop_many(10, timeout=TIMEOUT)
+            assert len(r.pop_many(10, timeout=TIMEOUT)) == 1
             with pytest.raises(RingTimeout):
                 r.pop(timeout=0.06)
             middle = counters(r.stats())

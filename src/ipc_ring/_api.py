@@ -72,6 +72,7 @@ def _attach_waiting(cls: type[_H], path: StrPath, spin: float | None, wait: floa
     The role's lock is taken before anything is mapped, so a retry costs two system
     calls, not a mapping."""
     target = _fspath(path)
+    wait = _core.check_timeout(wait)  # ValueError for a negative or NaN wait
     if wait is None or wait <= 0:
         return cls(target, spin=spin)
     deadline = time.monotonic() + wait
@@ -126,6 +127,16 @@ class _Handle:
     ) -> None:
         self.close()
 
+    def __copy__(self) -> None:
+        raise TypeError(
+            f"a {type(self).__name__} cannot be copied: one process holds a role at a time "
+            "(to hand it to another process, pass it to multiprocessing, or detach() and open "
+            "it there)"
+        )
+
+    def __deepcopy__(self, memo: object) -> None:
+        self.__copy__()
+
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"capacity={self.capacity}"
         return f"<{type(self).__name__} path={self.path!r} {state}>"
@@ -163,7 +174,9 @@ class RingWriter(_Handle, _core.Writer):
         try:
             return cls(target, capacity=capacity, mode=mode, spin=spin)
         except FileExistsError:
-            if not exist_ok:
+            # Continue only a ring that is there: a FileExistsError about a FIFO's
+            # name (the ring path itself was free) stands.
+            if not exist_ok or not os.path.lexists(target):
                 raise
         # The capacity is fixed at creation: compare it before taking the role, so
         # that a mismatch leaves the ring (and a pending PeerDied) as it was.

@@ -30,6 +30,8 @@
 
 #include "_handle.h"
 
+#include <fcntl.h>
+
 /* ---- module state ---------------------------------------------------- */
 
 typedef struct {
@@ -40,6 +42,10 @@ typedef struct {
     PyObject *RingClosed;
     PyObject *PeerDied;
     PyObject *RingBusy;
+    PyObject *PipePeerDied;  /* an end of ipc_ring.Pipe receiving: PeerDied and EOFError */
+    PyObject *PipePeerGone;  /* ...sending: PeerDied and BrokenPipeError */
+    PyObject *pipe_send_large; /* ipc_ring._pipe's send of a message of several records */
+    PyObject *pipe_recv_large; /* ...and its receive */
     PyTypeObject *WriterType;
     PyTypeObject *ReaderType;
     PyTypeObject *SlotType;
@@ -125,7 +131,9 @@ static int raise_error(HandleObject *self, const rb_error *err) {
     case RB_TRUNCATED: type = st->InvalidRing; break;
     case RB_BUSY: type = st->RingBusy; break;
     case RB_CLOSED: type = st->RingClosed; break;
-    case RB_PEER_DIED: type = st->PeerDied; break;
+    case RB_PEER_DIED:
+        type = !self->h.pipe ? st->PeerDied : is_writer(self) ? st->PipePeerGone : st->PipePeerDied;
+        break;
     case RB_TIMEOUT: type = st->RingTimeout; break;
     case RB_TOO_LARGE: type = st->MessageTooLarge; break;
     case RB_BAD_ARGUMENT: type = PyExc_ValueError; break;
@@ -645,22 +653,28 @@ static int parse_capacity(PyObject *obj, uint64_t *out) {
  * path (with capacity) or attaches to the existing one (without).
  * Reader(path, *, spin=None): attaches to the existing ring. */
 static int handle_init(PyObject *op, PyObject *args, PyObject *kwds, rb_role role) {
-    static char *writer_kwlist[] = {"path", "capacity", "mode", "spin", NULL};
-    static char *reader_kwlist[] = {"path", "spin", NULL};
+    static char *writer_kwlist[] = {"path", "capacity", "mode", "spin", "_pipe", NULL};
+    static char *reader_kwlist[] = {"path", "spin", "_pipe", NULL};
     HandleObject *self = (HandleObject *)op;
-    PyObject *path, *capacity_obj = NULL, *spin_obj = Py_None;
+    PyObject *path, *capacity_obj = NULL, *spin_obj = Py_None, *pipe_obj = NULL;
     unsigned int mode = 0600;
+    /* ipc_ring._pipe: (ring fd, own eventfd, peer's eventfd, liveness socket) */
+    int fd = -1, fds[3] = {-1, -1, -1};
     if (self->initialised) {
         PyErr_SetString(PyExc_RuntimeError, "a ring handle is initialised only once");
         return -1;
     }
     self->initialised = 1;
     int parsed = role == RB_ROLE_WRITER
-                     ? PyArg_ParseTupleAndKeywords(args, kwds, "U|$OIO:Writer", writer_kwlist,
-                                                   &path, &capacity_obj, &mode, &spin_obj)
-                     : PyArg_ParseTupleAndKeywords(args, kwds, "U|$O:Reader", reader_kwlist,
-                                                   &path, &spin_obj);
+                     ? PyArg_ParseTupleAndKeywords(args, kwds, "U|$OIOO:Writer", writer_kwlist,
+                                                   &path, &capacity_obj, &mode, &spin_obj,
+                                                   &pipe_obj)
+                     : PyArg_ParseTupleAndKeywords(args, kwds, "U|$OO:Reader", reader_kwlist,
+                                                   &path, &spin_obj, &pipe_obj);
     if (!parsed) return -1;
+    if (pipe_obj &&
+        !PyArg_ParseTuple(pipe_obj, "iiii:_pipe", &fd, &fds[0], &fds[1], &fds[2]))
+        return -1;
     uint64_t capacity;
     if (parse_capacity(capacity_obj, &capacity) < 0) return -1;
     if (mode > 07777) {
@@ -694,6 +708,40 @@ static int handle_init(PyObject *op, PyObject *args, PyObject *kwds, rb_role rol
                       .spin_ns = spin_ns};
     rb_error err;
     rb_result res;
+    if (pipe_obj) {
+        /* An ipc_ring.Pipe end: `fd` is an open file description of its own
+         * (the role's lock is on it; the handle owns it from here, even on
+         * failure), the others are duplicated; `path` only names it in
+         * messages. */
+        int own[3] = {-1, -1, -1}, failed = fd < 0;
+        for (int i = 0; i < 3 && !failed; i++)
+            failed = (own[i] = fcntl(fds[i], F_DUPFD_CLOEXEC, 0)) < 0;
+        res = RB_ERROR;
+        if (!failed) {
+            Py_BEGIN_ALLOW_THREADS
+            res = rb_handle_attach(&self->h, fd, role, &opt, &err);
+            Py_END_ALLOW_THREADS
+        }
+        Py_DECREF(encoded);
+        if (res != RB_OK) {
+            int e = errno;
+            for (int i = 0; i < 3; i++)
+                if (own[i] >= 0) close(own[i]);
+            if (fd >= 0) close(fd);
+            if (failed) {
+                errno = e;
+                PyErr_SetFromErrno(PyExc_OSError);
+                return -1;
+            }
+            return raise_error(self, &err);
+        }
+        rb_handle_set_notify(&self->h, own[0], own[1], 1);
+        self->h.pipe_alive = own[2];
+        self->h.notify_missing = NULL;
+        self->h.pipe = 1;
+        rb_handle_announce(&self->h);
+        return 0;
+    }
     Py_BEGIN_ALLOW_THREADS /* file system calls; nothing else sees this handle yet */
     res = capacity ? rb_handle_create(&self->h, &opt, &err) : rb_handle_open(&self->h, role, &opt, &err);
     Py_END_ALLOW_THREADS
@@ -775,6 +823,9 @@ PyDoc_STRVAR(writer_abort_doc,
 "stream (RingWriter.open). The handle is closed afterwards. Idempotent.");
 
 static PyObject *writer_abort(PyObject *op, PyObject *Py_UNUSED(ignored)) {
+    /* Said explicitly, it stands even for a handle that was pickled: a
+     * hand-over that did not happen must not leave the stream waiting. */
+    ((HandleObject *)op)->handed_over = 0;
     handle_close((HandleObject *)op, RB_STATE_FAILED);
     Py_RETURN_NONE;
 }
@@ -1498,6 +1549,347 @@ static int require_usable(HandleObject *self) {
                                                                             : raise_unusable(self);
 }
 
+/* ---- ipc_ring.Pipe ends (docs/FORMAT.md "Pipe messages") ------------- */
+
+/* Every record of a Pipe ring starts with a frame word (u64, little-endian
+ * on every platform this runs on). PIPE_WHOLE: the record is a whole message,
+ * its bytes follow. Any other value is a part of a message of several
+ * records, or a message with out-of-band buffers: ipc_ring._pipe reads and
+ * writes those. */
+#define PIPE_FRAME 8u
+#define PIPE_WHOLE 3u
+
+/* The reader of this writer's ring closed its end: a send fails at once. */
+static inline int pipe_reader_closed(HandleObject *self) {
+    return atomic_load_explicit(&self->h.ring.writer.hdr->reader_state, memory_order_relaxed) ==
+           RB_STATE_CLOSED;
+}
+
+static int raise_pipe_closed(HandleObject *self) {
+    core_state *st = state_of((PyObject *)self);
+    if (st) PyErr_Format(st->PipePeerGone, "%U: the other end was closed", self->path);
+    return -1;
+}
+
+/* A whole message out of the ring, as bytes. An end someone watches
+ * (fileno() was called: multiprocessing.connection.wait, a selector) keeps
+ * its descriptor readable exactly while messages wait, as a pipe's is: the
+ * receive that takes the last one re-arms it (FORMAT.md "Pipe messages"). */
+static PyObject *pipe_take_bytes(HandleObject *self, const void *payload, uint64_t length) {
+    PyObject *msg = PyBytes_FromStringAndSize((const char *)payload + PIPE_FRAME,
+                                              (Py_ssize_t)(length - PIPE_FRAME));
+    if (!msg) return NULL;
+    rb_reader *r = &self->h.ring.reader;
+    rb_consume(r);
+    if (RB_UNLIKELY(self->h.watched) && r->read_pos == r->readable_end) rb_handle_idle(&self->h);
+    return msg;
+}
+
+/* The frame word of a peeked record (0 if it is too short to have one). */
+static inline uint64_t pipe_frame(const void *payload, uint64_t length) {
+    uint64_t frame = 0;
+    if (length >= PIPE_FRAME) memcpy(&frame, payload, sizeof frame);
+    return frame;
+}
+
+static int require_pipe(HandleObject *self, const char *op) {
+    if (self->h.pipe) return 0;
+    PyErr_Format(PyExc_TypeError, "%s() is for the ends of ipc_ring.Pipe", op);
+    return -1;
+}
+
+/* send_bytes(buf, offset=0, size=None): mp.Connection's arguments. Unpacks
+ * them without converting (0, or -1 with TypeError). */
+static int unpack_send_args(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
+                            PyObject **buf, PyObject **offset, PyObject **size) {
+    static const char *const names[] = {"buf", "offset", "size"};
+    PyObject **slots[] = {buf, offset, size};
+    *buf = *offset = *size = NULL;
+    if (nargs > 3) {
+        PyErr_Format(PyExc_TypeError, "send_bytes() takes at most 3 arguments (%zd given)", nargs);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < nargs; i++) *slots[i] = args[i];
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    for (Py_ssize_t k = 0; k < nkw; k++) {
+        PyObject *name = PyTuple_GET_ITEM(kwnames, k);
+        int found = 0;
+        for (int i = 0; i < 3; i++) {
+            if (PyUnicode_Check(name) && PyUnicode_CompareWithASCIIString(name, names[i]) == 0) {
+                if (*slots[i]) {
+                    PyErr_Format(PyExc_TypeError,
+                                 "send_bytes() got multiple values for argument '%s'", names[i]);
+                    return -1;
+                }
+                *slots[i] = args[nargs + k];
+                found = 1;
+            }
+        }
+        if (!found) {
+            PyErr_Format(PyExc_TypeError, "send_bytes() got an unexpected keyword argument %R",
+                         name);
+            return -1;
+        }
+    }
+    if (!*buf) {
+        PyErr_SetString(PyExc_TypeError, "send_bytes() missing required argument 'buf'");
+        return -1;
+    }
+    return 0;
+}
+
+/* Copies `len` bytes into one record framed PIPE_WHOLE, waiting for room
+ * as long as it takes. 0, or -1 with an exception. Inside a call. */
+static int pipe_put_whole(HandleObject *self, const char *buf, Py_ssize_t len) {
+    rb_writer *w = &self->h.ring.writer;
+    rb_wait_state ws;
+    rb_wait_init(&ws, RB_FOREVER, "send_bytes");
+    for (;;) {
+        void *payload;
+        rb_result res = rb_reserve(w, (uint64_t)len + PIPE_FRAME, &payload);
+        if (res == RB_OK) {
+            uint64_t frame = PIPE_WHOLE;
+            memcpy(payload, &frame, sizeof frame);
+            memcpy((char *)payload + PIPE_FRAME, buf, (size_t)len);
+            rb_commit(w, (uint64_t)len + PIPE_FRAME);
+            return 0;
+        }
+        if (res != RB_FULL) return raise_result(self, res, (uint64_t)len);
+        if (handle_wait(self, &ws) < 0) return -1;
+    }
+}
+
+PyDoc_STRVAR(writer_send_bytes_doc,
+"_send_bytes($self, buf, offset=0, size=None, /)\n--\n\n"
+"ipc_ring.Pipe: Connection.send_bytes on this end's ring.");
+
+static Py_NO_INLINE PyObject *writer_send_bytes_slow(HandleObject *self, PyObject *const *args,
+                                                      Py_ssize_t nargs, PyObject *kwnames) {
+    PyObject *obj, *offset_obj, *size_obj;
+    if (require_pipe(self, "send_bytes") < 0 ||
+        unpack_send_args(args, nargs, kwnames, &obj, &offset_obj, &size_obj) < 0)
+        return NULL;
+    if (call_begin(self) < 0) return NULL;
+    Py_ssize_t offset = 0, size = -1;
+    int failed = 0;
+    if (offset_obj) {
+        offset = PyNumber_AsSsize_t(offset_obj, PyExc_OverflowError);
+        failed = offset == -1 && PyErr_Occurred();
+    }
+    if (!failed && size_obj && size_obj != Py_None) {
+        size = PyNumber_AsSsize_t(size_obj, PyExc_OverflowError);
+        failed = size == -1 && PyErr_Occurred();
+        if (!failed && size < 0) {
+            PyErr_SetString(PyExc_ValueError, "size is negative");
+            failed = 1;
+        }
+    }
+    Py_buffer view;
+    if (failed || args_then(self, PyObject_GetBuffer(obj, &view, PyBUF_SIMPLE)) < 0) {
+        call_end(self);
+        return NULL;
+    }
+    if (call_interrupted(self) < 0) { /* its __buffer__ closed the handle */
+        PyBuffer_Release(&view);
+        call_end(self);
+        return NULL;
+    }
+    int r = 0, large = 0;
+    if (offset < 0) {
+        PyErr_SetString(PyExc_ValueError, "offset is negative");
+        r = -1;
+    }
+    else if (view.len < offset) {
+        PyErr_SetString(PyExc_ValueError, "buffer length < offset");
+        r = -1;
+    }
+    else {
+        if (size < 0) size = view.len - offset;
+        if (view.len - offset < size) {
+            PyErr_SetString(PyExc_ValueError, "buffer length < offset + size");
+            r = -1;
+        }
+        else if (pipe_reader_closed(self))
+            r = raise_pipe_closed(self);
+        else if ((uint64_t)size + PIPE_FRAME > self->h.capacity - RB_RECORD_HEADER)
+            large = 1;
+        else
+            r = pipe_put_whole(self, (const char *)view.buf + offset, size);
+    }
+    PyBuffer_Release(&view);
+    call_end(self);
+    if (r < 0) return NULL;
+    if (!large) Py_RETURN_NONE;
+    core_state *st = state_of((PyObject *)self);
+    if (!st) return NULL;
+    if (!st->pipe_send_large) {
+        PyErr_SetString(PyExc_RuntimeError, "ipc_ring._pipe is not loaded");
+        return NULL;
+    }
+    return PyObject_CallFunction(st->pipe_send_large, "OOnn", (PyObject *)self, obj, offset,
+                                 size);
+}
+
+static PyObject *writer_send_bytes(PyObject *op, PyObject *const *args, Py_ssize_t nargs,
+                                   PyObject *kwnames) {
+    HandleObject *self = (HandleObject *)op;
+    const void *buf;
+    Py_ssize_t len;
+    void *payload;
+    if (RB_LIKELY(nargs == 1 && kwnames == NULL && self->h.flags == 0 && self->h.pipe &&
+                  borrow_simple_bytes(args[0], &buf, &len) && !pipe_reader_closed(self))) {
+        rb_writer *w = &self->h.ring.writer;
+        if (RB_LIKELY(rb_reserve(w, (uint64_t)len + PIPE_FRAME, &payload) == RB_OK)) {
+            uint64_t frame = PIPE_WHOLE;
+            memcpy(payload, &frame, sizeof frame);
+            memcpy((char *)payload + PIPE_FRAME, buf, (size_t)len);
+            rb_commit(w, (uint64_t)len + PIPE_FRAME);
+            Py_RETURN_NONE;
+        }
+    }
+    return writer_send_bytes_slow(self, args, nargs, kwnames);
+}
+
+/* maxlength of recv_bytes: None (-1) or an int >= 0. */
+static int parse_maxlength(PyObject *obj, Py_ssize_t *out) {
+    *out = -1;
+    if (obj == NULL || obj == Py_None) return 0;
+    Py_ssize_t v = PyNumber_AsSsize_t(obj, PyExc_OverflowError);
+    if (v == -1 && PyErr_Occurred()) return -1;
+    if (v < 0) {
+        PyErr_SetString(PyExc_ValueError, "negative maxlength");
+        return -1;
+    }
+    *out = v;
+    return 0;
+}
+
+/* recv_bytes (want_bytes = 1) and recv (0), past the fast path: waits for
+ * the next message; a whole one comes back as bytes, anything else goes to
+ * ipc_ring._pipe's receive, with the message still in the ring. */
+static PyObject *reader_recv_slow(HandleObject *self, PyObject *maxlength_obj, int want_bytes) {
+    const char *op = want_bytes ? "recv_bytes" : "recv";
+    Py_ssize_t maxlength = -1;
+    if (require_pipe(self, op) < 0 || call_begin(self) < 0) return NULL;
+    if (args_then(self, parse_maxlength(maxlength_obj, &maxlength)) < 0) {
+        call_end(self);
+        return NULL;
+    }
+    const void *payload;
+    uint64_t length;
+    PyObject *result = NULL;
+    int large = 0;
+    if (reader_next(self, RB_FOREVER, 0, 0, op, &payload, &length) > 0) {
+        if (pipe_frame(payload, length) != PIPE_WHOLE)
+            large = 1;
+        else if (maxlength >= 0 && length - PIPE_FRAME > (uint64_t)maxlength)
+            PyErr_SetString(PyExc_OSError, "bad message length"); /* left in the ring */
+        else
+            result = pipe_take_bytes(self, payload, length);
+    }
+    call_end(self);
+    if (!large) return result;
+    core_state *st = state_of((PyObject *)self);
+    if (!st) return NULL;
+    if (!st->pipe_recv_large) {
+        PyErr_SetString(PyExc_RuntimeError, "ipc_ring._pipe is not loaded");
+        return NULL;
+    }
+    return PyObject_CallFunction(st->pipe_recv_large, "OnO", (PyObject *)self, maxlength,
+                                 want_bytes ? Py_True : Py_False);
+}
+
+PyDoc_STRVAR(reader_recv_bytes_doc,
+"_recv_bytes($self, maxlength=None, /)\n--\n\n"
+"ipc_ring.Pipe: Connection.recv_bytes on this end's ring.");
+
+static PyObject *reader_recv_bytes(PyObject *op, PyObject *const *args, Py_ssize_t nargs) {
+    HandleObject *self = (HandleObject *)op;
+    const void *payload;
+    uint64_t length;
+    if (RB_LIKELY(nargs == 0 && self->h.flags == 0 && self->h.pipe &&
+                  rb_peek(&self->h.ring.reader, &payload, &length) == RB_OK &&
+                  pipe_frame(payload, length) == PIPE_WHOLE))
+        return pipe_take_bytes(self, payload, length);
+    if (nargs > 1) {
+        PyErr_Format(PyExc_TypeError, "recv_bytes() takes at most 1 argument (%zd given)", nargs);
+        return NULL;
+    }
+    return reader_recv_slow(self, nargs ? args[0] : NULL, 1);
+}
+
+PyDoc_STRVAR(reader_recv_doc,
+"_recv($self, /)\n--\n\n"
+"ipc_ring.Pipe: the next message as bytes, or as (data, buffers) when it\n"
+"was sent with out-of-band buffers.");
+
+static PyObject *reader_recv(PyObject *op, PyObject *Py_UNUSED(ignored)) {
+    HandleObject *self = (HandleObject *)op;
+    const void *payload;
+    uint64_t length;
+    if (RB_LIKELY(self->h.flags == 0 && self->h.pipe &&
+                  rb_peek(&self->h.ring.reader, &payload, &length) == RB_OK &&
+                  pipe_frame(payload, length) == PIPE_WHOLE))
+        return pipe_take_bytes(self, payload, length);
+    return reader_recv_slow(self, NULL, 0);
+}
+
+PyDoc_STRVAR(reader_poll_doc,
+"_poll($self, timeout=0.0, /)\n--\n\n"
+"ipc_ring.Pipe: Connection.poll. True if a message is waiting, or if recv\n"
+"would raise at once (the other end closed or died); False once timeout\n"
+"seconds passed (None: wait as long as it takes).");
+
+static PyObject *reader_poll(PyObject *op, PyObject *const *args, Py_ssize_t nargs) {
+    HandleObject *self = (HandleObject *)op;
+    const void *payload;
+    uint64_t length;
+    if (RB_LIKELY(self->h.flags == 0 && rb_peek(&self->h.ring.reader, &payload, &length) == RB_OK))
+        Py_RETURN_TRUE;
+    if (nargs > 1) {
+        PyErr_Format(PyExc_TypeError, "poll() takes at most 1 argument (%zd given)", nargs);
+        return NULL;
+    }
+    if (require_pipe(self, "poll") < 0 || call_begin(self) < 0) return NULL;
+    uint64_t timeout = 0;
+    if (args_then(self, nargs ? parse_timeout(args[0], &timeout) : 0) < 0) {
+        call_end(self);
+        return NULL;
+    }
+    int r = reader_next(self, timeout, 0, 1, "poll", &payload, &length);
+    PyObject *result = NULL;
+    if (r >= 0)
+        result = Py_NewRef(Py_True); /* a message, or the end of the stream */
+    else {
+        core_state *st = state_of(op);
+        if (st && PyErr_ExceptionMatches(st->RingTimeout)) {
+            PyErr_Clear();
+            result = Py_NewRef(Py_False);
+        }
+        else if (st && PyErr_ExceptionMatches(st->PipePeerDied)) {
+            PyErr_Clear(); /* recv will raise it */
+            result = Py_NewRef(Py_True);
+        }
+    }
+    call_end(self);
+    return result;
+}
+
+PyDoc_STRVAR(pipe_fallbacks_doc,
+"_pipe_fallbacks($module, send_large, recv_large, /)\n--\n\n"
+"Internal: ipc_ring._pipe's handling of messages of several records.");
+
+static PyObject *core_pipe_fallbacks(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "_pipe_fallbacks() takes 2 arguments");
+        return NULL;
+    }
+    core_state *st = get_state(module);
+    Py_XSETREF(st->pipe_send_large, Py_NewRef(args[0]));
+    Py_XSETREF(st->pipe_recv_large, Py_NewRef(args[1]));
+    Py_RETURN_NONE;
+}
+
 PyDoc_STRVAR(handle_fileno_doc,
 "fileno($self, /)\n--\n\n"
 "A file descriptor for select, selectors, epoll, multiprocessing.connection.wait\n"
@@ -1606,6 +1998,8 @@ static PyMethodDef writer_methods[] = {
      writer_reserve_doc},
     {"close", handle_close_method, METH_NOARGS, writer_close_doc},
     {"abort", writer_abort, METH_NOARGS, writer_abort_doc},
+    {"_send_bytes", _PyCFunction_CAST(writer_send_bytes), METH_FASTCALL | METH_KEYWORDS,
+     writer_send_bytes_doc},
     HANDLE_METHODS
     {NULL, NULL, 0, NULL},
 };
@@ -1642,6 +2036,9 @@ static PyMethodDef reader_methods[] = {
     {"pop_into", _PyCFunction_CAST(reader_pop_into), METH_FASTCALL | METH_KEYWORDS,
      reader_pop_into_doc},
     {"close", handle_close_method, METH_NOARGS, reader_close_doc},
+    {"_recv_bytes", _PyCFunction_CAST(reader_recv_bytes), METH_FASTCALL, reader_recv_bytes_doc},
+    {"_recv", reader_recv, METH_NOARGS, reader_recv_doc},
+    {"_poll", _PyCFunction_CAST(reader_poll), METH_FASTCALL, reader_poll_doc},
     HANDLE_METHODS
     {NULL, NULL, 0, NULL},
 };
@@ -1797,6 +2194,7 @@ static PyMethodDef core_methods[] = {
     {"check_ring_file", core_check_ring_file, METH_O, check_ring_file_doc},
     {"check_timeout", core_check_timeout, METH_O, check_timeout_doc},
     {"inspect", core_inspect, METH_O, inspect_doc},
+    {"_pipe_fallbacks", _PyCFunction_CAST(core_pipe_fallbacks), METH_FASTCALL, pipe_fallbacks_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1862,6 +2260,27 @@ static int core_exec(PyObject *module) {
         st->RingError);
     if (!st->RingBusy) return -1;
 
+    bases = PyTuple_Pack(2, st->PeerDied, PyExc_EOFError);
+    if (!bases) return -1;
+    st->PipePeerDied = add_exception(
+        module, "PipePeerDied",
+        "ipc_ring.Pipe: the other end is gone (its process died, or it stopped without "
+        "closing) and everything it sent has been received. An EOFError, as "
+        "multiprocessing.Pipe raises when the other end goes away.",
+        bases);
+    Py_DECREF(bases);
+    if (!st->PipePeerDied) return -1;
+
+    bases = PyTuple_Pack(2, st->PeerDied, PyExc_BrokenPipeError);
+    if (!bases) return -1;
+    st->PipePeerGone = add_exception(
+        module, "PipePeerGone",
+        "ipc_ring.Pipe: sending to an end that was closed, or whose process died. A "
+        "BrokenPipeError, as multiprocessing.Pipe raises.",
+        bases);
+    Py_DECREF(bases);
+    if (!st->PipePeerGone) return -1;
+
     if (!str_release) {
         str_release = PyUnicode_InternFromString("release");
         if (!str_release) return -1;
@@ -1907,6 +2326,10 @@ static int core_traverse(PyObject *module, visitproc visit, void *arg) {
     Py_VISIT(st->RingClosed);
     Py_VISIT(st->RingBusy);
     Py_VISIT(st->PeerDied);
+    Py_VISIT(st->PipePeerDied);
+    Py_VISIT(st->PipePeerGone);
+    Py_VISIT(st->pipe_send_large);
+    Py_VISIT(st->pipe_recv_large);
     Py_VISIT(st->WriterType);
     Py_VISIT(st->ReaderType);
     Py_VISIT(st->SlotType);
@@ -1922,6 +2345,10 @@ static int core_clear(PyObject *module) {
     Py_CLEAR(st->RingClosed);
     Py_CLEAR(st->RingBusy);
     Py_CLEAR(st->PeerDied);
+    Py_CLEAR(st->PipePeerDied);
+    Py_CLEAR(st->PipePeerGone);
+    Py_CLEAR(st->pipe_send_large);
+    Py_CLEAR(st->pipe_recv_large);
     Py_CLEAR(st->WriterType);
     Py_CLEAR(st->ReaderType);
     Py_CLEAR(st->SlotType);

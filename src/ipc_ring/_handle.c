@@ -5,6 +5,14 @@
 #endif
 #include "_handle.h"
 
+#include <poll.h>
+
+#ifdef POLLRDHUP
+#define RB_POLLRDHUP POLLRDHUP
+#else
+#define RB_POLLRDHUP 0
+#endif
+
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
@@ -109,24 +117,26 @@ void rb_handle_init(rb_handle *h) {
     h->flags = RB_HANDLE_DETACHED;
     h->fd = -1;
     h->notify_rx = -1;
-    h->ring.writer.notify_fd = -1;
-    h->ring.reader.notify_fd = -1;
+    h->pipe_alive = -1;
+    h->ring.writer.notify.fd = -1;
+    h->ring.reader.notify.fd = -1;
     h->notify_missing = "it was not opened by name";
-    h->reported_generation = UINT64_MAX;
 }
 
-static int *rb_notify_tx(rb_handle *h) {
-    return h->role == RB_ROLE_WRITER ? &h->ring.writer.notify_fd : &h->ring.reader.notify_fd;
+static rb_notify *rb_notify_tx(rb_handle *h) {
+    return h->role == RB_ROLE_WRITER ? &h->ring.writer.notify : &h->ring.reader.notify;
 }
 
 /* Closes the ring file and both notification descriptors (the lock goes
  * with the ring file's descriptor). */
 static void rb_close_descriptors(rb_handle *h) {
-    int *tx = rb_notify_tx(h);
-    if (*tx >= 0) close(*tx);
-    *tx = -1;
+    rb_notify *tx = rb_notify_tx(h);
+    if (tx->fd >= 0) close(tx->fd);
+    tx->fd = -1;
     if (h->notify_rx >= 0) close(h->notify_rx);
     h->notify_rx = -1;
+    if (h->pipe_alive >= 0) close(h->pipe_alive);
+    h->pipe_alive = -1;
     if (h->fd >= 0) close(h->fd);
     h->fd = -1;
 }
@@ -290,9 +300,11 @@ static rb_result rb_map_and_attach(rb_handle *h, int fd, const struct stat *st, 
     return RB_OK;
 }
 
-void rb_handle_set_notify(rb_handle *h, int rx, int tx) {
+void rb_handle_set_notify(rb_handle *h, int rx, int tx, int eventfd) {
     h->notify_rx = rx;
-    *rb_notify_tx(h) = tx;
+    rb_notify *notify = rb_notify_tx(h);
+    notify->fd = tx;
+    notify->eventfd = eventfd;
 }
 
 /* ---- notification FIFOs (FORMAT.md "Waiting on a file descriptor") ------ */
@@ -349,9 +361,9 @@ static void rb_open_fifos(rb_handle *h) {
         int wr_fd = rd_fd >= 0 ? rb_open_fifo(wr, writer_ino, &ring, &why) : -1;
         if (rd_fd >= 0 && wr_fd >= 0) {
             if (h->role == RB_ROLE_WRITER)
-                rb_handle_set_notify(h, wr_fd, rd_fd);
+                rb_handle_set_notify(h, wr_fd, rd_fd, 0);
             else
-                rb_handle_set_notify(h, rd_fd, wr_fd);
+                rb_handle_set_notify(h, rd_fd, wr_fd, 0);
             h->notify_missing = NULL;
             return;
         }
@@ -380,7 +392,8 @@ void rb_handle_idle(rb_handle *h) {
      * change of the peer's state is told once: the next call sees it, and
      * the next idle moment waits for the change after it. */
     if (!armed) {
-        rb_notify_fd(h->notify_rx);
+        rb_notify self = {.fd = h->notify_rx, .eventfd = h->pipe};
+        rb_notify_fd(&self);
         if (h->role == RB_ROLE_WRITER)
             rb_writer_note_peer_state(&h->ring.writer);
         else
@@ -427,7 +440,9 @@ rb_result rb_handle_create(rb_handle *h, const rb_options *opt, rb_error *err) {
         static _Atomic uint64_t counter;
         uint64_t nonce = rb_now_ns() ^ ((uint64_t)getpid() << 40) ^
                          (atomic_fetch_add(&counter, 1) * 0x9E3779B97F4A7C15ULL);
-        int n = snprintf(tmp, sizeof tmp, "%.*s.%s.%ld.%012llx.tmp", dir_len, path,
+        /* At most 64 bytes of NAME: a long one still leaves room in the
+         * component (NAME_MAX) for the rest of the temporary name. */
+        int n = snprintf(tmp, sizeof tmp, "%.*s.%.64s.%ld.%012llx.tmp", dir_len, path,
                          path + dir_len, (long)getpid(),
                          (unsigned long long)(nonce & 0xFFFFFFFFFFFFULL));
         if (n < 0 || (size_t)n >= sizeof tmp - 3)
@@ -492,7 +507,7 @@ rb_result rb_handle_create(rb_handle *h, const rb_options *opt, rb_error *err) {
     }
     tmp_wr_made = 0;
     unlink(tmp);
-    rb_handle_set_notify(h, rx, tx);
+    rb_handle_set_notify(h, rx, tx, 0);
     h->notify_missing = NULL;
     return RB_OK;
 fail:
@@ -516,6 +531,17 @@ fail:
     return res;
 }
 
+void rb_handle_announce(rb_handle *h) {
+    /* A peer waiting for a successor, asleep or armed on its descriptor,
+     * looks at the new state now. */
+    rb_header *hdr = (rb_header *)h->map;
+    const rb_notify *tx = rb_notify_tx(h);
+    if (h->role == RB_ROLE_WRITER)
+        rb_wake_waiting_peer(&hdr->reader_waiting, &hdr->data_seq, tx);
+    else
+        rb_wake_waiting_peer(&hdr->writer_waiting, &hdr->space_seq, tx);
+}
+
 rb_result rb_handle_open(rb_handle *h, rb_role role, const rb_options *opt, rb_error *err) {
     /* O_NONBLOCK: opening a FIFO or a device must not block before the check. */
     int fd = open(opt->path, O_RDWR | O_NONBLOCK | O_CLOEXEC);
@@ -532,6 +558,7 @@ rb_result rb_handle_open(rb_handle *h, rb_role role, const rb_options *opt, rb_e
         return res;
     }
     rb_open_fifos(h);
+    rb_handle_announce(h);
     return RB_OK;
 }
 
@@ -646,6 +673,13 @@ rb_result rb_handle_error(rb_handle *h, rb_result res, uint64_t length, rb_error
         return rb_fail(err, res, 0, "the writer closed the ring and every message was read");
     case RB_CORRUPT:
         return rb_fail(err, res, 0, "'%s': %s", h->path, rb_invalid_reason(RB_INVALID_RECORD));
+    case RB_PEER_DIED:
+        rb_reader_reported_break(&h->ring.reader);
+        return rb_fail(err, res, 0,
+                       "'%s': a writer stopped here without ending the stream (it died, or "
+                       "stopped without close()); every message it committed has been read, "
+                       "and a new writer continued the stream: the next messages are its",
+                       h->path);
     default:
         return rb_fail(err, res, 0, "unexpected ring result %d", (int)res);
     }
@@ -678,19 +712,32 @@ static rb_result rb_fail_timeout(rb_handle *h, rb_wait_state *ws, rb_error *err)
  * role, a reader that closed, a writer that stopped without ending the
  * stream), 0 if a process holds it or it is vacant for a successor. Sets
  * ws->vacant. A failing lock test counts as alive. */
+/* An end of ipc_ring.Pipe whose peer never attached or let go: gone if
+ * every process closed the peer end's socket (a hang-up on ours). */
+static int rb_pipe_peer_closed(rb_handle *h) {
+    if (!h->pipe || h->pipe_alive < 0) return 0;
+    struct pollfd p = {.fd = h->pipe_alive, .events = POLLIN | RB_POLLRDHUP, .revents = 0};
+    return poll(&p, 1, 0) == 1 && (p.revents & (POLLHUP | RB_POLLRDHUP)) != 0;
+}
+
 static int rb_peer_gone(rb_handle *h, rb_wait_state *ws, uint32_t state) {
     ws->vacant = state == RB_STATE_NONE || state == RB_STATE_VACANT;
     if (rb_handle_peer_alive(h) != 0) {
         ws->vacant = 0;
         return 0;
     }
+    if (ws->vacant && rb_pipe_peer_closed(h)) {
+        ws->vacant = 0;
+        return 1;
+    }
     if (h->role == RB_ROLE_WRITER) return state == RB_STATE_ATTACHED || state == RB_STATE_CLOSED;
     if (state != RB_STATE_ATTACHED && state != RB_STATE_FAILED) return 0;
+    if (h->pipe) return 1; /* no successor can come: every call reports it */
     /* A reader reports the end of each writer once; then it waits for the
      * next one (FORMAT.md "PeerDied"). */
     uint32_t generation =
         atomic_load_explicit(&h->ring.reader.hdr->writer_generation, memory_order_acquire);
-    if (h->reported_generation == generation) {
+    if (h->ring.reader.reported_generation == generation) {
         ws->vacant = 1;
         return 0;
     }
@@ -698,13 +745,19 @@ static int rb_peer_gone(rb_handle *h, rb_wait_state *ws, uint32_t state) {
 }
 
 static rb_result rb_fail_peer_died(rb_handle *h, uint32_t state, rb_error *err) {
+    if (h->pipe)
+        return rb_fail(err, RB_PEER_DIED, 0, "%s: the other end %s", h->path,
+                       state == RB_STATE_CLOSED    ? "was closed"
+                       : state == RB_STATE_FAILED  ? "stopped without closing"
+                       : state == RB_STATE_ATTACHED ? "died (its process is gone)"
+                                                    : "was closed in every process");
     if (h->role == RB_ROLE_WRITER)
         return rb_fail(err, RB_PEER_DIED, 0,
                        "'%s': the reader %s and the ring is full; a new reader may attach and "
                        "the writer can continue",
                        h->path, state == RB_STATE_CLOSED ? "closed" : "died");
-    h->reported_generation =
-        atomic_load_explicit(&h->ring.reader.hdr->writer_generation, memory_order_acquire);
+    rb_reader_reported(&h->ring.reader, atomic_load_explicit(&h->ring.reader.hdr->writer_generation,
+                                                             memory_order_acquire));
     return rb_fail(err, RB_PEER_DIED, 0,
                    "'%s': the writer %s; every message it committed has been read (a new "
                    "writer may attach and continue the stream)",
@@ -798,9 +851,11 @@ const rb_field rb_header_fields[] = {
     RB_FIELD(messages_pushed),
     RB_FIELD(bytes_pushed),
     RB_FIELD(wrap_pos),
+    RB_FIELD(break_generation),
     RB_FIELD(read_pos),
     RB_FIELD(messages_popped),
     RB_FIELD(bytes_popped),
+    RB_FIELD(reported_generation),
     RB_FIELD(reader_waiting),
     RB_FIELD(data_seq),
     RB_FIELD(reader_state),

@@ -52,8 +52,10 @@ typedef struct rb_handle {
     int notify_rx;      /* own FIFO, for fileno(); -1 if none */
     int watched;        /* fileno() was called: idle results arm the FIFO */
     const char *notify_missing; /* why there are no FIFOs (static text), if none */
-    uint64_t reported_generation; /* reader: the writer generation whose end it reported
-                                   * with RB_PEER_DIED; UINT64_MAX: none */
+    int pipe;           /* an end of ipc_ring.Pipe: the descriptors are eventfds, and a
+                         * peer's death is reported on every call, not once */
+    int pipe_alive;     /* ...and this socket's other end closed everywhere means the
+                         * peer end is gone; -1 if none */
     pid_t owner_pid;    /* the process that attached */
     char *path;         /* as given, for messages (malloc'ed) */
     struct rb_handle *prev, *next; /* the process's live handles, for fork() */
@@ -117,8 +119,13 @@ rb_result rb_handle_attach(rb_handle *h, int fd, rb_role role, const rb_options 
 
 /* Gives the handle notification descriptors (FORMAT.md "Waiting on a file
  * descriptor"): `rx` its own, read for fileno(), `tx` the peer's, written
- * to wake it; both non-blocking. The handle owns them. */
-void rb_handle_set_notify(rb_handle *h, int rx, int tx);
+ * to wake it; both non-blocking, eventfds if `eventfd`. The handle owns them. */
+void rb_handle_set_notify(rb_handle *h, int rx, int tx, int eventfd);
+
+/* Tells a waiting peer that this side attached, as a publication would: a
+ * peer asleep is woken on the futex, one armed on its descriptor gets a
+ * byte (a peer waiting for a successor looks at once). */
+void rb_handle_announce(rb_handle *h);
 
 /* Gives up the role at once, leaving it in `state` (FORMAT.md "Roles and
  * states"): a writer with RB_STATE_CLOSED ends the stream, RB_STATE_VACANT

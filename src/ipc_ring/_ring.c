@@ -99,9 +99,9 @@ static void rb_wake_on(_Atomic uint32_t *word) {
 void rb_wake_reader(rb_header *hdr) { rb_wake_on(&hdr->data_seq); }
 void rb_wake_writer(rb_header *hdr) { rb_wake_on(&hdr->space_seq); }
 
-void rb_notify_fd(int fd) {
-    char byte = 1;
-    ssize_t n = write(fd, &byte, 1);
+void rb_notify_fd(const rb_notify *notify) {
+    uint64_t one = 1; /* an eventfd takes 8 bytes, a FIFO the first one */
+    ssize_t n = write(notify->fd, &one, notify->eventfd ? sizeof one : 1);
     (void)n; /* EAGAIN: the FIFO is full, a wake-up is pending anyway */
 }
 
@@ -115,12 +115,12 @@ void rb_drain_fd(int fd) {
 }
 
 void rb_wake_waiting_peer(_Atomic uint32_t *peer_waiting, _Atomic uint32_t *peer_seq,
-                          int notify_fd) {
+                          const rb_notify *notify) {
     /* Whoever clears the flag makes the system calls: the futex wake (a
      * no-op for a peer on its FIFO) and, for RB_WAITING_FD, the FIFO byte. */
     uint32_t was = atomic_exchange_explicit(peer_waiting, 0u, memory_order_seq_cst);
     if (was) rb_wake_on(peer_seq);
-    if (was == RB_WAITING_FD && notify_fd >= 0) rb_notify_fd(notify_fd);
+    if (was == RB_WAITING_FD && notify->fd >= 0) rb_notify_fd(notify);
 }
 
 /* ---- crash points ---------------------------------------------------- */
@@ -287,7 +287,8 @@ void rb_writer_attach(rb_writer *w, void *base, const rb_snapshot *snap) {
     w->mask = snap->capacity - 1;
     w->write_pos = snap->write_pos;
     w->need_start = w->need_end = snap->write_pos;
-    w->notify_fd = -1;
+    w->notify.fd = -1;
+    w->notify.eventfd = 0;
     rb_header *hdr = w->hdr;
     w->reader_state_seen = atomic_load_explicit(&hdr->reader_state, memory_order_seq_cst);
     /* A wrap recorded at or beyond the published write_pos was never
@@ -310,6 +311,43 @@ void rb_writer_attach(rb_writer *w, void *base, const rb_snapshot *snap) {
     w->bytes_pushed = atomic_load_explicit(&hdr->bytes_pushed, memory_order_relaxed);
     w->full_waits = atomic_load_explicit(&hdr->writer_full_waits, memory_order_relaxed);
     w->high_water = atomic_load_explicit(&hdr->high_water, memory_order_relaxed);
+    /* A predecessor that died holding the role, or stopped without ending
+     * the stream, broke it here: the reader reports that at this position,
+     * before the records that come next (FORMAT.md "Roles and states"). The
+     * position first, then the generation with release: a reader that sees
+     * the generation sees the position. */
+    uint32_t before = atomic_load_explicit(&hdr->writer_state, memory_order_acquire);
+    uint32_t generation = atomic_load_explicit(&hdr->writer_generation, memory_order_relaxed);
+    /* Not if a reader has reported that writer's end already, with nothing
+     * of it left unread: the break is known. */
+    int known = atomic_load_explicit(&hdr->reported_generation, memory_order_acquire) ==
+                    generation &&
+                snap->read_pos == snap->write_pos;
+    if (generation && !known && (before == RB_STATE_ATTACHED || before == RB_STATE_FAILED)) {
+        /* A free entry: never used, or behind the published read_pos (the
+         * reader passed it). None: the break merges into the latest one,
+         * reported at that one's position. */
+        uint64_t read = atomic_load_explicit(&hdr->read_pos, memory_order_acquire);
+        int slot = -1, latest = -1;
+        uint32_t latest_generation = 0;
+        for (int i = 0; i < RB_BREAKS; i++) {
+            uint32_t g = atomic_load_explicit(&hdr->breaks[i].generation, memory_order_relaxed);
+            uint64_t at = atomic_load_explicit(&hdr->breaks[i].pos, memory_order_relaxed);
+            if (g == 0 || at - read > snap->write_pos - read) {
+                if (slot < 0) slot = i;
+            }
+            else if (g > latest_generation) {
+                latest = i;
+                latest_generation = g;
+            }
+        }
+        if (slot >= 0)
+            atomic_store_explicit(&hdr->breaks[slot].pos, snap->write_pos, memory_order_relaxed);
+        else
+            slot = latest;
+        atomic_store_explicit(&hdr->breaks[slot].generation, generation, memory_order_release);
+        atomic_store_explicit(&hdr->break_generation, generation, memory_order_release);
+    }
     atomic_fetch_add_explicit(&hdr->writer_generation, 1u, memory_order_relaxed);
     atomic_store_explicit(&hdr->writer_state, RB_STATE_ATTACHED, memory_order_seq_cst);
 }
@@ -376,7 +414,7 @@ void rb_writer_leave(rb_writer *w, rb_role_state state) {
     atomic_store_explicit(&w->hdr->writer_state, (uint32_t)state, memory_order_seq_cst);
     if (state == RB_STATE_CLOSED) RB_CRASH_POINT("writer_stream_ended");
     rb_wake_reader(w->hdr);
-    if (w->notify_fd >= 0) rb_notify_fd(w->notify_fd); /* a reader armed on its FIFO */
+    if (w->notify.fd >= 0) rb_notify_fd(&w->notify); /* a reader armed on its FIFO */
 }
 
 void rb_writer_note_peer_state(rb_writer *w) {
@@ -430,6 +468,8 @@ static inline void rb_see(rb_reader *r, uint64_t w, uint64_t wrap) {
     r->readable_end = (wrap & r->mask) && wrap - r->read_pos < w - r->read_pos ? wrap : w;
 }
 
+static rb_result rb_check_break(rb_reader *r, uint64_t w);
+
 void rb_reader_attach(rb_reader *r, void *base, const rb_snapshot *snap) {
     r->hdr = (rb_header *)base;
     r->data = (uint8_t *)base + RB_DATA_OFFSET;
@@ -438,9 +478,15 @@ void rb_reader_attach(rb_reader *r, void *base, const rb_snapshot *snap) {
     r->read_pos = snap->read_pos;
     rb_see(r, snap->write_pos, snap->wrap_pos);
     r->peeked_length = 0;
-    r->notify_fd = -1;
+    r->notify.fd = -1;
+    r->notify.eventfd = 0;
     rb_header *hdr = r->hdr;
     r->writer_state_seen = atomic_load_explicit(&hdr->writer_state, memory_order_seq_cst);
+    r->reported_generation = 0;
+    r->break_generation = 0;
+    /* What the snapshot made readable stops at a break ahead (the next peek
+     * reports it when the reader stands on it). */
+    (void)rb_check_break(r, snap->write_pos);
     r->messages_popped = atomic_load_explicit(&hdr->messages_popped, memory_order_relaxed);
     r->bytes_popped = atomic_load_explicit(&hdr->bytes_popped, memory_order_relaxed);
     r->empty_waits = atomic_load_explicit(&hdr->reader_empty_waits, memory_order_relaxed);
@@ -450,18 +496,64 @@ void rb_reader_attach(rb_reader *r, void *base, const rb_snapshot *snap) {
 void rb_reader_leave(rb_reader *r, rb_role_state state) {
     atomic_store_explicit(&r->hdr->reader_state, (uint32_t)state, memory_order_seq_cst);
     rb_wake_writer(r->hdr);
-    if (r->notify_fd >= 0) rb_notify_fd(r->notify_fd); /* a writer armed on its FIFO */
+    if (r->notify.fd >= 0) rb_notify_fd(&r->notify); /* a writer armed on its FIFO */
 }
+
+void rb_reader_reported(rb_reader *r, uint32_t generation) {
+    if (generation > r->reported_generation) r->reported_generation = generation;
+    uint32_t shared = atomic_load_explicit(&r->hdr->reported_generation, memory_order_relaxed);
+    if (generation > shared)
+        atomic_store_explicit(&r->hdr->reported_generation, generation, memory_order_release);
+}
+
+void rb_reader_reported_break(rb_reader *r) { rb_reader_reported(r, r->break_generation); }
 
 void rb_reader_note_peer_state(rb_reader *r) {
     r->writer_state_seen = atomic_load_explicit(&r->hdr->writer_state, memory_order_seq_cst);
 }
 
+/* A break recorded by a writer's successor (break_pos) that this reader has
+ * not reported and that lies at or ahead of its position, within `w`:
+ * reading stops there. RB_PEER_DIED if the reader stands on it now (it
+ * counts as reported once the caller says so, rb_reader_reported_break),
+ * else RB_OK with readable_end capped. */
+static rb_result rb_check_break(rb_reader *r, uint64_t w) {
+    uint32_t latest = atomic_load_explicit(&r->hdr->break_generation, memory_order_acquire);
+    if (RB_LIKELY(latest <= r->reported_generation)) return RB_OK;
+    /* A break an earlier reader reported is not reported again. */
+    uint32_t shared = atomic_load_explicit(&r->hdr->reported_generation, memory_order_acquire);
+    if (shared > r->reported_generation) r->reported_generation = shared;
+    if (latest <= r->reported_generation) return RB_OK;
+    /* The earliest break not reported yet that lies at or ahead of the
+     * reader (generations grow along the stream). */
+    uint32_t generation = 0;
+    uint64_t at = 0;
+    for (int i = 0; i < RB_BREAKS; i++) {
+        uint32_t g = atomic_load_explicit(&r->hdr->breaks[i].generation, memory_order_acquire);
+        uint64_t p = atomic_load_explicit(&r->hdr->breaks[i].pos, memory_order_relaxed);
+        if (g <= r->reported_generation || p - r->read_pos > w - r->read_pos) continue;
+        if (generation == 0 || g < generation) {
+            generation = g;
+            at = p;
+        }
+    }
+    if (generation == 0) return RB_OK;
+    if (at == r->read_pos) {
+        r->break_generation = generation; /* reported once the caller raises it */
+        r->readable_end = r->read_pos;    /* the next read looks again: more may follow */
+        return RB_PEER_DIED;
+    }
+    if (at - r->read_pos < r->readable_end - r->read_pos) r->readable_end = at;
+    return RB_OK;
+}
+
 /* Loads write_pos (and the wrap_pos published with it). RB_OK if there are
- * bytes to read, RB_EMPTY, RB_CLOSED or RB_CORRUPT. */
+ * bytes to read, RB_EMPTY, RB_CLOSED, RB_PEER_DIED (a break, see above) or
+ * RB_CORRUPT. */
 static rb_result rb_refresh(rb_reader *r) {
     uint64_t w = atomic_load_explicit(&r->hdr->write_pos, memory_order_acquire);
     if (w == r->read_pos) {
+        if (RB_UNLIKELY(rb_check_break(r, w) == RB_PEER_DIED)) return RB_PEER_DIED;
         if (atomic_load_explicit(&r->hdr->writer_state, memory_order_acquire) != RB_STATE_CLOSED)
             return RB_EMPTY;
         /* Closed: everything the writer published is visible now. */
@@ -473,7 +565,7 @@ static rb_result rb_refresh(rb_reader *r) {
     if (RB_UNLIKELY(!rb_span_ok(w, r->read_pos, wrap, r->capacity) || (w & (RB_ALIGN - 1))))
         return RB_CORRUPT;
     rb_see(r, w, wrap);
-    return RB_OK;
+    return rb_check_break(r, w);
 }
 
 rb_result rb_peek_slow(rb_reader *r, const void **payload, uint64_t *length) {
@@ -481,6 +573,8 @@ rb_result rb_peek_slow(rb_reader *r, const void **payload, uint64_t *length) {
         if (r->readable_end == r->read_pos) {
             if (r->read_pos == r->wrap_seen && (r->read_pos & r->mask) &&
                 r->write_pos_seen != r->read_pos) {
+                /* A break at the wrap point is reported before the jump. */
+                if (rb_check_break(r, r->write_pos_seen) == RB_PEER_DIED) return RB_PEER_DIED;
                 /* The writer skipped from here to the next lap, and published
                  * beyond it. A write_pos inside the skip is corruption. */
                 uint64_t lap = rb_next_lap(r->read_pos, r->capacity);

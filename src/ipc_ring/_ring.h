@@ -49,6 +49,16 @@ typedef enum rb_role_state {
  * 128-byte block: two cache lines, so neither a shared line nor the
  * adjacent-line prefetcher makes the two cores fight over it. */
 
+/* A break in the stream (FORMAT.md "Breaks"): a writer that died holding
+ * the role, or stopped without ending the stream, left it at `pos`; its
+ * successor recorded it. */
+#define RB_BREAKS 4
+typedef struct rb_break {
+    _Atomic uint64_t pos;        /* write_pos the successor started from */
+    _Atomic uint32_t generation; /* the writer_generation of the writer that stopped; 0: free */
+    uint32_t reserved;           /* zero */
+} rb_break;
+
 typedef struct rb_header {
     /* block 0 (offset 0): written once by the creator, then read-only */
     uint64_t magic;              /* RB_MAGIC */
@@ -66,13 +76,21 @@ typedef struct rb_header {
     _Atomic uint64_t messages_pushed; /* messages ever published; stored with write_pos */
     _Atomic uint64_t bytes_pushed;    /* their payload bytes; stored with write_pos */
     _Atomic uint64_t wrap_pos;   /* where the writer last skipped to the next lap; 0: never */
-    uint8_t reserved1[128 - 32]; /* zero */
+    _Atomic uint32_t break_generation; /* the latest writer that stopped without ending the
+                                        * stream and was succeeded: its writer_generation; 0: none */
+    uint32_t reserved1a;         /* zero */
+    rb_break breaks[RB_BREAKS];  /* where such writers left the stream, recorded by their
+                                  * successors at attach (FORMAT.md "Breaks") */
+    uint8_t reserved1[128 - 40 - 16 * RB_BREAKS]; /* zero */
 
     /* block 2 (offset 256): consumer-owned, written on every pop */
     _Atomic uint64_t read_pos;   /* bytes ever consumed by the reader */
     _Atomic uint64_t messages_popped; /* messages ever consumed; stored with read_pos */
     _Atomic uint64_t bytes_popped;    /* their payload bytes; stored with read_pos */
-    uint8_t reserved2[128 - 24]; /* zero */
+    _Atomic uint32_t reported_generation; /* the latest writer whose stop without an end a
+                                           * reader reported (FORMAT.md "Breaks"); 0: none */
+    uint32_t reserved2a;         /* zero */
+    uint8_t reserved2[128 - 32]; /* zero */
 
     /* block 3 (offset 384): the reader's sleep (FORMAT.md "Waiting") */
     _Atomic uint32_t reader_waiting; /* 1 while the reader may be asleep; set by reader, cleared by either */
@@ -106,9 +124,12 @@ _Static_assert(offsetof(rb_header, write_pos) == 128, "FORMAT.md: write_pos");
 _Static_assert(offsetof(rb_header, messages_pushed) == 136, "FORMAT.md: messages_pushed");
 _Static_assert(offsetof(rb_header, bytes_pushed) == 144, "FORMAT.md: bytes_pushed");
 _Static_assert(offsetof(rb_header, wrap_pos) == 152, "FORMAT.md: wrap_pos");
+_Static_assert(offsetof(rb_header, break_generation) == 160, "FORMAT.md: break_generation");
+_Static_assert(offsetof(rb_header, breaks) == 168, "FORMAT.md: breaks");
 _Static_assert(offsetof(rb_header, read_pos) == 256, "FORMAT.md: read_pos");
 _Static_assert(offsetof(rb_header, messages_popped) == 264, "FORMAT.md: messages_popped");
 _Static_assert(offsetof(rb_header, bytes_popped) == 272, "FORMAT.md: bytes_popped");
+_Static_assert(offsetof(rb_header, reported_generation) == 280, "FORMAT.md: reported_generation");
 _Static_assert(offsetof(rb_header, reader_waiting) == 384, "FORMAT.md: reader_waiting");
 _Static_assert(offsetof(rb_header, data_seq) == 388, "FORMAT.md: data_seq");
 _Static_assert(offsetof(rb_header, reader_state) == 392, "FORMAT.md: reader_state");
@@ -169,6 +190,14 @@ typedef enum rb_invalid {
  * Private to one process. Each side keeps its own position here and
  * never re-reads it from the file, so a hostile peer cannot move it. */
 
+/* The descriptor a side writes a wake-up to: the peer's FIFO (one byte),
+ * or for ipc_ring.Pipe the peer's eventfd (a count of 1). Neither raises
+ * SIGPIPE. */
+typedef struct rb_notify {
+    int fd;      /* -1 if none */
+    int eventfd; /* fd is an eventfd */
+} rb_notify;
+
 typedef struct rb_writer {
     rb_header *hdr;         /* start of the mapping */
     uint8_t *data;          /* start of the data area */
@@ -189,8 +218,8 @@ typedef struct rb_writer {
     uint64_t full_waits;      /* stored by rb_end_wait_writable */
     uint64_t bytes_pushed;    /* stored into the header by rb_flush */
     uint64_t high_water;      /* stored by rb_ensure_free when it grows */
-    int notify_fd;            /* the reader's FIFO, written when a publication clears
-                               * reader_waiting == RB_WAITING_FD; -1 if none */
+    rb_notify notify;         /* the reader's FIFO, written when a publication clears
+                               * reader_waiting == RB_WAITING_FD; fd -1 if none */
 } rb_writer;
 
 typedef struct rb_reader {
@@ -204,14 +233,17 @@ typedef struct rb_reader {
     uint64_t write_pos_seen; /* last write_pos loaded from the file */
     uint64_t wrap_seen;      /* wrap_pos loaded with it */
     uint32_t writer_state_seen; /* writer_state when the current wait began */
+    uint32_t reported_generation; /* the latest writer whose stop without an end this reader
+                                   * reported (RB_PEER_DIED); 0: none */
+    uint32_t break_generation;    /* the one rb_peek last found at a break (break_pos) */
     /* Counters (FORMAT.md "Counters"), private copies; not adjacent, as in
      * rb_writer. */
     uint64_t messages_popped; /* stored into the header by rb_release */
     uint64_t peeked_length;   /* payload length of the message rb_peek returned */
     uint64_t empty_waits;     /* stored by rb_end_wait_readable */
     uint64_t bytes_popped;    /* stored into the header by rb_release */
-    int notify_fd;            /* the writer's FIFO, written when a publication clears
-                               * writer_waiting == RB_WAITING_FD; -1 if none */
+    rb_notify notify;         /* the writer's FIFO, written when a publication clears
+                               * writer_waiting == RB_WAITING_FD; fd -1 if none */
 } rb_reader;
 
 /* ---- functions --------------------------------------------------------
@@ -260,7 +292,7 @@ void rb_writer_attach(rb_writer *w, void *base, const rb_snapshot *snap);
 void rb_reader_attach(rb_reader *r, void *base, const rb_snapshot *snap);
 
 /* Leave the role in `state` and wake the peer, so that a waiting peer
- * looks at it now (on the futex, and on its FIFO if notify_fd is set).
+ * looks at it now (on the futex, and on its FIFO if `notify` has one).
  * Writer: RB_STATE_CLOSED ends the stream (FORMAT.md "End of stream"),
  * RB_STATE_VACANT hands it over, RB_STATE_FAILED stops it without an end.
  * Reader: RB_STATE_CLOSED or RB_STATE_VACANT. */
@@ -288,6 +320,11 @@ rb_result rb_spin_writable(rb_writer *w, uint64_t budget_ns);
  * the GIL. */
 void rb_writer_note_peer_state(rb_writer *w);
 void rb_reader_note_peer_state(rb_reader *r);
+/* The RB_PEER_DIED that rb_peek returned at a break has been raised. */
+void rb_reader_reported_break(rb_reader *r);
+/* A reader reported the end of writer `generation` (raised RB_PEER_DIED):
+ * recorded for this reader and in the header, for the readers after it. */
+void rb_reader_reported(rb_reader *r, uint32_t generation);
 rb_result rb_wait_readable(rb_reader *r, uint64_t deadline_ns);
 rb_result rb_wait_writable(rb_writer *w, uint64_t deadline_ns);
 
@@ -316,9 +353,9 @@ void rb_end_wait_writable(rb_writer *w);
 int rb_arm_readable(rb_reader *r);
 int rb_arm_writable(rb_writer *w);
 
-/* Writes one byte to the FIFO `fd` without blocking; a full FIFO (EAGAIN)
- * already has a wake-up pending, so errors are ignored. */
-void rb_notify_fd(int fd);
+/* Writes one byte to the peer's descriptor without blocking; a full FIFO
+ * (EAGAIN) already has a wake-up pending, so errors are ignored. */
+void rb_notify_fd(const rb_notify *notify);
 
 /* Reads the FIFO `fd` (non-blocking) until it is empty, or at most
  * RB_DRAIN_MAX bytes: a peer that keeps writing cannot hold the caller. */
@@ -376,7 +413,7 @@ void rb_crash_point(const char *name);
 rb_result rb_reserve_slow(rb_writer *w, uint64_t length, void **payload);
 rb_result rb_peek_slow(rb_reader *r, const void **payload, uint64_t *length);
 void rb_wake_waiting_peer(_Atomic uint32_t *peer_waiting, _Atomic uint32_t *peer_seq,
-                          int notify_fd);
+                          const rb_notify *notify);
 
 /* Publishes a new position and wakes the peer only if it said it may be
  * asleep. Both the store and the flag load are seq_cst: either this side
@@ -384,10 +421,10 @@ void rb_wake_waiting_peer(_Atomic uint32_t *peer_waiting, _Atomic uint32_t *peer
  * (FORMAT.md "Waiting"). */
 static inline void rb_publish(_Atomic uint64_t *position, uint64_t value,
                               _Atomic uint32_t *peer_waiting, _Atomic uint32_t *peer_seq,
-                              const int *notify_fd) {
+                              const rb_notify *notify) {
     atomic_exchange_explicit(position, value, memory_order_seq_cst);
     if (RB_UNLIKELY(atomic_load_explicit(peer_waiting, memory_order_seq_cst)))
-        rb_wake_waiting_peer(peer_waiting, peer_seq, *notify_fd);
+        rb_wake_waiting_peer(peer_waiting, peer_seq, notify);
 }
 
 /* Writer: makes room for a message of `length` bytes and returns a pointer
@@ -431,7 +468,7 @@ static inline void rb_flush(rb_writer *w) {
     uint64_t write_pos = w->write_pos, messages = w->messages_pushed, bytes = w->bytes_pushed;
     atomic_store_explicit(&hdr->messages_pushed, messages, memory_order_relaxed);
     atomic_store_explicit(&hdr->bytes_pushed, bytes, memory_order_relaxed);
-    rb_publish(&hdr->write_pos, write_pos, &hdr->reader_waiting, &hdr->data_seq, &w->notify_fd);
+    rb_publish(&hdr->write_pos, write_pos, &hdr->reader_waiting, &hdr->data_seq, &w->notify);
     RB_CRASH_POINT("writer_published");
 }
 
@@ -489,7 +526,7 @@ static inline void rb_release(rb_reader *r) {
     uint64_t read_pos = r->read_pos, messages = r->messages_popped, bytes = r->bytes_popped;
     atomic_store_explicit(&hdr->messages_popped, messages, memory_order_relaxed);
     atomic_store_explicit(&hdr->bytes_popped, bytes, memory_order_relaxed);
-    rb_publish(&hdr->read_pos, read_pos, &hdr->writer_waiting, &hdr->space_seq, &r->notify_fd);
+    rb_publish(&hdr->read_pos, read_pos, &hdr->writer_waiting, &hdr->space_seq, &r->notify);
     RB_CRASH_POINT("reader_consumed");
 }
 

@@ -629,9 +629,9 @@ def _write_main(args: argparse.Namespace) -> int:
             writer.abort()
             return 130
         except PeerDied:
-            # The stream stays open: `ipc-ring write --attach` can continue it once
-            # a new reader attaches.
-            writer.detach()
+            # Stopped, not ended: a new reader drains what was pushed and then sees a
+            # failed stream (cat exits 1); `ipc-ring write --attach` can continue it.
+            writer.abort()
             raise CliError(
                 "the reader died or closed and the ring is full; the stream is not ended "
                 "(continue it with --attach)"
