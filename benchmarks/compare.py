@@ -47,9 +47,11 @@ import json
 import multiprocessing
 import operator
 import os
+import pickle
 import platform
 import secrets
 import shlex
+import signal
 import statistics
 import struct
 import subprocess
@@ -65,6 +67,7 @@ from multiprocessing.synchronize import Event
 from types import ModuleType
 from typing import Any
 
+import ipc_ring
 from ipc_ring import RingReader, RingWriter
 
 RING_CAPACITY = 64 << 20
@@ -94,13 +97,20 @@ class Result:
     first_error: str | None = None
 
     def record(self, index: int, message: Any, size: int) -> None:
-        self.errors += 1
         if self.first_error is None:
             got = SEQUENCE.unpack_from(message)[0] if len(message) >= 8 else None
-            self.first_error = (
+            self.note(
                 f"message {index}: sequence {got}, {len(message)} B "
                 f"(expected sequence {index}, {size} B)"
             )
+        else:
+            self.errors += 1
+
+    def note(self, error: str) -> None:
+        """Count one wrong message; the first one's description is kept."""
+        self.errors += 1
+        if self.first_error is None:
+            self.first_error = error
 
 
 def sequence_field(message: bytearray) -> memoryview:
@@ -383,13 +393,13 @@ def zmq_channel(ctx: SpawnContext, spec: Spec) -> Iterator[str]:
         yield f"ipc://{directory}/zmq.sock"
 
 
-def _zmq_socket(kind: str, spec: Spec) -> tuple[Any, Any]:
+def _zmq_socket(kind: str, depth: int) -> tuple[Any, Any]:
     zmq = _optional("zmq")
     context = zmq.Context()
     socket = context.socket(getattr(zmq, kind))
     # PUSH/PULL never drop: at the high-water mark send() blocks. The marks only size the queues.
-    socket.setsockopt(zmq.SNDHWM, RING_CAPACITY // spec.size)
-    socket.setsockopt(zmq.RCVHWM, RING_CAPACITY // spec.size)
+    socket.setsockopt(zmq.SNDHWM, depth)
+    socket.setsockopt(zmq.RCVHWM, depth)
     socket.setsockopt(zmq.SNDTIMEO, int(STALL_TIMEOUT * 1000))
     socket.setsockopt(zmq.RCVTIMEO, int(STALL_TIMEOUT * 1000))
     return context, socket
@@ -398,7 +408,7 @@ def _zmq_socket(kind: str, spec: Spec) -> tuple[Any, Any]:
 # send/recv copy (the default): pyzmq copies messages below zmq.COPY_THRESHOLD (64 KiB) even
 # with copy=False, and recv(copy=False) builds a Frame, dearer than bytes at these sizes.
 def write_zmq(address: str, spec: Spec, handshake: Handshake) -> None:
-    context, socket = _zmq_socket("PUSH", spec)
+    context, socket = _zmq_socket("PUSH", RING_CAPACITY // spec.size)
     try:
         socket.bind(address)
         handshake.writer_created()
@@ -412,7 +422,7 @@ def write_zmq(address: str, spec: Spec, handshake: Handshake) -> None:
 
 def read_zmq(address: str, spec: Spec, handshake: Handshake) -> Result:
     handshake.wait_for_writer()
-    context, socket = _zmq_socket("PULL", spec)
+    context, socket = _zmq_socket("PULL", RING_CAPACITY // spec.size)
     try:
         socket.connect(address)
         handshake.reader_ready()
@@ -681,11 +691,16 @@ PIP_NAMES = {
     "posix_ipc": "posix_ipc",
     "iceoryx2": "iceoryx2",
     "membridge": "membridge",
+    "numpy": "numpy",
 }
 
 
 def missing_module(transport: Transport) -> str | None:
-    for module in transport.modules:
+    return _missing(transport.modules)
+
+
+def _missing(modules: Sequence[str]) -> str | None:
+    for module in modules:
         try:
             _optional(module)
         except ImportError as e:
@@ -693,23 +708,351 @@ def missing_module(transport: Transport) -> str | None:
     return None
 
 
+# ---- the objects section: the parent sends, one child receives -------------------
+#
+# Each case is one kind of message, sent and checked the same way through every transport
+# that runs it; each transport supplies its send and receive calls, as above.
+
+PIPE_CAPACITY = 1 << 20  # ipc_ring.Pipe's default ring (per direction), passed explicitly
+ARRAY_LENGTH = 1 << 17  # float64 elements: 1 MiB
+OBJECT_BYTES = 256  # the send_bytes case
+
+
+@dataclass(frozen=True)
+class ObjectSpec(Spec):
+    """A run of the objects section: `count` messages of one case, each `size` bytes pickled."""
+
+    case: str
+
+
+def small_dict(sequence: int) -> dict[str, Any]:
+    return {"id": sequence, "name": "sensor-7", "ts": 1733000000.25, "vals": [1, 2, 3], "ok": True}
+
+
+def produce_dicts(send: Callable[[Any], object], spec: Spec) -> None:
+    """Send `spec.count` small dicts, a new one each time (as a program builds its messages),
+    with the sequence number as its "id"."""
+    for i in range(spec.count):
+        send({"id": i, "name": "sensor-7", "ts": 1733000000.25, "vals": [1, 2, 3], "ok": True})
+
+
+def consume_dicts(receive: Callable[[], Any], spec: Spec) -> Result:
+    """As consume: the "id" of every dict is checked, and the whole of the first one."""
+    result = Result()
+    first = receive()
+    start = time.perf_counter()
+    for expected in range(1, spec.count):
+        message = receive()
+        if message["id"] != expected:
+            result.note(f"message {expected}: id {message['id']!r}")
+    result.elapsed = time.perf_counter() - start
+    result.timed = spec.count - 1
+    if first != small_dict(0):
+        result.note(f"message 0: {first!r:.200} (expected {small_dict(0)!r})")
+    return result
+
+
+def float_array(sequence: int = 0) -> Any:
+    """np.arange(ARRAY_LENGTH) as float64 (1 MiB), with the sequence number in element 0."""
+    array = _optional("numpy").arange(ARRAY_LENGTH, dtype="float64")
+    array[0] = sequence
+    return array
+
+
+def produce_arrays(send: Callable[[Any], object], spec: Spec) -> None:
+    """Send `spec.count` times one reused array, the sequence number in its element 0."""
+    array = float_array()
+    for i in range(spec.count):
+        array[0] = i
+        send(array)
+
+
+def consume_arrays(receive: Callable[[], Any], spec: Spec) -> Result:
+    """As consume: every message must be a numpy array of the shape sent, with the right
+    sequence number in its first element and the right last element; the first one is
+    compared whole."""
+    np = _optional("numpy")
+    ndarray, shape, last = np.ndarray, (ARRAY_LENGTH,), ARRAY_LENGTH - 1
+    result = Result()
+
+    def check(message: Any, expected: int) -> None:
+        if type(message) is not ndarray:
+            result.note(f"message {expected}: a {type(message).__name__}, not a numpy array")
+        elif message.shape != shape or message[0] != expected or message[-1] != last:
+            result.note(
+                f"message {expected}: shape {message.shape}, first element {message[:1]}, "
+                f"last {message[-1:]} (expected {shape}, {expected}, {last})"
+            )
+
+    first = receive()
+    start = time.perf_counter()
+    for expected in range(1, spec.count):
+        message = receive()
+        if (
+            type(message) is not ndarray
+            or message.shape != shape
+            or message[0] != expected
+            or message[-1] != last
+        ):
+            check(message, expected)
+    result.elapsed = time.perf_counter() - start
+    result.timed = spec.count - 1
+    check(first, 0)
+    if type(first) is ndarray and (first.dtype != np.float64 or not (first == float_array()).all()):
+        result.note(f"message 0: {first!r:.200} (expected {float_array()!r:.200})")
+    return result
+
+
+@dataclass(frozen=True)
+class ObjectCase:
+    name: str  # in the progress lines and the JSON
+    title: str  # above its table
+    raw: bool  # send_bytes/recv_bytes, else send/recv (pickled)
+    produce: Callable[[Callable[[Any], object], Spec], None]
+    consume: Callable[[Callable[[], Any], Spec], Result]
+    sample: Callable[[], Any]  # one message, for its size
+    counts: dict[str, int]  # messages per run, for each transport that runs this case
+    # What a transport that pickles after the call returns (multiprocessing.Queue) sends
+    # instead of a message the sender reuses: a snapshot of it.
+    snapshot: Callable[[Any], Any] | None = None
+    modules: tuple[str, ...] = ()
+
+    def size(self) -> int:
+        """The bytes of one message: pickled (protocol 5, in band) unless sent as bytes."""
+        sample = self.sample()
+        return len(sample) if self.raw else len(pickle.dumps(sample, 5))
+
+
+IPC_RING_PIPE = "ipc_ring-pipe"
+# Messages per run: each run of each transport takes about 0.3-1.5 s on a 2-core x86 VM.
+CASES = (
+    ObjectCase(
+        "dict",
+        'small dict {"id": 1, "name": "sensor-7", "ts": 1733000000.25, "vals": [1, 2, 3], '
+        '"ok": True}, send/recv',
+        False,
+        produce_dicts,
+        consume_dicts,
+        functools.partial(small_dict, 1),
+        {
+            IPC_RING_PIPE: 100_000,
+            "mp-pipe-duplex": 60_000,
+            "mp-pipe": 60_000,
+            "mp-queue": 50_000,
+            "zmq": 100_000,
+        },
+    ),
+    ObjectCase(
+        "array",
+        f"numpy float64 array of {ARRAY_LENGTH:,} elements (1 MiB), send/recv",
+        False,
+        produce_arrays,
+        consume_arrays,
+        float_array,
+        {IPC_RING_PIPE: 1_000, "mp-pipe-duplex": 400, "mp-pipe": 300, "mp-queue": 300, "zmq": 400},
+        snapshot=operator.methodcaller("copy"),
+        modules=("numpy",),
+    ),
+    ObjectCase(
+        "bytes",
+        f"{OBJECT_BYTES} B payloads, send_bytes/recv_bytes",
+        True,
+        produce,
+        consume,
+        functools.partial(bytes, OBJECT_BYTES),
+        {
+            IPC_RING_PIPE: 1_500_000,
+            "mp-pipe-duplex": 150_000,
+            "mp-pipe": 200_000,
+            "mp-queue": 50_000,
+        },
+        snapshot=bytes,
+    ),
+)
+CASE_BY_NAME = {c.name: c for c in CASES}
+
+
+def _case(spec: Spec) -> ObjectCase:
+    assert isinstance(spec, ObjectSpec)
+    return CASE_BY_NAME[spec.case]
+
+
+def _depth(spec: Spec) -> int:
+    """A queue's depth in messages: about as much as ipc_ring.Pipe's ring holds, and at least
+    4 (a depth of 1 slows multiprocessing.Queue's 1 MiB arrays by a quarter)."""
+    return max(4, PIPE_CAPACITY // spec.size)
+
+
+# An object channel yields (the parent's end, the child's end). When they differ, they are
+# the two ends of a pipe: the parent closes its copy of the child's end once the child has it.
+
+
+@contextlib.contextmanager
+def ipc_ring_pipe_channel(ctx: SpawnContext, spec: Spec) -> Iterator[tuple[Any, Any]]:
+    here, there = ipc_ring.Pipe(capacity=PIPE_CAPACITY)  # duplex, as Pipe() is by default
+    with here, there:
+        yield here, there
+
+
+@contextlib.contextmanager
+def mp_pipe_duplex_channel(
+    ctx: SpawnContext, spec: Spec
+) -> Iterator[tuple[Connection, Connection]]:
+    here, there = ctx.Pipe()  # a socket pair
+    with here, there:
+        yield here, there
+
+
+@contextlib.contextmanager
+def mp_pipe_objects_channel(
+    ctx: SpawnContext, spec: Spec
+) -> Iterator[tuple[Connection, Connection]]:
+    receiving, sending = ctx.Pipe(duplex=False)  # an os.pipe
+    with sending, receiving:
+        yield sending, receiving
+
+
+# ipc_ring.Pipe's ends have the API of multiprocessing's Connection: one writer, one reader.
+def write_connection(end: Any, spec: Spec, handshake: Handshake) -> None:
+    case = _case(spec)
+    handshake.writer_created()
+    handshake.wait_for_reader()
+    case.produce(end.send_bytes if case.raw else end.send, spec)
+    handshake.wait_for_reader_done()
+
+
+def read_connection(end: Any, spec: Spec, handshake: Handshake) -> Result:
+    case = _case(spec)
+    handshake.wait_for_writer()
+    end.poll(0)  # attaches (ipc_ring.Pipe does on first use), so receive is the attached call
+    handshake.reader_ready()
+    return case.consume(end.recv_bytes if case.raw else end.recv, spec)
+
+
+@contextlib.contextmanager
+def mp_queue_objects_channel(ctx: SpawnContext, spec: Spec) -> Iterator[tuple[Any, Any]]:
+    queue = ctx.Queue(maxsize=_depth(spec))
+    try:
+        yield queue, queue
+    finally:
+        queue.close()
+        queue.cancel_join_thread()  # after a failed run the feeder may be stuck: don't wait
+
+
+def write_queue(queue: Any, spec: Spec, handshake: Handshake) -> None:
+    case = _case(spec)
+    handshake.writer_created()
+    handshake.wait_for_reader()
+    put, snapshot = queue.put, case.snapshot
+    case.produce(put if snapshot is None else lambda message: put(snapshot(message)), spec)
+    handshake.wait_for_reader_done()
+
+
+def read_queue(queue: Any, spec: Spec, handshake: Handshake) -> Result:
+    handshake.wait_for_writer()
+    handshake.reader_ready()
+    return _case(spec).consume(queue.get, spec)
+
+
+@contextlib.contextmanager
+def zmq_objects_channel(ctx: SpawnContext, spec: Spec) -> Iterator[tuple[str, str]]:
+    with zmq_channel(ctx, spec) as address:
+        yield address, address
+
+
+def write_zmq_objects(address: str, spec: Spec, handshake: Handshake) -> None:
+    context, socket = _zmq_socket("PUSH", _depth(spec))
+    try:
+        socket.bind(address)
+        handshake.writer_created()
+        handshake.wait_for_reader()
+        _case(spec).produce(socket.send_pyobj, spec)
+        handshake.wait_for_reader_done()
+    finally:
+        socket.close(linger=0)
+        context.term()
+
+
+def read_zmq_objects(address: str, spec: Spec, handshake: Handshake) -> Result:
+    handshake.wait_for_writer()
+    context, socket = _zmq_socket("PULL", _depth(spec))
+    try:
+        socket.connect(address)
+        handshake.reader_ready()
+        return _case(spec).consume(socket.recv_pyobj, spec)
+    finally:
+        socket.close(linger=0)
+        context.term()
+
+
+OBJECT_TRANSPORTS = (
+    Transport(
+        IPC_RING_PIPE,
+        "ipc_ring.Pipe()",
+        ipc_ring_pipe_channel,
+        write_connection,
+        read_connection,
+    ),
+    Transport(
+        "mp-pipe-duplex",
+        "multiprocessing.Pipe()",
+        mp_pipe_duplex_channel,
+        write_connection,
+        read_connection,
+    ),
+    Transport(
+        "mp-pipe",
+        "multiprocessing.Pipe(duplex=False)",
+        mp_pipe_objects_channel,
+        write_connection,
+        read_connection,
+    ),
+    Transport(
+        "mp-queue",
+        "multiprocessing.Queue put/get",
+        mp_queue_objects_channel,
+        write_queue,
+        read_queue,
+    ),
+    Transport(
+        "zmq",
+        "pyzmq PUSH/PULL send_pyobj/recv_pyobj, ipc://",
+        zmq_objects_channel,
+        write_zmq_objects,
+        read_zmq_objects,
+        ("zmq",),
+    ),
+)
+OBJECTS_BY_NAME = {t.name: t for t in OBJECT_TRANSPORTS}
+BYTES, OBJECTS = "bytes", "objects"
+REGISTRIES = {BYTES: BY_NAME, OBJECTS: OBJECTS_BY_NAME}
+
+
 # ---- one run: two processes --------------------------------------------------
 
 
 def _child(
-    role: str, name: str, channel: Any, spec: Spec, handshake: Handshake, out: Connection
+    role: str,
+    section: str,
+    name: str,
+    channel: Any,
+    spec: Spec,
+    handshake: Handshake,
+    out: Connection,
 ) -> None:
-    transport = BY_NAME[name]
+    transport = REGISTRIES[section][name]
     try:
         if role == "writer":
             transport.writer(channel, spec, handshake)
             report: tuple[str, Any] = ("ok", None)
         else:
             result = transport.reader(channel, spec, handshake)
-            handshake.reader_done()
             report = ("ok", asdict(result))
     except BaseException as e:
         report = ("error", f"{role}: {type(e).__name__}: {e}")
+    finally:
+        if role == "reader":  # done, or failed: either way the writer need not wait
+            handshake.reader_done()
     out.send(report)
     out.close()
 
@@ -747,7 +1090,7 @@ def _run_pair(
         results: list[Connection] = []
         for role in ("writer", "reader"):
             receiving, sending = ctx.Pipe(duplex=False)
-            args = (role, transport.name, channel, spec, handshake, sending)
+            args = (role, BYTES, transport.name, channel, spec, handshake, sending)
             process = ctx.Process(target=_child, args=args, name=role, daemon=True)
             process.start()
             sending.close()  # now only the child holds it: its death reads as EOF
@@ -757,21 +1100,77 @@ def _run_pair(
         if read[0] == "ok":
             write = _collect(results[0], deadline, "writer")
     finally:
-        # After a good read the writer only has to close; after a failure, don't wait.
-        grace = 5.0 if read[0] == "ok" else 0.0
-        for started in processes:
-            started.join(timeout=grace)
-            if started.is_alive():
-                started.kill()
-                started.join()
+        _reap(processes, read)
     return read, write
 
 
-def run_once(transport: Transport, spec: Spec, timeout: float) -> Run:
+def _reap(processes: list[BaseProcess], read: tuple[str, Any]) -> None:
+    # After a good read a writer only has to close; after a failure, don't wait.
+    grace = 5.0 if read[0] == "ok" else 0.0
+    for started in processes:
+        started.join(timeout=grace)
+        if started.is_alive():
+            started.kill()
+            started.join()
+
+
+@contextlib.contextmanager
+def _alarm(seconds: float) -> Iterator[None]:
+    """Raise TimeoutError in this (the main) thread after `seconds`: it ends a send or a wait
+    that blocks, as the deadline ends a child that hangs."""
+
+    def expire(signum: int, frame: object) -> None:
+        raise TimeoutError("not done before the deadline (--timeout)")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, max(seconds, 1e-3))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _run_from_parent(
+    ctx: SpawnContext, transport: Transport, channel: tuple[Any, Any], spec: Spec, timeout: float
+) -> tuple[tuple[str, Any], tuple[str, Any]]:
+    """Start the reader, write from this process, and return what each side reported."""
+    here, there = channel
+    handshake = Handshake(ctx.Event(), ctx.Event(), ctx.Event())
+    deadline = time.monotonic() + timeout
+    processes: list[BaseProcess] = []
+    read: tuple[str, Any] = ("error", "reader: not started")
+    write: tuple[str, Any] = ("error", "writer: not started")
+    try:
+        receiving, sending = ctx.Pipe(duplex=False)
+        args = ("reader", OBJECTS, transport.name, there, spec, handshake, sending)
+        process = ctx.Process(target=_child, args=args, name="reader", daemon=True)
+        process.start()
+        sending.close()  # now only the child holds it: its death reads as EOF
+        processes.append(process)
+        if there is not here:
+            there.close()  # the child's end of the pipe: now only the child holds it
+        try:
+            with _alarm(deadline - time.monotonic()):
+                transport.writer(here, spec, handshake)
+            write = ("ok", None)
+        except Exception as e:
+            write = ("error", f"writer: {type(e).__name__}: {e}")
+            deadline = min(deadline, time.monotonic() + 5.0)  # the reader may wait forever
+        read = _collect(receiving, deadline, "reader")
+        if read[0] != "ok" and write[0] != "ok":
+            read = ("error", f"{write[1]}; {read[1]}")
+    finally:
+        _reap(processes, read)
+    return read, write
+
+
+def run_once(transport: Transport, spec: Spec, timeout: float, section: str = BYTES) -> Run:
     ctx = multiprocessing.get_context("spawn")
+    run_pair = _run_pair if section == BYTES else _run_from_parent
     try:
         with transport.channel(ctx, spec) as channel:
-            read, write = _run_pair(ctx, transport, channel, spec, timeout)
+            read, write = run_pair(ctx, transport, channel, spec, timeout)
     except Exception as e:  # making or removing what the two processes share
         return Run(ok=False, failure=f"setup: {type(e).__name__}: {e}")
     if read[0] != "ok":
@@ -798,6 +1197,7 @@ class Row:
     size: int
     messages: int
     runs: list[Run] = field(default_factory=list)
+    case: str | None = None  # the objects section's case
 
     def rates(self) -> list[float]:
         return [r.rate for r in self.runs if r.ok]
@@ -809,7 +1209,8 @@ class Row:
 
 def _versions() -> dict[str, str]:
     versions = {"python": f"{platform.python_implementation()} {platform.python_version()}"}
-    for dist in ("ipc-ring", "pyzmq", "faster-fifo", "posix_ipc", "iceoryx2", "membridge"):
+    dists = ("ipc-ring", "pyzmq", "faster-fifo", "posix_ipc", "iceoryx2", "membridge", "numpy")
+    for dist in dists:
         try:
             versions[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
@@ -854,30 +1255,43 @@ def _ratio(reference: float | None, median: float | None) -> str:
     return f"{ratio:.2f}x" if ratio < 1 else f"{ratio:.1f}x"
 
 
-def _table(rows: list[Row], reference: float | None) -> list[str]:
+def _table(
+    rows: list[Row],
+    reference: float | None,
+    unit: str = "msgs",
+    reference_label: str = "ipc_ring push/pop",
+    counts: bool = False,
+) -> list[str]:
+    """A Markdown table; `counts` adds a column of messages per run (when they differ)."""
+    per_run = f" {unit} per run |" if counts else ""
     header = (
-        "| transport | ok runs | median msgs/s | min .. max msgs/s | median MiB/s "
-        "| ipc_ring push/pop is N x faster |"
+        f"| transport |{per_run} ok runs | median {unit}/s | min .. max {unit}/s | median MiB/s "
+        f"| {reference_label} is N x faster |"
     )
-    lines = [header, "|---|---:|---:|---:|---:|---:|"]
+    lines = [header, "|---|" + "---:|" * (5 + counts)]
     for row in rows:
         rates = row.rates()
         ok = f"{len(rates)}/{len(row.runs)}"
+        label = f"{row.label} | {row.messages:,}" if counts else row.label
         if not rates:
-            lines.append(f"| {row.label} | {ok} | failed | | | |")
+            lines.append(f"| {label} | {ok} | failed | | | |")
             continue
         median = statistics.median(rates)
         mib = median * row.size / (1 << 20)
         spread = f"{min(rates):,.0f} .. {max(rates):,.0f}"
         ratio = _ratio(reference, median)
-        lines.append(f"| {row.label} | {ok} | {median:,.0f} | {spread} | {mib:,.1f} | {ratio} |")
+        lines.append(f"| {label} | {ok} | {median:,.0f} | {spread} | {mib:,.1f} | {ratio} |")
     return lines
 
 
-def _summary(row: Row, reference: float | None) -> dict[str, Any]:
+def _summary(
+    row: Row, reference: float | None, reference_key: str = "ipc_ring_single_is_x_faster"
+) -> dict[str, Any]:
     rates = row.rates()
     median = row.median()
+    case = {"case": row.case} if row.case else {}
     return {
+        **case,
         "transport": row.transport,
         "label": row.label,
         "size": row.size,
@@ -887,13 +1301,20 @@ def _summary(row: Row, reference: float | None) -> dict[str, Any]:
         "min_msgs_per_sec": min(rates) if rates else None,
         "max_msgs_per_sec": max(rates) if rates else None,
         "median_MiB_per_sec": median * row.size / (1 << 20) if median else None,
-        "ipc_ring_single_is_x_faster": reference / median if reference and median else None,
+        reference_key: reference / median if reference and median else None,
         "runs": [asdict(r) for r in row.runs],
     }
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
+    parser.add_argument(
+        "--section",
+        choices=("all", BYTES, OBJECTS),
+        default="all",
+        help="bytes: raw messages between two children; objects: ipc_ring.Pipe against "
+        "multiprocessing and pyzmq, parent to child; all (the default): both",
+    )
     parser.add_argument("--sizes", default="64,256,4096", help="message sizes in bytes (>= 8)")
     parser.add_argument("--messages", type=int, default=1_000_000, help="messages per run")
     parser.add_argument(
@@ -902,8 +1323,24 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=1 << 30,
         help="cap on messages * size per run, so large messages send fewer (default 1 GiB)",
     )
+    parser.add_argument(
+        "--object-scale",
+        type=float,
+        default=1.0,
+        help="multiplies the objects section's messages per run (0.1 for a quick check)",
+    )
+    parser.add_argument(
+        "--cases",
+        default=",".join(CASE_BY_NAME),
+        help=f"the objects section's cases, comma-separated: {', '.join(CASE_BY_NAME)}",
+    )
     parser.add_argument("--runs", type=int, default=5, help="rounds over all transports")
-    parser.add_argument("--only", help=f"comma-separated subset of: {', '.join(BY_NAME)}")
+    names = list(dict.fromkeys([*BY_NAME, *OBJECTS_BY_NAME]))
+    parser.add_argument(
+        "--only",
+        help=f"comma-separated subset of: {', '.join(BY_NAME)} (bytes); "
+        f"{', '.join(OBJECTS_BY_NAME)} (objects)",
+    )
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds before a run fails")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     args = parser.parse_args(argv)
@@ -912,12 +1349,52 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("every size must hold the 8-byte sequence number")
     if args.messages < 1 or args.runs < 1:
         parser.error("--messages and --runs must be at least 1")
-    names = args.only.split(",") if args.only else list(BY_NAME)
-    unknown = [n for n in names if n not in BY_NAME]
+    if args.object_scale <= 0:
+        parser.error("--object-scale must be positive")
+    args.cases = args.cases.split(",")
+    unknown = [c for c in args.cases if c not in CASE_BY_NAME]
     if unknown:
-        parser.error(f"unknown transport {', '.join(unknown)}; choose from {', '.join(BY_NAME)}")
-    args.transports = [BY_NAME[n] for n in names]
+        parser.error(f"unknown case {', '.join(unknown)}; choose from {', '.join(CASE_BY_NAME)}")
+    chosen = args.only.split(",") if args.only else None
+    unknown = [n for n in chosen or () if n not in names]
+    if unknown:
+        parser.error(f"unknown transport {', '.join(unknown)}; choose from {', '.join(names)}")
+    sections = (BYTES, OBJECTS) if args.section == "all" else (args.section,)
+    args.transports = [BY_NAME[n] for n in chosen or BY_NAME if n in BY_NAME and BYTES in sections]
+    args.object_transports = [
+        OBJECTS_BY_NAME[n]
+        for n in chosen or OBJECTS_BY_NAME
+        if n in OBJECTS_BY_NAME and OBJECTS in sections
+    ]
     return args
+
+
+def _available(transports: list[Transport], skipped: list[str]) -> list[Transport]:
+    available = []
+    for transport in transports:
+        reason = missing_module(transport)
+        if reason is None:
+            available.append(transport)
+        else:
+            skipped.append(f"skipped {transport.name}: {reason}")
+    return available
+
+
+def _progress(round_number: int, runs: int, what: str, run: Run, unit: str) -> None:
+    outcome = f"{run.rate:,.0f} {unit}/s in {run.elapsed:.2f} s"
+    if not run.ok:
+        outcome = f"FAILED: {run.failure}"
+    print(f"[round {round_number + 1}/{runs}] {what}: {outcome}", file=sys.stderr, flush=True)
+
+
+def _rotated(transports: list[Transport], round_number: int) -> list[Transport]:
+    shift = round_number % max(1, len(transports))
+    return transports[shift:] + transports[:shift]
+
+
+def _failures(rows: list[Row]) -> list[str]:
+    failures = [f"  {row.label}: {r.failure}" for row in rows for r in row.runs if r.failure]
+    return ["", "failed runs:", *failures] if failures else []
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -931,15 +1408,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     out += [f"{key}: {value}" for key, value in versions.items()]
 
     skipped: list[str] = []
-    transports = []
-    for transport in args.transports:
-        reason = missing_module(transport)
-        if reason is None:
-            transports.append(transport)
-        else:
-            skipped.append(f"skipped {transport.name}: {reason}")
+    transports = _available(args.transports, skipped)
     rows: dict[tuple[int, str], Row] = {}
-    for size in args.sizes:
+    for size in args.sizes if transports else ():
         count = max(1, min(args.messages, args.bytes_budget // size))
         out.append(f"{size} B messages: {count:,} per run, {args.runs} runs")
         for transport in transports:
@@ -948,12 +1419,32 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rows[size, transport.name] = Row(transport.name, transport.label, size, count)
             else:
                 skipped.append(f"skipped {transport.name} at {size} B: {reason}")
+
+    object_transports = _available(args.object_transports, skipped)
+    cases: list[tuple[ObjectCase, list[Transport]]] = []
+    object_rows: dict[tuple[str, str], Row] = {}
+    for case in [CASE_BY_NAME[name] for name in args.cases] if object_transports else ():
+        reason = _missing(case.modules)
+        if reason is not None:
+            skipped.append(f"skipped the {case.name} case: {reason}")
+            continue
+        size = case.size()
+        case_transports = [t for t in object_transports if t.name in case.counts]
+        for transport in case_transports:
+            count = max(2, round(case.counts[transport.name] * args.object_scale))
+            object_rows[case.name, transport.name] = Row(
+                transport.name, transport.label, size, count, case=case.name
+            )
+        cases.append((case, case_transports))
+        counts = ", ".join(
+            f"{t.name} {object_rows[case.name, t.name].messages:,}" for t in case_transports
+        )
+        out.append(f"{case.name} ({size:,} B pickled): per run {counts}; {args.runs} runs")
     out += skipped
     print("\n".join(out), file=sys.stderr if args.json else sys.stdout, flush=True)
 
     for round_number in range(args.runs):
-        shift = round_number % max(1, len(transports))
-        order = transports[shift:] + transports[:shift]
+        order = _rotated(transports, round_number)
         for size in args.sizes:
             for transport in order:
                 row = rows.get((size, transport.name))
@@ -961,12 +1452,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                     continue
                 run = run_once(transport, Spec(size, row.messages), args.timeout)
                 row.runs.append(run)
-                outcome = f"{run.rate:,.0f} msgs/s" if run.ok else f"FAILED: {run.failure}"
-                print(
-                    f"[round {round_number + 1}/{args.runs}] {size} B {transport.name}: {outcome}",
-                    file=sys.stderr,
-                    flush=True,
-                )
+                _progress(round_number, args.runs, f"{size} B {transport.name}", run, "msgs")
+        for case, case_transports in cases:
+            for transport in _rotated(case_transports, round_number):
+                object_row = object_rows[case.name, transport.name]
+                spec = ObjectSpec(object_row.size, object_row.messages, case.name)
+                run = run_once(transport, spec, args.timeout, OBJECTS)
+                object_row.runs.append(run)
+                _progress(round_number, args.runs, f"{case.name} {transport.name}", run, "objects")
 
     machine["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     summaries = []
@@ -980,16 +1473,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         report += ["", f"{size} B messages, {size_rows[0].messages:,} per run:", ""]
         report += _table(size_rows, reference)
-        failures = [
-            f"  {row.label}: {r.failure}" for row in size_rows for r in row.runs if r.failure
+        report += _failures(size_rows)
+    if rows:
+        report += [
+            "",
+            "ipc_ring push/pop is N x faster = (ipc_ring push/pop median msgs/s) / (this "
+            "transport's median msgs/s); below 1x this transport is the faster one.",
         ]
-        if failures:
-            report += ["", "failed runs:", *failures]
-    report += [
-        "",
-        "ipc_ring push/pop is N x faster = (ipc_ring push/pop median msgs/s) / (this transport's"
-        " median msgs/s); below 1x this transport is the faster one.",
-    ]
+    object_summaries = []
+    for case, case_transports in cases:
+        case_rows = [object_rows[case.name, t.name] for t in case_transports]
+        reference_row = object_rows.get((case.name, IPC_RING_PIPE))
+        reference = reference_row.median() if reference_row else None
+        key = "ipc_ring_pipe_is_x_faster"
+        object_summaries += [_summary(row, reference, key) for row in case_rows]
+        report += ["", f"{case.title}; the parent sends, a child receives; {args.runs} runs:", ""]
+        report += _table(case_rows, reference, "objects", "ipc_ring.Pipe", counts=True)
+        report += _failures(case_rows)
+    if cases:
+        report += [
+            "",
+            "ipc_ring.Pipe is N x faster = (ipc_ring.Pipe median objects/s) / (this transport's"
+            " median objects/s); below 1x this transport is the faster one. MiB/s counts the"
+            " pickled bytes (the payload for send_bytes).",
+        ]
     if args.json:
         document = {
             "command": command,
@@ -997,14 +1504,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             "versions": versions,
             "batch": BATCH,
             "ring_capacity": RING_CAPACITY,
+            "pipe_capacity": PIPE_CAPACITY,
             "runs": args.runs,
             "skipped": skipped,
             "results": summaries,
+            "objects": object_summaries,
         }
         print(json.dumps(document, indent=2))
     else:
         print("\n".join(report))
-    failed = any(r.failure for row in rows.values() for r in row.runs)
+    every_row = [*rows.values(), *object_rows.values()]
+    failed = any(r.failure for row in every_row for r in row.runs)
     return 1 if failed else 0
 
 

@@ -17,17 +17,24 @@ from ._core import (
     InvalidRing,
     MessageTooLarge,
     PeerDied,
+    PipePeerDied,
+    PipePeerGone,
     RingBusy,
     RingClosed,
     RingError,
     RingTimeout,
 )
+from ._pipe import Connection, Pipe
 
 __all__ = [
     "FORMAT_VERSION",
+    "Connection",
     "InvalidRing",
     "MessageTooLarge",
     "PeerDied",
+    "Pipe",
+    "PipePeerDied",
+    "PipePeerGone",
     "RingBusy",
     "RingClosed",
     "RingError",

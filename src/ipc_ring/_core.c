@@ -715,7 +715,7 @@ static int handle_init(PyObject *op, PyObject *args, PyObject *kwds, rb_role rol
          * messages. */
         int own[3] = {-1, -1, -1}, failed = fd < 0;
         for (int i = 0; i < 3 && !failed; i++)
-            failed = (own[i] = fcntl(fds[i], F_DUPFD_CLOEXEC, 0)) < 0;
+            failed = fds[i] >= 0 && (own[i] = fcntl(fds[i], F_DUPFD_CLOEXEC, 0)) < 0;
         res = RB_ERROR;
         if (!failed) {
             Py_BEGIN_ALLOW_THREADS
@@ -1558,16 +1558,28 @@ static int require_usable(HandleObject *self) {
  * writes those. */
 #define PIPE_FRAME 8u
 #define PIPE_WHOLE 3u
+#define PIPE_HEAD 4u /* the first record of a message of several; high 32 bits: segments */
 
-/* The reader of this writer's ring closed its end: a send fails at once. */
-static inline int pipe_reader_closed(HandleObject *self) {
+/* The reader of this writer's ring is attached: a send goes ahead without
+ * a look at the other end. */
+static inline int pipe_reader_attached(HandleObject *self) {
     return atomic_load_explicit(&self->h.ring.writer.hdr->reader_state, memory_order_relaxed) ==
-           RB_STATE_CLOSED;
+           RB_STATE_ATTACHED;
 }
 
-static int raise_pipe_closed(HandleObject *self) {
+/* Else the other end may be gone: its reader closed, or (never attached, or
+ * handed over) the end closed in every process. -1 with PipePeerGone if so,
+ * as a pipe's send fails at once; 0 if not. One poll while no reader is
+ * attached, none once one is. */
+static int pipe_check_peer(HandleObject *self) {
+    uint32_t state =
+        atomic_load_explicit(&self->h.ring.writer.hdr->reader_state, memory_order_acquire);
+    if (state == RB_STATE_ATTACHED || state == RB_STATE_FAILED) return 0;
+    if (state != RB_STATE_CLOSED && !rb_handle_pipe_peer_closed(&self->h)) return 0;
     core_state *st = state_of((PyObject *)self);
-    if (st) PyErr_Format(st->PipePeerGone, "%U: the other end was closed", self->path);
+    if (st)
+        PyErr_Format(st->PipePeerGone, "%U: the other end was closed%s", self->path,
+                     state == RB_STATE_CLOSED ? "" : " in every process");
     return -1;
 }
 
@@ -1659,8 +1671,21 @@ static int pipe_put_whole(HandleObject *self, const char *buf, Py_ssize_t len) {
     }
 }
 
+PyDoc_STRVAR(writer_check_peer_doc,
+"_check_peer($self, /)\n--\n\n"
+"ipc_ring.Pipe: PipePeerGone if the other end is gone, as send_bytes checks.");
+
+static PyObject *writer_check_peer(PyObject *op, PyObject *Py_UNUSED(ignored)) {
+    HandleObject *self = (HandleObject *)op;
+    if (require_pipe(self, "_check_peer") < 0 || call_begin(self) < 0) return NULL;
+    int r = pipe_check_peer(self);
+    call_end(self);
+    if (r < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
 PyDoc_STRVAR(writer_send_bytes_doc,
-"_send_bytes($self, buf, offset=0, size=None, /)\n--\n\n"
+"_send_bytes($self, /, buf, offset=0, size=None)\n--\n\n"
 "ipc_ring.Pipe: Connection.send_bytes on this end's ring.");
 
 static Py_NO_INLINE PyObject *writer_send_bytes_slow(HandleObject *self, PyObject *const *args,
@@ -1709,8 +1734,8 @@ static Py_NO_INLINE PyObject *writer_send_bytes_slow(HandleObject *self, PyObjec
             PyErr_SetString(PyExc_ValueError, "buffer length < offset + size");
             r = -1;
         }
-        else if (pipe_reader_closed(self))
-            r = raise_pipe_closed(self);
+        else if (!pipe_reader_attached(self) && pipe_check_peer(self) < 0)
+            r = -1;
         else if ((uint64_t)size + PIPE_FRAME > self->h.capacity - RB_RECORD_HEADER)
             large = 1;
         else
@@ -1737,7 +1762,7 @@ static PyObject *writer_send_bytes(PyObject *op, PyObject *const *args, Py_ssize
     Py_ssize_t len;
     void *payload;
     if (RB_LIKELY(nargs == 1 && kwnames == NULL && self->h.flags == 0 && self->h.pipe &&
-                  borrow_simple_bytes(args[0], &buf, &len) && !pipe_reader_closed(self))) {
+                  borrow_simple_bytes(args[0], &buf, &len) && pipe_reader_attached(self))) {
         rb_writer *w = &self->h.ring.writer;
         if (RB_LIKELY(rb_reserve(w, (uint64_t)len + PIPE_FRAME, &payload) == RB_OK)) {
             uint64_t frame = PIPE_WHOLE;
@@ -1748,6 +1773,32 @@ static PyObject *writer_send_bytes(PyObject *op, PyObject *const *args, Py_ssize
         }
     }
     return writer_send_bytes_slow(self, args, nargs, kwnames);
+}
+
+/* The one optional argument of recv_bytes(maxlength=None) and
+ * poll(timeout=0.0), positional or by keyword: *out, or NULL if not given.
+ * 0, or -1 with TypeError. */
+static int one_optional_arg(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
+                            const char *func, const char *name, PyObject **out) {
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    *out = NULL;
+    if (nargs + nkw > 1) {
+        PyErr_Format(PyExc_TypeError, "%s() takes at most 1 argument (%zd given)", func,
+                     nargs + nkw);
+        return -1;
+    }
+    if (nkw) {
+        PyObject *key = PyTuple_GET_ITEM(kwnames, 0);
+        if (!PyUnicode_Check(key) || PyUnicode_CompareWithASCIIString(key, name) != 0) {
+            PyErr_Format(PyExc_TypeError, "%s() got an unexpected keyword argument %R", func,
+                         key);
+            return -1;
+        }
+        *out = args[0];
+    }
+    else if (nargs)
+        *out = args[0];
+    return 0;
 }
 
 /* maxlength of recv_bytes: None (-1) or an int >= 0. */
@@ -1780,8 +1831,13 @@ static PyObject *reader_recv_slow(HandleObject *self, PyObject *maxlength_obj, i
     PyObject *result = NULL;
     int large = 0;
     if (reader_next(self, RB_FOREVER, 0, 0, op, &payload, &length) > 0) {
-        if (pipe_frame(payload, length) != PIPE_WHOLE)
+        uint64_t frame = pipe_frame(payload, length), total = 0;
+        if ((uint32_t)frame == PIPE_HEAD && frame >> 32 == 1 && length >= PIPE_FRAME + 8)
+            memcpy(&total, (const char *)payload + PIPE_FRAME, sizeof total);
+        if (frame != PIPE_WHOLE && !(want_bytes && maxlength >= 0 && total > (uint64_t)maxlength))
             large = 1;
+        else if (frame != PIPE_WHOLE)
+            PyErr_SetString(PyExc_OSError, "bad message length"); /* left in the ring */
         else if (maxlength >= 0 && length - PIPE_FRAME > (uint64_t)maxlength)
             PyErr_SetString(PyExc_OSError, "bad message length"); /* left in the ring */
         else
@@ -1795,27 +1851,31 @@ static PyObject *reader_recv_slow(HandleObject *self, PyObject *maxlength_obj, i
         PyErr_SetString(PyExc_RuntimeError, "ipc_ring._pipe is not loaded");
         return NULL;
     }
-    return PyObject_CallFunction(st->pipe_recv_large, "OnO", (PyObject *)self, maxlength,
-                                 want_bytes ? Py_True : Py_False);
+    result = PyObject_CallFunction(st->pipe_recv_large, "OnO", (PyObject *)self, maxlength,
+                                   want_bytes ? Py_True : Py_False);
+    /* As pipe_take_bytes: a watched end is readable again only when the next
+     * message comes. */
+    if (result && self->h.watched && self->h.flags == 0) rb_handle_idle(&self->h);
+    return result;
 }
 
 PyDoc_STRVAR(reader_recv_bytes_doc,
-"_recv_bytes($self, maxlength=None, /)\n--\n\n"
+"_recv_bytes($self, /, maxlength=None)\n--\n\n"
 "ipc_ring.Pipe: Connection.recv_bytes on this end's ring.");
 
-static PyObject *reader_recv_bytes(PyObject *op, PyObject *const *args, Py_ssize_t nargs) {
+static PyObject *reader_recv_bytes(PyObject *op, PyObject *const *args, Py_ssize_t nargs,
+                                   PyObject *kwnames) {
     HandleObject *self = (HandleObject *)op;
     const void *payload;
     uint64_t length;
-    if (RB_LIKELY(nargs == 0 && self->h.flags == 0 && self->h.pipe &&
+    if (RB_LIKELY(nargs == 0 && kwnames == NULL && self->h.flags == 0 && self->h.pipe &&
                   rb_peek(&self->h.ring.reader, &payload, &length) == RB_OK &&
                   pipe_frame(payload, length) == PIPE_WHOLE))
         return pipe_take_bytes(self, payload, length);
-    if (nargs > 1) {
-        PyErr_Format(PyExc_TypeError, "recv_bytes() takes at most 1 argument (%zd given)", nargs);
+    PyObject *maxlength;
+    if (one_optional_arg(args, nargs, kwnames, "recv_bytes", "maxlength", &maxlength) < 0)
         return NULL;
-    }
-    return reader_recv_slow(self, nargs ? args[0] : NULL, 1);
+    return reader_recv_slow(self, maxlength, 1);
 }
 
 PyDoc_STRVAR(reader_recv_doc,
@@ -1835,24 +1895,23 @@ static PyObject *reader_recv(PyObject *op, PyObject *Py_UNUSED(ignored)) {
 }
 
 PyDoc_STRVAR(reader_poll_doc,
-"_poll($self, timeout=0.0, /)\n--\n\n"
+"_poll($self, /, timeout=0.0)\n--\n\n"
 "ipc_ring.Pipe: Connection.poll. True if a message is waiting, or if recv\n"
 "would raise at once (the other end closed or died); False once timeout\n"
 "seconds passed (None: wait as long as it takes).");
 
-static PyObject *reader_poll(PyObject *op, PyObject *const *args, Py_ssize_t nargs) {
+static PyObject *reader_poll(PyObject *op, PyObject *const *args, Py_ssize_t nargs,
+                             PyObject *kwnames) {
     HandleObject *self = (HandleObject *)op;
     const void *payload;
     uint64_t length;
+    PyObject *timeout_obj;
+    if (one_optional_arg(args, nargs, kwnames, "poll", "timeout", &timeout_obj) < 0) return NULL;
     if (RB_LIKELY(self->h.flags == 0 && rb_peek(&self->h.ring.reader, &payload, &length) == RB_OK))
         Py_RETURN_TRUE;
-    if (nargs > 1) {
-        PyErr_Format(PyExc_TypeError, "poll() takes at most 1 argument (%zd given)", nargs);
-        return NULL;
-    }
     if (require_pipe(self, "poll") < 0 || call_begin(self) < 0) return NULL;
     uint64_t timeout = 0;
-    if (args_then(self, nargs ? parse_timeout(args[0], &timeout) : 0) < 0) {
+    if (args_then(self, timeout_obj ? parse_timeout(timeout_obj, &timeout) : 0) < 0) {
         call_end(self);
         return NULL;
     }
@@ -2000,12 +2059,13 @@ static PyMethodDef writer_methods[] = {
     {"abort", writer_abort, METH_NOARGS, writer_abort_doc},
     {"_send_bytes", _PyCFunction_CAST(writer_send_bytes), METH_FASTCALL | METH_KEYWORDS,
      writer_send_bytes_doc},
+    {"_check_peer", writer_check_peer, METH_NOARGS, writer_check_peer_doc},
     HANDLE_METHODS
     {NULL, NULL, 0, NULL},
 };
 
 static PyType_Slot writer_slots[] = {
-    {Py_tp_doc, "Writer(path, *, capacity=..., mode=0o600, spin=None)\n--\n\n"
+    {Py_tp_doc, "Writer(path, *, capacity=..., mode=0o600, spin=None, _pipe=...)\n--\n\n"
                 "Low-level writer handle; use ipc_ring.RingWriter."},
     {Py_tp_new, handle_new},
     {Py_tp_init, writer_init},
@@ -2036,15 +2096,16 @@ static PyMethodDef reader_methods[] = {
     {"pop_into", _PyCFunction_CAST(reader_pop_into), METH_FASTCALL | METH_KEYWORDS,
      reader_pop_into_doc},
     {"close", handle_close_method, METH_NOARGS, reader_close_doc},
-    {"_recv_bytes", _PyCFunction_CAST(reader_recv_bytes), METH_FASTCALL, reader_recv_bytes_doc},
+    {"_recv_bytes", _PyCFunction_CAST(reader_recv_bytes), METH_FASTCALL | METH_KEYWORDS,
+     reader_recv_bytes_doc},
     {"_recv", reader_recv, METH_NOARGS, reader_recv_doc},
-    {"_poll", _PyCFunction_CAST(reader_poll), METH_FASTCALL, reader_poll_doc},
+    {"_poll", _PyCFunction_CAST(reader_poll), METH_FASTCALL | METH_KEYWORDS, reader_poll_doc},
     HANDLE_METHODS
     {NULL, NULL, 0, NULL},
 };
 
 static PyType_Slot reader_slots[] = {
-    {Py_tp_doc, "Reader(path, *, spin=None)\n--\n\n"
+    {Py_tp_doc, "Reader(path, *, spin=None, _pipe=...)\n--\n\n"
                 "Low-level reader handle; use ipc_ring.RingReader."},
     {Py_tp_new, handle_new},
     {Py_tp_init, reader_init},

@@ -670,7 +670,10 @@ rb_result rb_handle_error(rb_handle *h, rb_result res, uint64_t length, rb_error
                        (unsigned long long)length,
                        (unsigned long long)(h->capacity - RB_RECORD_HEADER));
     case RB_CLOSED:
-        return rb_fail(err, res, 0, "the writer closed the ring and every message was read");
+        return rb_fail(err, res, 0,
+                       h->pipe ? "ipc_ring.Pipe: the other end was closed and everything it "
+                                 "sent has been received"
+                               : "the writer closed the ring and every message was read");
     case RB_CORRUPT:
         return rb_fail(err, res, 0, "'%s': %s", h->path, rb_invalid_reason(RB_INVALID_RECORD));
     case RB_PEER_DIED:
@@ -714,7 +717,7 @@ static rb_result rb_fail_timeout(rb_handle *h, rb_wait_state *ws, rb_error *err)
  * ws->vacant. A failing lock test counts as alive. */
 /* An end of ipc_ring.Pipe whose peer never attached or let go: gone if
  * every process closed the peer end's socket (a hang-up on ours). */
-static int rb_pipe_peer_closed(rb_handle *h) {
+int rb_handle_pipe_peer_closed(rb_handle *h) {
     if (!h->pipe || h->pipe_alive < 0) return 0;
     struct pollfd p = {.fd = h->pipe_alive, .events = POLLIN | RB_POLLRDHUP, .revents = 0};
     return poll(&p, 1, 0) == 1 && (p.revents & (POLLHUP | RB_POLLRDHUP)) != 0;
@@ -726,7 +729,7 @@ static int rb_peer_gone(rb_handle *h, rb_wait_state *ws, uint32_t state) {
         ws->vacant = 0;
         return 0;
     }
-    if (ws->vacant && rb_pipe_peer_closed(h)) {
+    if (ws->vacant && rb_handle_pipe_peer_closed(h)) {
         ws->vacant = 0;
         return 1;
     }

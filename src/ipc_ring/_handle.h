@@ -122,6 +122,10 @@ rb_result rb_handle_attach(rb_handle *h, int fd, rb_role role, const rb_options 
  * to wake it; both non-blocking, eventfds if `eventfd`. The handle owns them. */
 void rb_handle_set_notify(rb_handle *h, int rx, int tx, int eventfd);
 
+/* An end of ipc_ring.Pipe: 1 if every process closed the peer end's
+ * liveness socket (a hang-up on ours; one poll), else 0. */
+int rb_handle_pipe_peer_closed(rb_handle *h);
+
 /* Tells a waiting peer that this side attached, as a publication would: a
  * peer asleep is woken on the futex, one armed on its descriptor gets a
  * byte (a peer waiting for a successor looks at once). */

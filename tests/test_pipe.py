@@ -1,0 +1,479 @@
+"""ipc_ring.Pipe as a drop-in for multiprocessing.Pipe (README "A drop-in for
+multiprocessing.Pipe", docs/FORMAT.md "Pipe messages").
+
+The tests a user of multiprocessing.Pipe would write run against both: `make_pipe`
+is multiprocessing.Pipe or ipc_ring.Pipe (with a small ring, so that objects larger
+than the ring are the common case), and each must pass unchanged with either. The
+tests after them are ipc_ring's own promises: nothing left on disk after SIGKILL,
+an end used by two processes at once, hand-overs."""
+
+from __future__ import annotations
+
+import array
+import multiprocessing
+import multiprocessing.connection
+import os
+import pickle
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import _pipe_children as children
+import ipc_ring
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="ipc_ring.Pipe: Linux")
+
+METHODS = [
+    m for m in ("fork", "spawn", "forkserver") if m in multiprocessing.get_all_start_methods()
+]
+TIMEOUT = 30.0
+
+
+def small_ipc_ring_pipe(duplex: bool = True) -> tuple[Any, Any]:
+    return ipc_ring.Pipe(duplex, capacity=1 << 14)
+
+
+PIPES = {"multiprocessing": multiprocessing.Pipe, "ipc_ring": small_ipc_ring_pipe}
+
+
+@pytest.fixture(params=list(PIPES))
+def make_pipe(request: pytest.FixtureRequest) -> Callable[..., tuple[Any, Any]]:
+    return PIPES[request.param]  # type: ignore[return-value]
+
+
+@pytest.fixture
+def processes() -> Iterator[list[Any]]:
+    """Child processes a test starts: killed and joined at the end, whatever happened."""
+    started: list[Any] = []
+    yield started
+    for p in started:
+        if p.is_alive():
+            p.kill()
+        p.join(TIMEOUT)
+
+
+def start(processes: list[Any], method: str, target: Callable[..., object], *args: object) -> Any:
+    p = multiprocessing.get_context(method).Process(target=target, args=args)
+    p.start()
+    processes.append(p)
+    return p
+
+
+def finished(p: Any) -> int | None:
+    p.join(TIMEOUT)
+    assert not p.is_alive(), "the child did not finish"
+    return p.exitcode
+
+
+def recv(conn: Any) -> Any:
+    """conn.recv(), with a limit: a bug fails the test instead of hanging it."""
+    assert conn.poll(TIMEOUT), "nothing came"
+    return conn.recv()
+
+
+def same(a: object, b: object) -> bool:
+    if isinstance(a, np.ndarray):
+        return (
+            isinstance(b, np.ndarray)
+            and a.dtype == b.dtype
+            and a.shape == b.shape
+            and np.array_equal(a, b, equal_nan=a.dtype.kind in "fc")
+        )
+    return type(a) is type(b) and a == b
+
+
+ARRAYS = [
+    np.arange(10, dtype=np.float64),
+    np.arange(24, dtype=np.int8).reshape(2, 3, 4),
+    np.array(3.5),  # zero dimensions
+    np.zeros((0, 5), dtype=np.uint16),
+    np.arange(12, dtype=np.complex128).reshape(3, 4).T,  # Fortran order
+    np.arange(200, dtype=np.int32).reshape(10, 20)[::3, 1::4],  # not contiguous
+    np.array([True, False, True]),
+    np.array([(1, 2.0), (3, 4.0)], dtype=[("a", "<i4"), ("b", "<f8")]),
+    np.array(["ab", "cde"], dtype="U3"),
+    np.array([{"x": 1}, None], dtype=object),
+    np.arange(300_000, dtype=np.float64),  # 2.4 MB: far larger than a 16 KiB ring
+    np.full((512, 1024), np.nan, dtype=np.float32)[:, ::2],  # large and not contiguous
+]
+OBJECTS: list[object] = [
+    0,
+    "text",
+    None,
+    (1, "two", 3.0),
+    {"id": 1, "name": "sensor-7", "ts": 1733000000.25, "vals": [1, 2, 3], "ok": True},
+    b"",
+    b"x" * 3_000_000,
+    bytearray(b"out of band" * 100_000),
+    list(range(100_000)),
+    *ARRAYS,
+]
+
+
+# ---- the tests a multiprocessing user writes, unchanged for either pipe -------------------
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_child_echoes_every_object_and_array_back_until_eof(
+    make_pipe: Callable[..., tuple[Any, Any]], method: str, processes: list[Any]
+) -> None:
+    a, b = make_pipe()
+    child = start(processes, method, children.echo_until_eof, b)
+    b.close()
+    for obj in [*OBJECTS, "stop"]:
+        a.send(obj)
+        back = recv(a)
+        assert same(obj, back), (type(obj), type(back))
+    assert finished(child) == 0
+    a.close()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_send_bytes_of_every_size_comes_back_whole(
+    make_pipe: Callable[..., tuple[Any, Any]], method: str, processes: list[Any]
+) -> None:
+    a, b = make_pipe()
+    child = start(processes, method, children.echo_bytes_until_eof, b)
+    b.close()
+    for size in (0, 1, 255, 4096, 16_384, 16_377, 100_000, 4_000_000):
+        payload = os.urandom(size)
+        a.send_bytes(payload)
+        assert a.poll(TIMEOUT)
+        assert a.recv_bytes() == payload
+    a.send_bytes(b"stop")
+    assert a.poll(TIMEOUT) and a.recv_bytes() == b"stop"
+    assert finished(child) == 0
+    a.close()
+
+
+def test_send_bytes_offset_and_size_and_their_errors(
+    make_pipe: Callable[..., tuple[Any, Any]],
+) -> None:
+    a, b = make_pipe()
+    with a, b:
+        a.send_bytes(b"0123456789", 2, 5)
+        a.send_bytes(b"0123456789", offset=7)
+        a.send_bytes(memoryview(b"abcdef"), size=2)
+        a.send_bytes(array.array("i", [1, 2, 3]), 4, 4)  # offset and size in bytes
+        assert [b.recv_bytes() for _ in range(4)] == [
+            b"23456",
+            b"789",
+            b"ab",
+            array.array("i", [2]).tobytes(),
+        ]
+        for args, message in [
+            ((b"abc", -1), "offset is negative"),
+            ((b"abc", 4), "buffer length < offset"),
+            ((b"abc", 0, -1), "size is negative"),
+            ((b"abc", 1, 3), "buffer length < offset [+] size"),
+        ]:
+            with pytest.raises(ValueError, match=message):
+                a.send_bytes(*args)
+        with pytest.raises(TypeError):
+            a.send_bytes("not bytes")
+        assert not b.poll()  # none of them sent anything
+
+
+def test_recv_bytes_maxlength_and_recv_bytes_into(
+    make_pipe: Callable[..., tuple[Any, Any]],
+) -> None:
+    a, b = make_pipe()
+    with a, b:
+        a.send_bytes(b"hello")
+        buf = bytearray(10)
+        assert b.recv_bytes_into(buf, 3) == 5
+        assert buf == b"\0\0\0hello\0\0"
+        a.send_bytes(b"0123456789abc")
+        with pytest.raises(multiprocessing.BufferTooShort) as short:
+            b.recv_bytes_into(bytearray(12))
+        assert short.value.args[0] == b"0123456789abc"  # the message comes with it
+        a.send_bytes(array.array("d", [1.5]).tobytes())
+        target = array.array("d", [0.0, 0.0])
+        assert b.recv_bytes_into(target, 8) == 8
+        assert target.tolist() == [0.0, 1.5]
+        with pytest.raises(ValueError, match="negative maxlength"):
+            b.recv_bytes(-1)
+        a.send_bytes(b"too long")
+        with pytest.raises(OSError, match="bad message length"):
+            b.recv_bytes(3)
+
+
+def test_poll_waits_up_to_its_timeout_and_eof_follows_close(
+    make_pipe: Callable[..., tuple[Any, Any]],
+) -> None:
+    a, b = make_pipe()
+    assert b.poll() is False
+    started = time.monotonic()
+    assert b.poll(0.2) is False
+    assert 0.15 <= time.monotonic() - started < 5
+    a.send("one")
+    a.send("two")
+    assert b.poll() is True and b.poll(timeout=1) is True
+    a.close()
+    assert b.recv() == "one" and b.recv() == "two"  # everything sent, then EOF
+    assert b.poll(1) is True  # recv would not block: it raises
+    with pytest.raises(EOFError):
+        b.recv()
+    with pytest.raises(EOFError):
+        b.recv_bytes()
+    with pytest.raises(BrokenPipeError):
+        b.send("to nobody")
+    b.close()
+
+
+def test_a_closed_connection_raises_oserror_and_closes_once(
+    make_pipe: Callable[..., tuple[Any, Any]],
+) -> None:
+    a, b = make_pipe()
+    with a:
+        assert not a.closed
+    assert a.closed
+    a.close()
+    for call in (
+        lambda: a.send(1),
+        lambda: a.send_bytes(b"x"),
+        lambda: a.recv(),
+        lambda: a.recv_bytes(),
+        lambda: a.poll(),
+        lambda: a.fileno(),
+    ):
+        with pytest.raises(OSError, match="handle is closed"):
+            call()
+    assert a.readable and a.writable  # as before the close
+    b.close()
+
+
+def test_a_one_way_pipe_is_receive_end_then_send_end(
+    make_pipe: Callable[..., tuple[Any, Any]],
+) -> None:
+    receiver, sender = make_pipe(False)
+    with receiver, sender:
+        assert (receiver.readable, receiver.writable) == (True, False)
+        assert (sender.readable, sender.writable) == (False, True)
+        sender.send({"k": "v"})
+        assert receiver.recv() == {"k": "v"}
+        with pytest.raises(OSError, match="connection is write-only"):
+            sender.recv()
+        with pytest.raises(OSError, match="connection is read-only"):
+            receiver.send(1)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_wait_reports_the_end_with_a_message_and_the_sentinel_of_a_child_that_exited(
+    make_pipe: Callable[..., tuple[Any, Any]], method: str, processes: list[Any]
+) -> None:
+    a, b = make_pipe()
+    other_r, other_w = multiprocessing.Pipe(False)
+    child = start(processes, method, children.send_after, b, 0.2, "late")
+    b.close()
+    wait = multiprocessing.connection.wait
+    assert wait([a, other_r], timeout=0.05) == []  # nothing yet
+    assert wait([a, other_r], timeout=TIMEOUT) == [a]
+    assert a.recv() == "late"
+    assert finished(child) == 0
+    # Its only message taken, a is readable again only for the EOF of the closed end.
+    assert set(wait([a, other_r, child.sentinel], timeout=TIMEOUT)) >= {child.sentinel}
+    with pytest.raises(EOFError):
+        a.recv()
+    other_w.send("x")
+    assert set(wait([other_r], timeout=TIMEOUT)) == {other_r}
+    for conn in (a, other_r, other_w):
+        conn.close()
+
+
+def test_wait_does_not_report_a_drained_end(make_pipe: Callable[..., tuple[Any, Any]]) -> None:
+    a, b = make_pipe()
+    with a, b:
+        wait = multiprocessing.connection.wait
+        for i in range(3):
+            a.send(i)
+            assert wait([b], timeout=TIMEOUT) == [b]
+            assert b.recv() == i
+            assert wait([b], timeout=0.05) == []  # taken: nothing to read
+        a.send("x")
+        a.send("y")
+        assert wait([b], timeout=TIMEOUT) == [b]
+        assert b.recv() == "x"
+        assert wait([b], timeout=0.05) == [b]  # one left
+        assert b.recv() == "y"
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_child_killed_while_it_waits_is_seen_by_the_parent(
+    make_pipe: Callable[..., tuple[Any, Any]], method: str, processes: list[Any]
+) -> None:
+    a, b = make_pipe()
+    child = start(processes, method, children.send_then_block, b, 3)
+    b.close()
+    assert [recv(a) for _ in range(3)] == [0, 1, 2]
+    os.kill(child.pid, signal.SIGKILL)
+    assert finished(child) == -signal.SIGKILL
+    assert a.poll(TIMEOUT)
+    with pytest.raises((EOFError, ConnectionResetError)):
+        a.recv()
+    a.close()
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "fork"])
+def test_a_parent_killed_is_seen_by_its_child(
+    make_pipe: Callable[..., tuple[Any, Any]], method: str, tmp_path: Path, processes: list[Any]
+) -> None:
+    # The middle process makes the pipe and hands one end to its own child; then it is
+    # killed. (Under fork a multiprocessing.Pipe child inherits the parent's end too and
+    # never sees the death: spawn and forkserver here; ipc_ring's fork case is below.)
+    report, ready = str(tmp_path / "report"), str(tmp_path / "ready")
+    name = next(k for k, v in PIPES.items() if v is make_pipe)
+    parent = start(processes, method, children.parent_of_a_receiver, name, method, report, ready)
+    grandchild = int(wait_for_file(ready))
+    os.kill(parent.pid, signal.SIGKILL)
+    got, *names = wait_for_file(report).split()
+    assert got == "3"
+    assert "EOFError" in names or "ConnectionResetError" in names, names
+    with pytest.raises(ProcessLookupError):
+        for _ in range(100):
+            os.kill(grandchild, 0)
+            time.sleep(0.05)
+
+
+def wait_for_file(path: str) -> str:
+    deadline = time.monotonic() + TIMEOUT
+    while not os.path.exists(path):
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.01)
+    return Path(path).read_text()
+
+
+# ---- ipc_ring's own promises ------------------------------------------------------------
+
+
+def test_eof_and_death_are_the_exceptions_multiprocessing_code_catches() -> None:
+    assert issubclass(ipc_ring.RingClosed, EOFError)
+    assert issubclass(ipc_ring.PipePeerDied, EOFError)
+    assert issubclass(ipc_ring.PipePeerDied, ipc_ring.PeerDied)
+    assert issubclass(ipc_ring.PipePeerGone, BrokenPipeError)
+
+
+def test_a_parent_killed_is_seen_by_a_forked_child(tmp_path: Path, processes: list[Any]) -> None:
+    report, ready = str(tmp_path / "report"), str(tmp_path / "ready")
+    parent = start(
+        processes, "spawn", children.parent_of_a_receiver, "ipc_ring", "fork", report, ready
+    )
+    wait_for_file(ready)
+    os.kill(parent.pid, signal.SIGKILL)
+    got, *names = wait_for_file(report).split()
+    assert (got, names[0]) == ("3", "PipePeerDied") and "EOFError" in names
+
+
+def shm_and_tmp() -> set[str]:
+    found = set()
+    for directory in {"/dev/shm", "/tmp", os.environ.get("TMPDIR", "/tmp")}:
+        if os.path.isdir(directory):
+            found |= {os.path.join(directory, name) for name in os.listdir(directory)}
+    return found
+
+
+def test_nothing_is_left_behind_after_both_processes_are_killed_mid_stream(
+    tmp_path: Path, processes: list[Any]
+) -> None:
+    before = shm_and_tmp()
+    report = str(tmp_path / "pids")
+    top = start(processes, "spawn", children.stream_in_a_child_of_its_own, report)
+    parent_pid, child_pid = map(int, wait_for_file(report).split())
+    assert parent_pid == top.pid
+    os.kill(child_pid, signal.SIGKILL)
+    os.kill(parent_pid, signal.SIGKILL)
+    assert finished(top) == -signal.SIGKILL
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        try:
+            os.kill(child_pid, 0)
+        except ProcessLookupError:
+            break
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    left = {p for p in shm_and_tmp() - before if not p.startswith(str(tmp_path))}
+    assert left == set(), left
+
+
+def test_an_end_used_by_two_processes_at_once_fails_clearly(processes: list[Any]) -> None:
+    a, b = ipc_ring.Pipe()
+    b.send("from the parent")  # the parent now writes through b
+    child = start(processes, "fork", children.use_the_end_the_parent_holds, b)
+    assert finished(child) == 0
+    assert a.recv() == "from the parent"
+    assert not a.poll(0.1)  # nothing else, nothing torn
+    b.send("still the parent's")
+    assert a.recv() == "still the parent's"
+    a.close()
+    b.close()
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "fork"])
+def test_an_end_used_then_passed_to_a_child_is_handed_over(
+    method: str, processes: list[Any]
+) -> None:
+    a, b = ipc_ring.Pipe()
+    b.send("parent first")  # attached here, then handed over by pickling
+    child = start(processes, method, children.echo_until_eof, b)
+    assert recv(a) == "parent first"
+    a.send("for the child")
+    assert recv(a) == "for the child"
+    with pytest.raises(ipc_ring.RingBusy, match="another process"):
+        b.send("the parent again")  # the child holds the end now
+    b.close()
+    a.close()
+    assert finished(child) == 0
+
+
+def test_pickling_a_closed_end_raises() -> None:
+    a, b = ipc_ring.Pipe()
+    a.close()
+    with pytest.raises(OSError, match="handle is closed"):
+        pickle.dumps(a)
+    b.close()
+
+
+def test_out_of_band_buffers_come_back_as_what_was_sent(processes: list[Any]) -> None:
+    a, b = ipc_ring.Pipe(capacity=1 << 16)
+    child = start(processes, "spawn", children.echo_until_eof, b)
+    b.close()
+    big = np.arange(1 << 17, dtype=np.float64)  # 1 MiB, 16 times the ring
+    a.send(pickle.PickleBuffer(big))
+    got = recv(a)  # as pickle gives it back: the bytes, writable
+    assert isinstance(got, bytearray)
+    assert np.array_equal(np.frombuffer(got, dtype=np.float64), big)
+    a.send([big, big[::2], bytearray(b"ab"), pickle.PickleBuffer(b"cd")])
+    arrays = recv(a)
+    assert np.array_equal(arrays[0], big) and arrays[0].flags.writeable
+    assert np.array_equal(arrays[1], big[::2])
+    assert arrays[2] == bytearray(b"ab") and bytes(arrays[3]) == b"cd"
+    a.send("stop")
+    assert recv(a) == "stop"
+    assert finished(child) == 0
+    a.close()
+
+
+def test_a_message_abandoned_by_a_sender_that_stopped_midway_is_dropped() -> None:
+    a, b = ipc_ring.Pipe(capacity=1 << 12)
+    with a, b:
+        from ipc_ring import _pipe
+
+        writer = a._writer or a._attach_writer()
+        # The first records of a message of two segments, then no more of it.
+        with writer.reserve(8 + 24) as slot:
+            slot[:8] = (_pipe._HEAD | (2 << 32)).to_bytes(8, "little")
+            slot[8:] = (1000).to_bytes(8, "little") + (10).to_bytes(8, "little") + b"abcdefgh"
+        a.send({"next": "message"})
+        assert recv(b) == {"next": "message"}
+
+
+def test_pipe_rejects_a_bad_capacity() -> None:
+    with pytest.raises(ValueError, match="power of two"):
+        ipc_ring.Pipe(capacity=1000)
+    with pytest.raises(TypeError):
+        ipc_ring.Pipe(capacity="big")  # type: ignore[arg-type]
