@@ -1,6 +1,11 @@
 """Throughput of ipc_ring against the other ways a Python user passes messages between processes.
 
-Every transport runs through one protocol, so only the transport differs:
+Two sections. "bytes" sends raw messages of a few sizes between two child processes, through
+ipc_ring's RingWriter/RingReader and the alternatives below. "objects" sends Python objects from
+this process to one child through ipc_ring.Pipe and the alternatives a multiprocessing.Pipe user
+has. --section picks one (both run by default).
+
+Every transport of the bytes section runs through one protocol, so only the transport differs:
 
 - Two fresh processes ("spawn"): a writer and a reader. The writer creates its end of the
   transport and says so; the reader attaches and says it is ready; only then does the writer
@@ -28,10 +33,42 @@ Every transport runs through one protocol, so only the transport differs:
   one each round), so noise on the machine hits all transports alike. The tables give medians
   over the rounds.
 
+The objects section uses the same handshake, checks, timing and rounds, with the parent as the
+writer, as a program that hands work to a multiprocessing.Process does:
+
+- The parent makes the channel, starts one "spawn" child with the child's end as a Process
+  argument, closes its own copy of that end (so the child's death reaches the sender), and
+  sends; the child receives. A send that blocks past --timeout is interrupted by SIGALRM.
+- Three cases, each with the transports that fit it:
+  1. a small dict, {"id": i, "name": "sensor-7", "ts": 1733000000.25, "vals": [1, 2, 3],
+     "ok": True}, built anew for each message, by send/recv (put/get, send_pyobj/recv_pyobj);
+     the reader checks every "id" and the whole first dict.
+  2. a 1 MiB float64 numpy array (np.arange(131072)), one array reused with the sequence
+     number in element 0, by send/recv; the reader checks that each message is a numpy array
+     of the right shape with the right first and last elements, and the whole first one.
+  3. 256-byte payloads by send_bytes/recv_bytes (multiprocessing.Queue: put/get of bytes),
+     built and checked as in the bytes section.
+  multiprocessing.Queue pickles in a feeder thread after put() returns, so it gets a copy of
+  a message the sender reuses (the array's .copy(), bytes of the bytearray).
+- The transports: ipc_ring.Pipe() (duplex, the default; 1 MiB per direction, its default
+  capacity), multiprocessing.Pipe() (duplex: a socket pair) and Pipe(duplex=False) (an
+  os.pipe) -- the first is faster for large messages, the second for small ones -- then
+  multiprocessing.Queue and pyzmq PUSH/PULL over ipc:// (skipped if zmq is not importable).
+  The queues hold about as many messages as ipc_ring.Pipe's ring, and at least 4.
+- Messages per run differ by transport (each run takes about 0.3-1.5 s on a 2-core VM; see
+  CASES); the rate is per second, so the tables compare; --object-scale scales them all.
+- The tables give objects/s and the ratio ipc_ring.Pipe / each transport, on medians.
+
 Run from a checkout (``pip install -e .`` plus the optional libraries), for example::
 
     python benchmarks/compare.py --runs 5
     python benchmarks/compare.py --sizes 64 --messages 20000 --runs 1 --only ipc_ring,mp-pipe
+    python benchmarks/compare.py --section objects --runs 5
+    python benchmarks/compare.py --section objects --cases dict --object-scale 0.1 --runs 1
+
+--only takes the transport names of either section (mp-pipe, mp-queue and zmq are in both);
+in the objects section ipc_ring.Pipe is ipc_ring-pipe and multiprocessing.Pipe() is
+mp-pipe-duplex.
 """
 
 from __future__ import annotations
@@ -59,7 +96,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from multiprocessing.connection import Connection
 from multiprocessing.context import SpawnContext
 from multiprocessing.process import BaseProcess
@@ -119,14 +156,18 @@ def sequence_field(message: bytearray) -> memoryview:
 
 
 def produce(
-    send: Callable[[bytearray], object], spec: Spec, message: bytearray | None = None
+    send: Callable[[bytearray], object],
+    spec: Spec,
+    message: bytearray | None = None,
+    start: int = 0,
 ) -> None:
     """Hand `spec.count` messages to `send`, one reused bytearray with the next sequence number.
-    A transport that needs the buffer's address before the loop passes its own `message`."""
+    A transport that needs the buffer's address before the loop passes its own `message`; one
+    that sends the first messages with another call continues from `start`."""
     if message is None:
         message = bytearray(spec.size)
     sequence = sequence_field(message)
-    for i in range(spec.count):
+    for i in range(start, spec.count):
         sequence[0] = i
         send(message)
 
@@ -849,7 +890,7 @@ CASES = (
         produce_arrays,
         consume_arrays,
         float_array,
-        {IPC_RING_PIPE: 1_000, "mp-pipe-duplex": 400, "mp-pipe": 300, "mp-queue": 300, "zmq": 400},
+        {IPC_RING_PIPE: 2_000, "mp-pipe-duplex": 400, "mp-pipe": 300, "mp-queue": 300, "zmq": 600},
         snapshot=operator.methodcaller("copy"),
         modules=("numpy",),
     ),
@@ -861,7 +902,7 @@ CASES = (
         consume,
         functools.partial(bytes, OBJECT_BYTES),
         {
-            IPC_RING_PIPE: 1_500_000,
+            IPC_RING_PIPE: 2_500_000,
             "mp-pipe-duplex": 150_000,
             "mp-pipe": 200_000,
             "mp-queue": 50_000,
@@ -917,7 +958,15 @@ def write_connection(end: Any, spec: Spec, handshake: Handshake) -> None:
     case = _case(spec)
     handshake.writer_created()
     handshake.wait_for_reader()
-    case.produce(end.send_bytes if case.raw else end.send, spec)
+    if case.raw:
+        # A loop that calls end.send_bytes(...) gets ipc_ring.Pipe's C method from its second
+        # message on (the end puts it in place when the first send attaches it); bound before
+        # that, it would keep calling the Python method, about 170 ns dearer a call.
+        message = bytearray(spec.size)
+        produce(end.send_bytes, replace(spec, count=1), message)
+        produce(end.send_bytes, spec, message, start=1)
+    else:
+        case.produce(end.send, spec)
     handshake.wait_for_reader_done()
 
 
@@ -1439,7 +1488,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         counts = ", ".join(
             f"{t.name} {object_rows[case.name, t.name].messages:,}" for t in case_transports
         )
-        out.append(f"{case.name} ({size:,} B pickled): per run {counts}; {args.runs} runs")
+        what = "payload" if case.raw else "pickled"
+        out.append(f"{case.name} ({size:,} B {what}): per run {counts}; {args.runs} runs")
     out += skipped
     print("\n".join(out), file=sys.stderr if args.json else sys.stdout, flush=True)
 

@@ -11,6 +11,8 @@ passing byte messages between two processes on one Unix machine.
             ...
 """
 
+from typing import TYPE_CHECKING
+
 from ._api import RingReader, RingStats, RingWriter, unlink
 from ._core import (
     FORMAT_VERSION,
@@ -24,7 +26,19 @@ from ._core import (
     RingError,
     RingTimeout,
 )
-from ._pipe import Connection, Pipe
+
+if TYPE_CHECKING:
+    from ._pipe import Connection, Pipe
+
+
+def __getattr__(name: str) -> object:
+    # ipc_ring.Pipe imports multiprocessing and pickle: only when it is used.
+    if name in ("Pipe", "Connection"):
+        from . import _pipe
+
+        return getattr(_pipe, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "FORMAT_VERSION",

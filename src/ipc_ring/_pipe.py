@@ -12,7 +12,8 @@ with out-of-band buffers (protocol 5), go through here in parts.
 
 from __future__ import annotations
 
-import contextlib
+import copyreg
+import io
 import os
 import pickle
 import select
@@ -47,30 +48,54 @@ _PLAIN_ALIKE = frozenset(
         socket.socket,
     }
 )
-_extra_reducers: dict[type, object] = getattr(_ForkingPickler, "_extra_reducers", {})
+_extra_reducers: dict[type, Any] = getattr(_ForkingPickler, "_extra_reducers", {})
 _plain_checked = -1
 _plain_ok = False
 
 
-def _dumps(obj: object, callback: Callable[[pickle.PickleBuffer], object]) -> bytes:
-    """obj pickled as multiprocessing's pickler would (protocol 5), its out-of-band
-    buffers handed to callback. Plain pickle.dumps while the reducers that
-    multiprocessing registered change nothing; its pickler once they might."""
+def _plain_pickle_ok() -> bool:
+    """Whether pickle.dumps pickles as multiprocessing's pickler does: while the
+    reducers it registered are only those plain pickle matches."""
     global _plain_checked, _plain_ok
     if len(_extra_reducers) != _plain_checked:
         _plain_checked = len(_extra_reducers)
         _plain_ok = _extra_reducers.keys() <= _PLAIN_ALIKE
-    if _plain_ok:
-        try:
-            return pickle.dumps(obj, 5, buffer_callback=callback)
-        except TypeError:
-            if socket.socket not in _extra_reducers:
-                raise
-    import io
+    return _plain_ok
 
-    out = io.BytesIO()
-    _ForkingPickler(out, 5, True, callback).dump(obj)
-    return out.getvalue()
+
+class _Dumper:
+    """multiprocessing's pickling (protocol 5, with the reducers it registered, such
+    as those of its own connections) into a buffer kept from one send to the next:
+    a ForkingPickler made for every send costs three times the pickling."""
+
+    def __init__(self, callback: Callable[[pickle.PickleBuffer], object]) -> None:
+        self.callback = callback
+        self.out = io.BytesIO()
+        self.key = (-1, -1)
+        self.pickler = pickle.Pickler(self.out, 5, buffer_callback=callback)
+        self.busy = False
+
+    def dumps(self, obj: object) -> bytes:
+        key = (len(copyreg.dispatch_table), len(_extra_reducers))
+        if self.busy:  # a send from inside this pickling (a __reduce__): a pickler of its own
+            out = io.BytesIO()
+            _ForkingPickler(out, 5, True, self.callback).dump(obj)
+            return out.getvalue()
+        if key != self.key:
+            table = copyreg.dispatch_table.copy()
+            table.update(_extra_reducers)
+            self.pickler.dispatch_table = table
+            self.key = key
+        self.busy = True
+        try:
+            out = self.out
+            out.seek(0)
+            out.truncate()
+            self.pickler.clear_memo()
+            self.pickler.dump(obj)
+            return out.getvalue()
+        finally:
+            self.busy = False
 
 
 def _open_own(fd: int) -> int:
@@ -257,6 +282,7 @@ class Connection:
         self._epoll: select.epoll | None = None
         self._epoll_pid = 0
         self._oob: list[pickle.PickleBuffer] = []
+        self._dumper = _Dumper(self._oob.append)
         self._closed = False
         _connections.add(self)
 
@@ -335,12 +361,24 @@ class Connection:
     def send_bytes(self, buf: Any, offset: int = 0, size: int | None = None) -> None:
         """Send the bytes data from a bytes-like object."""
         writer = self._writer or self._attach_writer()
-        writer._send_bytes(buf, offset, size)
+        if offset == 0 and size is None:
+            writer._send_bytes(buf)  # the C method's fast path
+        else:
+            writer._send_bytes(buf, offset, size)
 
     def send(self, obj: object) -> None:
         """Send a (picklable) object."""
         oob = self._oob
-        data = _dumps(obj, oob.append)
+        if _plain_pickle_ok():
+            try:
+                data = pickle.dumps(obj, 5, buffer_callback=oob.append)
+            except TypeError:
+                if socket.socket not in _extra_reducers:
+                    raise
+                oob.clear()
+                data = self._dumper.dumps(obj)  # a socket: multiprocessing's reducer
+        else:
+            data = self._dumper.dumps(obj)
         if not oob:
             (self._writer or self._attach_writer())._send_bytes(data)
             return
@@ -442,8 +480,10 @@ class Connection:
 
     def __del__(self) -> None:
         if not getattr(self, "_closed", True):
-            with contextlib.suppress(Exception):
+            try:  # noqa: SIM105 - at interpreter exit contextlib may be gone already
                 self.close()
+            except Exception:
+                pass
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"capacity={self._capacity}"
@@ -470,9 +510,7 @@ class Connection:
 
 
 def _rebuild(dup_fds: tuple[Any, ...], capacity: int) -> Connection:
-    out_fd, in_fd, own_event, peer_event, alive = (
-        -1 if d is None else d.detach() for d in dup_fds
-    )
+    out_fd, in_fd, own_event, peer_event, alive = (-1 if d is None else d.detach() for d in dup_fds)
     return Connection(out_fd, in_fd, own_event, peer_event, alive, capacity)
 
 
@@ -510,6 +548,7 @@ def Pipe(duplex: bool = True, *, capacity: int = 1 << 20) -> tuple[Connection, C
         ev_b = new(os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK))
         sock_a, sock_b = socket.socketpair()
         alive_a, alive_b = new(sock_a.detach()), new(sock_b.detach())
+
         # Each end owns its descriptors: the second gets copies.
         def dup(fd: int) -> int:
             return new(os.dup(fd))

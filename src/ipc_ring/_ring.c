@@ -468,7 +468,7 @@ static inline void rb_see(rb_reader *r, uint64_t w, uint64_t wrap) {
     r->readable_end = (wrap & r->mask) && wrap - r->read_pos < w - r->read_pos ? wrap : w;
 }
 
-static rb_result rb_check_break(rb_reader *r, uint64_t w);
+static inline rb_result rb_check_break(rb_reader *r, uint64_t w);
 
 void rb_reader_attach(rb_reader *r, void *base, const rb_snapshot *snap) {
     r->hdr = (rb_header *)base;
@@ -517,9 +517,8 @@ void rb_reader_note_peer_state(rb_reader *r) {
  * reading stops there. RB_PEER_DIED if the reader stands on it now (it
  * counts as reported once the caller says so, rb_reader_reported_break),
  * else RB_OK with readable_end capped. */
-static rb_result rb_check_break(rb_reader *r, uint64_t w) {
-    uint32_t latest = atomic_load_explicit(&r->hdr->break_generation, memory_order_acquire);
-    if (RB_LIKELY(latest <= r->reported_generation)) return RB_OK;
+static __attribute__((noinline)) rb_result rb_check_break_slow(rb_reader *r, uint64_t w,
+                                                               uint32_t latest) {
     /* A break an earlier reader reported is not reported again. */
     uint32_t shared = atomic_load_explicit(&r->hdr->reported_generation, memory_order_acquire);
     if (shared > r->reported_generation) r->reported_generation = shared;
@@ -545,6 +544,14 @@ static rb_result rb_check_break(rb_reader *r, uint64_t w) {
     }
     if (at - r->read_pos < r->readable_end - r->read_pos) r->readable_end = at;
     return RB_OK;
+}
+
+/* Nothing to look at while no break is newer than the last one reported:
+ * one load, on every refresh. */
+static inline rb_result rb_check_break(rb_reader *r, uint64_t w) {
+    uint32_t latest = atomic_load_explicit(&r->hdr->break_generation, memory_order_acquire);
+    if (RB_LIKELY(latest <= r->reported_generation)) return RB_OK;
+    return rb_check_break_slow(r, w, latest);
 }
 
 /* Loads write_pos (and the wrap_pos published with it). RB_OK if there are
