@@ -751,6 +751,40 @@ def test_a_break_is_reported_once_across_readers_and_at_a_wrap_point(ring_path: 
             assert reader.try_pop() is None
 
 
+def test_a_break_past_a_wrap_point_the_reader_has_not_reached_is_still_reported(
+    ring_path: Path,
+) -> None:
+    writer = RingWriter.create(ring_path, 256)
+    with RingReader.open(ring_path) as reader:
+        writer.push(b"1" * 100, timeout=5)  # records at 0 and 112
+        writer.push(b"2" * 100, timeout=5)
+        assert reader.pop(timeout=5) == b"1" * 100  # it has seen write_pos 224
+        writer.push(b"3" * 40, timeout=5)  # 48 bytes do not fit before 256: a wrap at 224
+        writer.push(b"4" * 8, timeout=5)
+        writer.abort()
+        with RingWriter.open(ring_path) as successor:  # the break: in the next lap
+            successor.push(b"5" * 8, timeout=5)
+        assert read_stream(reader) == [b"2" * 100, b"3" * 40, b"4" * 8, "PeerDied", b"5" * 8]
+
+
+def test_a_break_peeked_at_and_not_consumed_is_reported_to_the_next_reader(
+    ring_path: Path,
+) -> None:
+    writer = RingWriter.create(ring_path, 4096)
+    writer.push(b"a1", timeout=5)
+    writer.push(b"a2", timeout=5)
+    writer.abort()
+    with RingWriter.open(ring_path) as successor:
+        successor.push(b"b1", timeout=5)
+    with RingReader.open(ring_path) as reader:
+        assert reader.peek_many(8, timeout=5) == [b"a1", b"a2"]
+        with pytest.raises(PeerDied):
+            reader.peek_many(8, timeout=5)
+        # It stops without consume(): the next reader gets all of it again, break included.
+    with RingReader.open(ring_path) as reader:
+        assert read_stream(reader) == [b"a1", b"a2", "PeerDied", b"b1"]
+
+
 def test_a_writer_reported_dead_with_nothing_left_is_no_break_for_its_successor(
     ring_path: Path,
 ) -> None:

@@ -485,3 +485,115 @@ def test_pipe_rejects_a_bad_capacity() -> None:
         ipc_ring.Pipe(capacity=1000)
     with pytest.raises(TypeError):
         ipc_ring.Pipe(capacity="big")  # type: ignore[arg-type]
+
+
+class SendsOnTheSameEnd:
+    """An object whose pickling sends another message on the same end first."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+
+    def __reduce__(self) -> tuple[object, tuple[object, ...]]:
+        self.conn.send(np.full(3, 2))
+        return (str, ("evil",))
+
+
+def test_a_send_from_inside_a_send_keeps_each_message_its_own_buffers() -> None:
+    a, b = ipc_ring.Pipe()
+    with a, b:
+        a.send([np.full(3, 1), SendsOnTheSameEnd(a)])
+        first, second = recv(b), recv(b)
+        assert np.array_equal(first, np.full(3, 2))
+        assert np.array_equal(second[0], np.full(3, 1)) and second[1] == "evil"
+
+
+def test_recv_bytes_of_an_object_with_buffers_is_its_pickle_and_runs_nothing(
+    processes: list[Any],
+) -> None:
+    a, b = ipc_ring.Pipe(capacity=1 << 16)
+    with a, b:
+        sent = [np.arange(3000, dtype=np.int16), pickle.PickleBuffer(b"read-only"), "x"]
+        a.send(sent)
+        data = b.recv_bytes()  # nothing unpickled: just bytes
+        assert isinstance(data, bytes)
+        back = pickle.loads(data)
+        assert np.array_equal(back[0], sent[0]) and back[1] == b"read-only" and back[2] == "x"
+
+
+def test_recv_bytes_maxlength_of_a_payload_larger_than_the_ring(processes: list[Any]) -> None:
+    a, b = ipc_ring.Pipe(capacity=1 << 12)
+    child = start(processes, "fork", children.echo_bytes_until_eof, b)
+    b.close()
+    a.send_bytes(bytes(10_000))  # read-only, larger than the ring: in parts
+    assert a.poll(TIMEOUT)
+    with pytest.raises(OSError, match="bad message length"):
+        a.recv_bytes(9_999)
+    assert a.recv_bytes(10_000) == bytes(10_000)  # it stayed
+    a.send_bytes(b"stop")
+    assert recv_bytes(a) == b"stop"
+    assert finished(child) == 0
+    a.close()
+
+
+def recv_bytes(conn: Any) -> bytes:
+    assert conn.poll(TIMEOUT), "nothing came"
+    return conn.recv_bytes()  # type: ignore[no-any-return]
+
+
+def test_an_end_is_not_readable_when_the_other_end_only_attaches() -> None:
+    a, b = ipc_ring.Pipe()
+    with a, b:
+        b.send("one")
+        assert a.recv() == "one"
+        a.send("to b")  # a's writer attaches: no event for b's reading side
+        assert b.recv() == "to b"
+        wait = multiprocessing.connection.wait
+        assert wait([a], timeout=0.1) == []
+        b.send("two")
+        assert wait([a], timeout=TIMEOUT) == [a] and a.recv() == "two"
+
+
+def test_poll_with_a_negative_timeout_does_not_wait() -> None:
+    a, b = ipc_ring.Pipe()
+    with a, b:
+        assert b.poll(-1) is False
+        a.send(1)
+        assert b.poll(-1) is True
+
+
+def test_a_pipe_that_cannot_be_made_leaves_no_descriptor() -> None:
+    before = len(os.listdir("/proc/self/fd"))
+    for capacity in (48, 100, 0, -1):
+        with pytest.raises(ValueError):
+            ipc_ring.Pipe(capacity=capacity)
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_two_threads_sending_on_one_end_never_deliver_a_wrong_message() -> None:
+    import threading
+
+    a, b = ipc_ring.Pipe(capacity=1 << 12)
+    errors: list[BaseException] = []
+
+    def send(tag: int) -> None:
+        for i in range(300):
+            try:
+                a.send((tag, i, np.full(100, i)))
+            except RuntimeError as e:  # one thread's call while the other's waits
+                errors.append(e)
+
+    threads = [threading.Thread(target=send, args=(t,), daemon=True) for t in (1, 2)]
+    for t in threads:
+        t.start()
+    got = []
+    while any(t.is_alive() for t in threads) or b.poll():
+        if b.poll(0.05):
+            got.append(b.recv())
+    for t in threads:
+        t.join(TIMEOUT)
+    for tag, i, values in got:
+        assert np.array_equal(values, np.full(100, i)), (tag, i)
+    assert len(got) + len(errors) == 600
+    assert all("in progress" in str(e) for e in errors)
+    a.close()
+    b.close()

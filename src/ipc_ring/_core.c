@@ -46,6 +46,7 @@ typedef struct {
     PyObject *PipePeerGone;  /* ...sending: PeerDied and BrokenPipeError */
     PyObject *pipe_send_large; /* ipc_ring._pipe's send of a message of several records */
     PyObject *pipe_recv_large; /* ...and its receive */
+    PyObject *pipe_loads;      /* pickle.loads */
     PyTypeObject *WriterType;
     PyTypeObject *ReaderType;
     PyTypeObject *SlotType;
@@ -672,9 +673,6 @@ static int handle_init(PyObject *op, PyObject *args, PyObject *kwds, rb_role rol
                      : PyArg_ParseTupleAndKeywords(args, kwds, "U|$OO:Reader", reader_kwlist,
                                                    &path, &spin_obj, &pipe_obj);
     if (!parsed) return -1;
-    if (pipe_obj &&
-        !PyArg_ParseTuple(pipe_obj, "iiii:_pipe", &fd, &fds[0], &fds[1], &fds[2]))
-        return -1;
     uint64_t capacity;
     if (parse_capacity(capacity_obj, &capacity) < 0) return -1;
     if (mode > 07777) {
@@ -708,26 +706,31 @@ static int handle_init(PyObject *op, PyObject *args, PyObject *kwds, rb_role rol
                       .spin_ns = spin_ns};
     rb_error err;
     rb_result res;
+    if (pipe_obj && !PyArg_ParseTuple(pipe_obj, "iiii:_pipe", &fd, &fds[0], &fds[1], &fds[2])) {
+        Py_DECREF(encoded);
+        return -1;
+    }
     if (pipe_obj) {
         /* An ipc_ring.Pipe end: `fd` is an open file description of its own
-         * (the role's lock is on it; the handle owns it from here, even on
-         * failure), the others are duplicated; `path` only names it in
-         * messages. */
-        int own[3] = {-1, -1, -1}, failed = fd < 0;
+         * (the role's lock goes on it); the handle keeps duplicates of it and
+         * of the others, the caller closes its own. `path` only names the
+         * end in messages. */
+        int own[3] = {-1, -1, -1}, ring_fd = -1;
+        int failed = fd < 0 || (ring_fd = fcntl(fd, F_DUPFD_CLOEXEC, 0)) < 0;
         for (int i = 0; i < 3 && !failed; i++)
             failed = fds[i] >= 0 && (own[i] = fcntl(fds[i], F_DUPFD_CLOEXEC, 0)) < 0;
         res = RB_ERROR;
         if (!failed) {
             Py_BEGIN_ALLOW_THREADS
-            res = rb_handle_attach(&self->h, fd, role, &opt, &err);
+            res = rb_handle_attach(&self->h, ring_fd, role, &opt, &err);
             Py_END_ALLOW_THREADS
         }
         Py_DECREF(encoded);
         if (res != RB_OK) {
-            int e = errno;
+            int e = fd < 0 ? EBADF : errno;
             for (int i = 0; i < 3; i++)
                 if (own[i] >= 0) close(own[i]);
-            if (fd >= 0) close(fd);
+            if (ring_fd >= 0) close(ring_fd);
             if (failed) {
                 errno = e;
                 PyErr_SetFromErrno(PyExc_OSError);
@@ -739,7 +742,8 @@ static int handle_init(PyObject *op, PyObject *args, PyObject *kwds, rb_role rol
         self->h.pipe_alive = own[2];
         self->h.notify_missing = NULL;
         self->h.pipe = 1;
-        rb_handle_announce(&self->h);
+        /* No announce: the other end of a Pipe waits for messages, not for
+         * this end to attach. */
         return 0;
     }
     Py_BEGIN_ALLOW_THREADS /* file system calls; nothing else sees this handle yet */
@@ -1671,6 +1675,95 @@ static int pipe_put_whole(HandleObject *self, const char *buf, Py_ssize_t len) {
     }
 }
 
+PyDoc_STRVAR(writer_send_parts_doc,
+"_send_parts($self, segments, /)\n--\n\n"
+"ipc_ring.Pipe: one message of several records (docs/FORMAT.md \"Pipe\n"
+"messages\"): the segments' lengths, then the segments (bytes-like objects),\n"
+"a quarter of the ring per record, waiting for room as long as it takes.");
+
+#define PIPE_PART 5u
+#define PIPE_READONLY (1ULL << 63)
+
+static PyObject *writer_send_parts(PyObject *op, PyObject *arg) {
+    HandleObject *self = (HandleObject *)op;
+    if (require_pipe(self, "_send_parts") < 0) return NULL;
+    /* A tuple of its own: the __buffer__ of one segment cannot change the list. */
+    PyObject *items = PySequence_Tuple(arg);
+    if (!items) return NULL;
+    Py_ssize_t n = PyTuple_GET_SIZE(items);
+    if (n < 1 || n > (1 << 20)) {
+        Py_DECREF(items);
+        PyErr_Format(PyExc_ValueError, "a message of %zd segments", n);
+        return NULL;
+    }
+    if (call_begin(self) < 0) {
+        Py_DECREF(items);
+        return NULL;
+    }
+    Py_buffer *views = PyMem_Calloc((size_t)n, sizeof *views);
+    uint64_t *lengths = PyMem_Calloc((size_t)n, sizeof *lengths);
+    Py_ssize_t got = 0;
+    int r = views && lengths ? 0 : (PyErr_NoMemory(), -1);
+    for (; r == 0 && got < n; got++) {
+        if (PyObject_GetBuffer(PyTuple_GET_ITEM(items, got), &views[got], PyBUF_SIMPLE) < 0) {
+            r = -1;
+            break;
+        }
+        lengths[got] = (uint64_t)views[got].len | (views[got].readonly ? PIPE_READONLY : 0);
+    }
+    if (r == 0) r = call_interrupted(self); /* a __buffer__ closed the handle */
+    if (r == 0 && !pipe_reader_attached(self)) r = pipe_check_peer(self);
+    if (r == 0) {
+        rb_writer *w = &self->h.ring.writer;
+        uint64_t chunk = self->h.capacity / 4 > 24 ? self->h.capacity / 4 - 16 : 8;
+        uint64_t frame = PIPE_HEAD | ((uint64_t)n << 32);
+        /* The stream: segment -1 is the lengths, then the segments. */
+        Py_ssize_t seg = -1;
+        uint64_t offset = 0, left = (uint64_t)n * 8;
+        for (Py_ssize_t i = 0; i < n; i++) left += (uint64_t)views[i].len;
+        rb_wait_state ws;
+        rb_wait_init(&ws, RB_FOREVER, "send");
+        while (left && r == 0) {
+            uint64_t take = left < chunk ? left : chunk;
+            void *payload;
+            rb_result res = rb_reserve(w, take + PIPE_FRAME, &payload);
+            if (res == RB_FULL) {
+                r = handle_wait(self, &ws);
+                continue;
+            }
+            if (res != RB_OK) {
+                r = raise_result(self, res, take + PIPE_FRAME);
+                break;
+            }
+            memcpy(payload, &frame, sizeof frame);
+            char *to = (char *)payload + PIPE_FRAME;
+            for (uint64_t done = 0; done < take;) {
+                const char *from = seg < 0 ? (const char *)lengths : (const char *)views[seg].buf;
+                uint64_t size = seg < 0 ? (uint64_t)n * 8 : (uint64_t)views[seg].len;
+                uint64_t k = size - offset < take - done ? size - offset : take - done;
+                memcpy(to + done, from + offset, (size_t)k);
+                done += k;
+                offset += k;
+                if (offset == size) {
+                    seg++;
+                    offset = 0;
+                }
+            }
+            rb_commit(w, take + PIPE_FRAME);
+            left -= take;
+            frame = PIPE_PART;
+            rb_wait_init(&ws, RB_FOREVER, "send");
+        }
+    }
+    for (Py_ssize_t i = 0; i < got; i++) PyBuffer_Release(&views[i]);
+    PyMem_Free(views);
+    PyMem_Free(lengths);
+    Py_DECREF(items);
+    call_end(self);
+    if (r < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
 PyDoc_STRVAR(writer_check_peer_doc,
 "_check_peer($self, /)\n--\n\n"
 "ipc_ring.Pipe: PipePeerGone if the other end is gone, as send_bytes checks.");
@@ -1834,6 +1927,7 @@ static PyObject *reader_recv_slow(HandleObject *self, PyObject *maxlength_obj, i
         uint64_t frame = pipe_frame(payload, length), total = 0;
         if ((uint32_t)frame == PIPE_HEAD && frame >> 32 == 1 && length >= PIPE_FRAME + 8)
             memcpy(&total, (const char *)payload + PIPE_FRAME, sizeof total);
+        total &= ~(1ULL << 63); /* the read-only flag of an out-of-band buffer */
         if (frame != PIPE_WHOLE && !(want_bytes && maxlength >= 0 && total > (uint64_t)maxlength))
             large = 1;
         else if (frame != PIPE_WHOLE)
@@ -1894,6 +1988,39 @@ static PyObject *reader_recv(PyObject *op, PyObject *Py_UNUSED(ignored)) {
     return reader_recv_slow(self, NULL, 0);
 }
 
+PyDoc_STRVAR(reader_recv_obj_doc,
+"_recv_obj($self, /)\n--\n\n"
+"ipc_ring.Pipe: Connection.recv, the next message unpickled. The message\n"
+"leaves the ring before pickle.loads runs.");
+
+static PyObject *reader_recv_obj(PyObject *op, PyObject *Py_UNUSED(ignored)) {
+    PyObject *raw = reader_recv(op, NULL);
+    if (!raw) return NULL;
+    core_state *st = state_of(op);
+    if (!st || !st->pipe_loads) {
+        Py_DECREF(raw);
+        if (st) PyErr_SetString(PyExc_RuntimeError, "ipc_ring._pipe is not loaded");
+        return NULL;
+    }
+    PyObject *obj;
+    if (PyBytes_CheckExact(raw))
+        obj = PyObject_CallOneArg(st->pipe_loads, raw);
+    else if (PyTuple_Check(raw) && PyTuple_GET_SIZE(raw) == 2) {
+        /* (data, buffers): a message with out-of-band buffers */
+        PyObject *args = PyTuple_Pack(1, PyTuple_GET_ITEM(raw, 0));
+        PyObject *kwargs = args ? Py_BuildValue("{sO}", "buffers", PyTuple_GET_ITEM(raw, 1)) : NULL;
+        obj = kwargs ? PyObject_Call(st->pipe_loads, args, kwargs) : NULL;
+        Py_XDECREF(args);
+        Py_XDECREF(kwargs);
+    }
+    else {
+        PyErr_SetString(PyExc_RuntimeError, "ipc_ring._pipe: unexpected receive result");
+        obj = NULL;
+    }
+    Py_DECREF(raw);
+    return obj;
+}
+
 PyDoc_STRVAR(reader_poll_doc,
 "_poll($self, /, timeout=0.0)\n--\n\n"
 "ipc_ring.Pipe: Connection.poll. True if a message is waiting, or if recv\n"
@@ -1911,7 +2038,15 @@ static PyObject *reader_poll(PyObject *op, PyObject *const *args, Py_ssize_t nar
         Py_RETURN_TRUE;
     if (require_pipe(self, "poll") < 0 || call_begin(self) < 0) return NULL;
     uint64_t timeout = 0;
-    if (args_then(self, timeout_obj ? parse_timeout(timeout_obj, &timeout) : 0) < 0) {
+    /* As multiprocessing's poll: a negative timeout is no wait. */
+    int parsed = 0;
+    if (timeout_obj && timeout_obj != Py_None) {
+        double t = PyFloat_AsDouble(timeout_obj);
+        parsed = t == -1.0 && PyErr_Occurred() ? -1 : t < 0 ? 0 : parse_timeout(timeout_obj, &timeout);
+    }
+    else if (timeout_obj)
+        parsed = parse_timeout(timeout_obj, &timeout);
+    if (args_then(self, parsed) < 0) {
         call_end(self);
         return NULL;
     }
@@ -1934,18 +2069,35 @@ static PyObject *reader_poll(PyObject *op, PyObject *const *args, Py_ssize_t nar
     return result;
 }
 
+PyDoc_STRVAR(empty_bytearray_doc,
+"_empty_bytearray($module, size, /)\n--\n\n"
+"Internal (ipc_ring._pipe): a bytearray of size bytes, not zeroed: the\n"
+"receive of a large message overwrites every byte of it.");
+
+static PyObject *core_empty_bytearray(PyObject *module, PyObject *arg) {
+    (void)module;
+    Py_ssize_t size = PyNumber_AsSsize_t(arg, PyExc_OverflowError);
+    if (size == -1 && PyErr_Occurred()) return NULL;
+    if (size < 0) {
+        PyErr_SetString(PyExc_ValueError, "negative size");
+        return NULL;
+    }
+    return PyByteArray_FromStringAndSize(NULL, size);
+}
+
 PyDoc_STRVAR(pipe_fallbacks_doc,
-"_pipe_fallbacks($module, send_large, recv_large, /)\n--\n\n"
+"_pipe_fallbacks($module, send_large, recv_large, loads, /)\n--\n\n"
 "Internal: ipc_ring._pipe's handling of messages of several records.");
 
 static PyObject *core_pipe_fallbacks(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "_pipe_fallbacks() takes 2 arguments");
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "_pipe_fallbacks() takes 3 arguments");
         return NULL;
     }
     core_state *st = get_state(module);
     Py_XSETREF(st->pipe_send_large, Py_NewRef(args[0]));
     Py_XSETREF(st->pipe_recv_large, Py_NewRef(args[1]));
+    Py_XSETREF(st->pipe_loads, Py_NewRef(args[2]));
     Py_RETURN_NONE;
 }
 
@@ -2060,6 +2212,7 @@ static PyMethodDef writer_methods[] = {
     {"_send_bytes", _PyCFunction_CAST(writer_send_bytes), METH_FASTCALL | METH_KEYWORDS,
      writer_send_bytes_doc},
     {"_check_peer", writer_check_peer, METH_NOARGS, writer_check_peer_doc},
+    {"_send_parts", writer_send_parts, METH_O, writer_send_parts_doc},
     HANDLE_METHODS
     {NULL, NULL, 0, NULL},
 };
@@ -2099,6 +2252,7 @@ static PyMethodDef reader_methods[] = {
     {"_recv_bytes", _PyCFunction_CAST(reader_recv_bytes), METH_FASTCALL | METH_KEYWORDS,
      reader_recv_bytes_doc},
     {"_recv", reader_recv, METH_NOARGS, reader_recv_doc},
+    {"_recv_obj", reader_recv_obj, METH_NOARGS, reader_recv_obj_doc},
     {"_poll", _PyCFunction_CAST(reader_poll), METH_FASTCALL | METH_KEYWORDS, reader_poll_doc},
     HANDLE_METHODS
     {NULL, NULL, 0, NULL},
@@ -2256,6 +2410,7 @@ static PyMethodDef core_methods[] = {
     {"check_timeout", core_check_timeout, METH_O, check_timeout_doc},
     {"inspect", core_inspect, METH_O, inspect_doc},
     {"_pipe_fallbacks", _PyCFunction_CAST(core_pipe_fallbacks), METH_FASTCALL, pipe_fallbacks_doc},
+    {"_empty_bytearray", core_empty_bytearray, METH_O, empty_bytearray_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -2391,6 +2546,7 @@ static int core_traverse(PyObject *module, visitproc visit, void *arg) {
     Py_VISIT(st->PipePeerGone);
     Py_VISIT(st->pipe_send_large);
     Py_VISIT(st->pipe_recv_large);
+    Py_VISIT(st->pipe_loads);
     Py_VISIT(st->WriterType);
     Py_VISIT(st->ReaderType);
     Py_VISIT(st->SlotType);
@@ -2410,6 +2566,7 @@ static int core_clear(PyObject *module) {
     Py_CLEAR(st->PipePeerGone);
     Py_CLEAR(st->pipe_send_large);
     Py_CLEAR(st->pipe_recv_large);
+    Py_CLEAR(st->pipe_loads);
     Py_CLEAR(st->WriterType);
     Py_CLEAR(st->ReaderType);
     Py_CLEAR(st->SlotType);

@@ -386,6 +386,21 @@ void rb_handle_idle(rb_handle *h) {
     struct stat sb;
     if (fstat(h->fd, &sb) != 0 || (uint64_t)sb.st_size < h->map_size) return; /* truncated */
     rb_drain_fd(h->notify_rx);
+    if (h->pipe) {
+        /* An end of ipc_ring.Pipe is readable for a message or the other end's
+         * close, failure or death, as a pipe is: not for its attaching or
+         * handing over. */
+        rb_header *hdr = (rb_header *)h->map;
+        uint32_t peer = atomic_load_explicit(
+            h->role == RB_ROLE_WRITER ? &hdr->reader_state : &hdr->writer_state,
+            memory_order_seq_cst);
+        if (peer == RB_STATE_ATTACHED || peer == RB_STATE_VACANT || peer == RB_STATE_NONE) {
+            if (h->role == RB_ROLE_WRITER)
+                rb_writer_note_peer_state(&h->ring.writer);
+            else
+                rb_reader_note_peer_state(&h->ring.reader);
+        }
+    }
     int armed = h->role == RB_ROLE_WRITER ? rb_arm_writable(&h->ring.writer)
                                           : rb_arm_readable(&h->ring.reader);
     /* What it would wait for holds already: make fileno() readable now. A
@@ -698,6 +713,7 @@ void rb_wait_init(rb_wait_state *ws, uint64_t timeout_ns, const char *op) {
     ws->spun = 0;
     ws->peer_gone = 0;
     ws->vacant = 0;
+    ws->generation = 0;
 }
 
 static rb_result rb_fail_timeout(rb_handle *h, rb_wait_state *ws, rb_error *err) {
@@ -738,16 +754,15 @@ static int rb_peer_gone(rb_handle *h, rb_wait_state *ws, uint32_t state) {
     if (h->pipe) return 1; /* no successor can come: every call reports it */
     /* A reader reports the end of each writer once; then it waits for the
      * next one (FORMAT.md "PeerDied"). */
-    uint32_t generation =
-        atomic_load_explicit(&h->ring.reader.hdr->writer_generation, memory_order_acquire);
-    if (h->ring.reader.reported_generation == generation) {
+    if (h->ring.reader.reported_generation == ws->generation) {
         ws->vacant = 1;
         return 0;
     }
     return 1;
 }
 
-static rb_result rb_fail_peer_died(rb_handle *h, uint32_t state, rb_error *err) {
+static rb_result rb_fail_peer_died(rb_handle *h, rb_wait_state *ws, uint32_t state,
+                                   rb_error *err) {
     if (h->pipe)
         return rb_fail(err, RB_PEER_DIED, 0, "%s: the other end %s", h->path,
                        state == RB_STATE_CLOSED    ? "was closed"
@@ -759,8 +774,9 @@ static rb_result rb_fail_peer_died(rb_handle *h, uint32_t state, rb_error *err) 
                        "'%s': the reader %s and the ring is full; a new reader may attach and "
                        "the writer can continue",
                        h->path, state == RB_STATE_CLOSED ? "closed" : "died");
-    rb_reader_reported(&h->ring.reader, atomic_load_explicit(&h->ring.reader.hdr->writer_generation,
-                                                             memory_order_acquire));
+    /* The generation loaded before the lock test: a successor that attached
+     * since is not the writer reported here (FORMAT.md "Breaks"). */
+    rb_reader_reported(&h->ring.reader, ws->generation);
     return rb_fail(err, RB_PEER_DIED, 0,
                    "'%s': the writer %s; every message it committed has been read (a new "
                    "writer may attach and continue the stream)",
@@ -781,6 +797,9 @@ rb_result rb_wait_prepare(rb_handle *h, rb_wait_state *ws, rb_error *err) {
         rb_reader_note_peer_state(&h->ring.reader);
         state = h->ring.reader.writer_state_seen;
         if (state == RB_STATE_CLOSED) return RB_WOKEN; /* the retry sees the end */
+        /* Before the lock test: the writer whose death that test may show. */
+        ws->generation =
+            atomic_load_explicit(&h->ring.reader.hdr->writer_generation, memory_order_acquire);
     }
     if (!ws->spun) {
         ws->spun = 1;
@@ -798,7 +817,7 @@ rb_result rb_wait_prepare(rb_handle *h, rb_wait_state *ws, rb_error *err) {
     if (rb_peer_gone(h, ws, state)) {
         /* The kernel released the lock after the peer stopped running: one
          * more try sees everything it published (FORMAT.md "PeerDied"). */
-        if (ws->peer_gone) return rb_fail_peer_died(h, state, err);
+        if (ws->peer_gone) return rb_fail_peer_died(h, ws, state, err);
         ws->peer_gone = 1;
         return RB_WOKEN;
     }

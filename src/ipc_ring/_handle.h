@@ -194,6 +194,7 @@ typedef struct rb_wait_state {
     int spun;            /* the spin phase is over */
     int peer_gone;       /* the peer's lock was found free: one retry, then RB_PEER_DIED */
     int vacant;          /* the peer's role is vacant (for the timeout's message) */
+    uint32_t generation; /* reader: writer_generation, loaded before the lock test */
 } rb_wait_state;
 
 void rb_wait_init(rb_wait_state *ws, uint64_t timeout_ns, const char *op);

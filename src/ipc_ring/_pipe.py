@@ -19,14 +19,16 @@ import pickle
 import select
 import socket
 import struct
+import threading
 import weakref
-from collections.abc import Callable
 from multiprocessing import BufferTooShort, reduction
-from typing import Any
+from typing import Any, TypeVar
 
 from . import _core
 
 __all__ = ["Connection", "Pipe"]
+
+_H = TypeVar("_H", _core.Writer, _core.Reader)
 
 _WHOLE = 3
 _HEAD = 4
@@ -34,33 +36,11 @@ _PART = 5
 _FRAME = struct.Struct("<Q")
 _PART_FRAME = _FRAME.pack(_PART)
 _READONLY = 1 << 63  # in a segment's length: an out-of-band buffer that was read-only
+_MAX_BUFFERS = (1 << 20) - 1  # out-of-band buffers in one message (and the pickle)
 _LABEL = "ipc_ring.Pipe"
 _ForkingPickler = reduction.ForkingPickler
 
-# What multiprocessing's pickler adds to plain pickle and plain pickle does the same
-# for (or refuses: a socket raises TypeError, and the send is retried with it).
-_PLAIN_ALIKE = frozenset(
-    {
-        type(_ForkingPickler.dumps),  # method
-        type(list.append),  # method_descriptor
-        type(int.__add__),  # wrapper_descriptor
-        __import__("functools").partial,
-        socket.socket,
-    }
-)
 _extra_reducers: dict[type, Any] = getattr(_ForkingPickler, "_extra_reducers", {})
-_plain_checked = -1
-_plain_ok = False
-
-
-def _plain_pickle_ok() -> bool:
-    """Whether pickle.dumps pickles as multiprocessing's pickler does: while the
-    reducers it registered are only those plain pickle matches."""
-    global _plain_checked, _plain_ok
-    if len(_extra_reducers) != _plain_checked:
-        _plain_checked = len(_extra_reducers)
-        _plain_ok = _extra_reducers.keys() <= _PLAIN_ALIKE
-    return _plain_ok
 
 
 class _Dumper:
@@ -68,34 +48,46 @@ class _Dumper:
     as those of its own connections) into a buffer kept from one send to the next:
     a ForkingPickler made for every send costs three times the pickling."""
 
-    def __init__(self, callback: Callable[[pickle.PickleBuffer], object]) -> None:
-        self.callback = callback
+    def __init__(self) -> None:
         self.out = io.BytesIO()
-        self.key = (-1, -1)
-        self.pickler = pickle.Pickler(self.out, 5, buffer_callback=callback)
+        self.sizes = (-1, -1)  # of the tables the pickler's dispatch table was made from
+        self.buffers: list[pickle.PickleBuffer] = []
+        self.pickler = pickle.Pickler(self.out, 5, buffer_callback=self.buffers.append)
         self.busy = False
 
-    def dumps(self, obj: object) -> bytes:
-        key = (len(copyreg.dispatch_table), len(_extra_reducers))
-        if self.busy:  # a send from inside this pickling (a __reduce__): a pickler of its own
+    def dumps(self, obj: object, buffers: list[pickle.PickleBuffer]) -> bytes:
+        """obj pickled; its out-of-band buffers appended to `buffers`."""
+        if self.busy:
+            # A send from inside this pickling (a __reduce__), or another thread's
+            # while this one's pickling runs Python code: a pickler of its own. (The
+            # test and the store below run with no bytecode between them that lets
+            # another thread in; a Lock would cost a quarter of the send.)
             out = io.BytesIO()
-            _ForkingPickler(out, 5, True, self.callback).dump(obj)
+            _ForkingPickler(out, 5, True, buffers.append).dump(obj)
             return out.getvalue()
-        if key != self.key:
-            table = copyreg.dispatch_table.copy()
-            table.update(_extra_reducers)
-            self.pickler.dispatch_table = table
-            self.key = key
         self.busy = True
+        out, pickler = self.out, self.pickler
         try:
-            out = self.out
+            sizes = (len(copyreg.dispatch_table), len(_extra_reducers))
+            if sizes != self.sizes:
+                table = copyreg.dispatch_table.copy()
+                table.update(_extra_reducers)
+                pickler.dispatch_table = table
+                self.sizes = sizes
             out.seek(0)
             out.truncate()
-            self.pickler.clear_memo()
-            self.pickler.dump(obj)
-            return out.getvalue()
-        finally:
+            pickler.clear_memo()
+            pickler.dump(obj)
+            data = out.getvalue()
+        except BaseException:
+            self.buffers.clear()
             self.busy = False
+            raise
+        if self.buffers:
+            buffers += self.buffers
+            self.buffers.clear()
+        self.busy = False
+        return data
 
 
 def _open_own(fd: int) -> int:
@@ -109,48 +101,11 @@ def _open_own(fd: int) -> int:
         ) from None
 
 
-def _chunk(capacity: int) -> int:
-    """The bytes of a message's stream one part record carries: a quarter of the
-    ring, so that the receiver copies one part out while the sender copies the next
-    in."""
-    return max(8, capacity // 4 - 16)
-
-
-def _send_parts(writer: _core.Writer, segments: list[memoryview]) -> None:
-    """A message of several records: its stream is the segment lengths (u64 each)
-    followed by the segments; the first record (HEAD, its frame giving the segment
-    count) and every next one (PART) carry up to a chunk of it, copied straight into
-    the ring."""
-    chunk = _chunk(writer.capacity)
-    lengths = (s.nbytes | (_READONLY if s.readonly else 0) for s in segments)
-    views = [memoryview(struct.pack(f"<{len(segments)}Q", *lengths))]
-    views += segments
-    total = sum(v.nbytes for v in views)
-    frame = _FRAME.pack(_HEAD | (len(segments) << 32))
-    index = offset = sent = 0
-    while sent < total:
-        take = min(chunk, total - sent)
-        with writer.reserve(8 + take) as slot:
-            slot[:8] = frame
-            pos = 8
-            while pos < 8 + take:
-                view = views[index]
-                n = min(view.nbytes - offset, 8 + take - pos)
-                slot[pos : pos + n] = view[offset : offset + n]
-                pos += n
-                offset += n
-                if offset == view.nbytes:
-                    index += 1
-                    offset = 0
-        sent += take
-        frame = _PART_FRAME
-
-
 def _send_large(writer: _core.Writer, obj: object, offset: int, size: int) -> None:
     """_send_bytes of a payload larger than a record (called by the C method)."""
     with memoryview(obj) as view:  # type: ignore[arg-type]
         flat = view.cast("B") if view.ndim != 1 or view.itemsize != 1 else view
-        _send_parts(writer, [flat[offset : offset + size]])
+        writer._send_parts([flat[offset : offset + size]])
 
 
 def _raw(buffer: pickle.PickleBuffer) -> memoryview:
@@ -165,13 +120,14 @@ class _Stream:
     """Collects the stream of a message of several records."""
 
     def __init__(self, nseg: int) -> None:
-        if not 1 <= nseg <= 1 << 20:
+        if not 1 <= nseg <= _MAX_BUFFERS + 1:
             raise OSError(f"{_LABEL}: a message of {nseg} segments")
         self.nseg = nseg
         self.header = bytearray()
         self.lengths: tuple[int, ...] | None = None
         self.readonly: list[bool] = []
         self.segments: list[bytearray] = []
+        self.views: list[memoryview] = []
         self.index = 0  # the segment being filled
         self.filled = 0
 
@@ -190,13 +146,17 @@ class _Stream:
                     self.lengths = tuple(w & ~_READONLY for w in words)
                     if sum(self.lengths) > 1 << 46:
                         raise OSError(f"{_LABEL}: a message of {sum(self.lengths)} bytes")
-                    self.segments = [bytearray(n) for n in self.lengths]
+                    # Not zeroed: every byte is written below. Written through
+                    # memoryviews: a bytearray's slice assignment copies its source
+                    # first.
+                    self.segments = [_core._empty_bytearray(n) for n in self.lengths]
+                    self.views = [memoryview(b) for b in self.segments]
                     self._skip_empty()
                 continue
             if self.index >= self.nseg:
                 raise OSError(f"{_LABEL}: a message longer than its lengths say")
-            segment = self.segments[self.index]
-            take = min(len(segment) - self.filled, end - pos)
+            segment = self.views[self.index]
+            take = min(segment.nbytes - self.filled, end - pos)
             segment[self.filled : self.filled + take] = data[pos : pos + take]
             self.filled += take
             pos += take
@@ -210,6 +170,30 @@ class _Stream:
     @property
     def done(self) -> bool:
         return self.lengths is not None and self.index >= self.nseg
+
+
+def _in_band(data: bytearray, buffers: list[Any], readonly: list[bool]) -> bytearray:
+    """recv_bytes() of an object sent with out-of-band buffers: its pickle with each
+    buffer written in band, as a pickler without a buffer callback writes it
+    (nothing is unpickled). Frames go: their lengths would change."""
+    import pickletools
+
+    out = bytearray()
+    ops = list(pickletools.genops(bytes(data)))
+    taken = iter(zip(buffers, readonly, strict=True))
+    for i, (op, _arg, pos) in enumerate(ops):
+        end = ops[i + 1][2] if i + 1 < len(ops) else len(data)
+        if op.name in ("FRAME", "READONLY_BUFFER"):
+            continue
+        if op.name == "NEXT_BUFFER":
+            buffer, ro = next(taken)
+            out += (b"\x8e" if ro else b"\x96") + len(buffer).to_bytes(
+                8, "little"
+            )  # BINBYTES8, BYTEARRAY8
+            out += buffer
+            continue
+        out += data[pos:end]
+    return out
 
 
 def _recv_large(reader: _core.Reader, maxlength: int, want_bytes: bool) -> object:
@@ -230,6 +214,8 @@ def _recv_large(reader: _core.Reader, maxlength: int, want_bytes: bool) -> objec
                 raise OSError(f"{_LABEL}: a record that is not part of a message")
             if stream is not None:  # else the rest of a message abandoned earlier
                 stream.feed(view[8:])
+    for view in stream.views:
+        view.release()  # what the caller gets can be resized
     data, *parts = stream.segments
     # A read-only buffer comes back read-only, as pickle gives it in band.
     readonly = stream.readonly[1:]
@@ -237,17 +223,17 @@ def _recv_large(reader: _core.Reader, maxlength: int, want_bytes: bool) -> objec
     if not want_bytes:
         return data, buffers
     if buffers:
-        # recv_bytes() of an object sent with out-of-band buffers: the same object
-        # pickled in band, as multiprocessing.Pipe's send would have sent it.
-        data = bytearray(pickle.dumps(pickle.loads(data, buffers=buffers), 5))
+        data = _in_band(data, buffers, readonly)
     if maxlength >= 0 and len(data) > maxlength:
         raise OSError("bad message length")
     return bytes(data)
 
 
-_core._pipe_fallbacks(_send_large, _recv_large)
+_core._pipe_fallbacks(_send_large, _recv_large, pickle.loads)
 
 _connections: weakref.WeakSet[Connection] = weakref.WeakSet()
+# The methods an attached end binds to its handles' C methods.
+_BOUND = ("send_bytes", "recv_bytes", "poll", "recv", "_recv_raw")
 
 
 def _forget_inherited() -> None:
@@ -281,15 +267,21 @@ class Connection:
         self._reader: _core.Reader | None = None
         self._epoll: select.epoll | None = None
         self._epoll_pid = 0
-        self._oob: list[pickle.PickleBuffer] = []
-        self._dumper = _Dumper(self._oob.append)
+        self._dumper = _Dumper()
+        self._attaching = threading.Lock()
         self._closed = False
         _connections.add(self)
 
     # ---- attaching ------------------------------------------------------------------
 
-    def _pipe_args(self, fd: int) -> tuple[int, int, int, int]:
-        return (_open_own(fd), self._own_event, self._peer_event, self._alive)
+    def _attach(self, cls: type[_H], fd: int, role: str) -> _H:
+        own = _open_own(fd)
+        try:
+            return cls(_LABEL, _pipe=(own, self._own_event, self._peer_event, self._alive))
+        except _core.RingBusy:
+            raise self._busy(role) from None
+        finally:
+            os.close(own)  # the handle keeps a duplicate: the same open file description
 
     def _busy(self, role: str) -> _core.RingBusy:
         return _core.RingBusy(
@@ -299,33 +291,34 @@ class Connection:
         )
 
     def _attach_writer(self) -> _core.Writer:
-        self._check_closed()
-        if self._out_fd < 0:
-            raise OSError("connection is read-only")
-        try:
-            writer = _core.Writer(_LABEL, _pipe=self._pipe_args(self._out_fd))
-        except _core.RingBusy:
-            raise self._busy("written") from None
-        self._writer = writer
+        with self._attaching:  # two threads' first calls attach once
+            if self._writer is not None:
+                return self._writer
+            self._check_closed()
+            if self._out_fd < 0:
+                raise OSError("connection is read-only")
+            writer = self._attach(_core.Writer, self._out_fd, "written")
+            self._writer = writer
         self.send_bytes = writer._send_bytes  # type: ignore[method-assign]
         return writer
 
     def _attach_reader(self) -> _core.Reader:
-        self._check_closed()
-        if self._in_fd < 0:
-            raise OSError("connection is write-only")
-        try:
-            reader = _core.Reader(_LABEL, _pipe=self._pipe_args(self._in_fd))
-        except _core.RingBusy:
-            raise self._busy("read") from None
-        self._reader = reader
+        with self._attaching:
+            if self._reader is not None:
+                return self._reader
+            self._check_closed()
+            if self._in_fd < 0:
+                raise OSError("connection is write-only")
+            reader = self._attach(_core.Reader, self._in_fd, "read")
+            self._reader = reader
         self.recv_bytes = reader._recv_bytes  # type: ignore[method-assign]
         self.poll = reader._poll  # type: ignore[method-assign]
         self._recv_raw = reader._recv  # type: ignore[method-assign]
+        self.recv = reader._recv_obj  # type: ignore[method-assign]
         return reader
 
     def _drop_handles(self, forked: bool = False) -> None:
-        for name in ("send_bytes", "recv_bytes", "poll", "_recv_raw"):
+        for name in _BOUND:
             self.__dict__.pop(name, None)
         for handle in (self._writer, self._reader):
             if handle is not None:
@@ -336,6 +329,7 @@ class Connection:
         self._writer = self._reader = None
         if forked:
             self._epoll = None  # the parent's; this process makes its own
+            self._attaching = threading.Lock()  # another thread may have held it
 
     # ---- multiprocessing.connection.Connection --------------------------------------
 
@@ -368,27 +362,36 @@ class Connection:
 
     def send(self, obj: object) -> None:
         """Send a (picklable) object."""
-        oob = self._oob
-        if _plain_pickle_ok():
-            try:
-                data = pickle.dumps(obj, 5, buffer_callback=oob.append)
-            except TypeError:
-                if socket.socket not in _extra_reducers:
-                    raise
-                oob.clear()
-                data = self._dumper.dumps(obj)  # a socket: multiprocessing's reducer
+        # As multiprocessing pickles (its reducers), with protocol 5. _Dumper.dumps,
+        # its usual case inline: a method call is a tenth of a small object's send.
+        dumper = self._dumper
+        if dumper.busy or dumper.sizes != (len(copyreg.dispatch_table), len(_extra_reducers)):
+            oob: list[pickle.PickleBuffer] = []
+            data = dumper.dumps(obj, oob)
         else:
-            data = self._dumper.dumps(obj)
+            dumper.busy = True
+            out, pickler = dumper.out, dumper.pickler
+            try:
+                out.seek(0)
+                out.truncate()
+                pickler.clear_memo()
+                pickler.dump(obj)
+                data = out.getvalue()
+            finally:
+                dumper.busy = False
+                oob = dumper.buffers[:] if dumper.buffers else []
+                dumper.buffers.clear()
         if not oob:
             (self._writer or self._attach_writer())._send_bytes(data)
             return
-        try:
-            buffers = [memoryview(data), *(_raw(b) for b in oob)]
-        finally:
-            oob.clear()
-        writer = self._writer or self._attach_writer()
-        writer._check_peer()
-        _send_parts(writer, buffers)
+        if len(oob) >= _MAX_BUFFERS:  # more than a message may carry: all in band
+            out = io.BytesIO()
+            _ForkingPickler(out, 5).dump(obj)
+            data = out.getvalue()
+            (self._writer or self._attach_writer())._send_bytes(data)
+            return
+        segments = [memoryview(data), *(_raw(b) for b in oob)]
+        (self._writer or self._attach_writer())._send_parts(segments)
 
     def recv_bytes(self, maxlength: int | None = None) -> bytes:
         """Receive bytes data as a bytes object."""
@@ -453,7 +456,7 @@ class Connection:
         if self._closed:
             return
         self._closed = True
-        for name in ("send_bytes", "recv_bytes", "poll", "_recv_raw"):
+        for name in _BOUND:
             self.__dict__.pop(name, None)
         writer, reader, epoll = self._writer, self._reader, self._epoll
         self._writer = self._reader = self._epoll = None
@@ -518,7 +521,11 @@ def _new_ring(capacity: int) -> int:
     """A memfd holding an initialised ring, its writer's role vacant."""
     fd = os.memfd_create("ipc_ring.pipe", os.MFD_CLOEXEC)
     try:
-        _core.Writer(_LABEL, capacity=capacity, _pipe=(_open_own(fd), -1, -1, -1)).detach()
+        own = _open_own(fd)
+        try:
+            _core.Writer(_LABEL, capacity=capacity, _pipe=(own, -1, -1, -1)).detach()
+        finally:
+            os.close(own)
     except BaseException:
         os.close(fd)
         raise

@@ -506,7 +506,15 @@ void rb_reader_reported(rb_reader *r, uint32_t generation) {
         atomic_store_explicit(&r->hdr->reported_generation, generation, memory_order_release);
 }
 
-void rb_reader_reported_break(rb_reader *r) { rb_reader_reported(r, r->break_generation); }
+void rb_reader_reported_break(rb_reader *r) {
+    /* Told to the header (for later readers) only once nothing before the
+     * break is left unconsumed: a reader that peeked up to it and stops
+     * before consume() leaves the break to the next one (FORMAT.md "Breaks"). */
+    if (atomic_load_explicit(&r->hdr->read_pos, memory_order_relaxed) == r->read_pos)
+        rb_reader_reported(r, r->break_generation);
+    else if (r->break_generation > r->reported_generation)
+        r->reported_generation = r->break_generation;
+}
 
 void rb_reader_note_peer_state(rb_reader *r) {
     r->writer_state_seen = atomic_load_explicit(&r->hdr->writer_state, memory_order_seq_cst);
@@ -588,6 +596,8 @@ rb_result rb_peek_slow(rb_reader *r, const void **payload, uint64_t *length) {
                 if (r->write_pos_seen - r->read_pos <= lap - r->read_pos) return RB_CORRUPT;
                 r->read_pos = lap;
                 r->readable_end = r->write_pos_seen;
+                /* A break in the next lap caps what is readable there. */
+                if (rb_check_break(r, r->write_pos_seen) == RB_PEER_DIED) return RB_PEER_DIED;
                 continue;
             }
             rb_result res = rb_refresh(r);
