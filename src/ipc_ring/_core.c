@@ -1764,19 +1764,6 @@ static PyObject *writer_send_parts(PyObject *op, PyObject *arg) {
     Py_RETURN_NONE;
 }
 
-PyDoc_STRVAR(writer_check_peer_doc,
-"_check_peer($self, /)\n--\n\n"
-"ipc_ring.Pipe: PipePeerGone if the other end is gone, as send_bytes checks.");
-
-static PyObject *writer_check_peer(PyObject *op, PyObject *Py_UNUSED(ignored)) {
-    HandleObject *self = (HandleObject *)op;
-    if (require_pipe(self, "_check_peer") < 0 || call_begin(self) < 0) return NULL;
-    int r = pipe_check_peer(self);
-    call_end(self);
-    if (r < 0) return NULL;
-    Py_RETURN_NONE;
-}
-
 PyDoc_STRVAR(writer_send_bytes_doc,
 "_send_bytes($self, /, buf, offset=0, size=None)\n--\n\n"
 "ipc_ring.Pipe: Connection.send_bytes on this end's ring.");
@@ -2211,7 +2198,6 @@ static PyMethodDef writer_methods[] = {
     {"abort", writer_abort, METH_NOARGS, writer_abort_doc},
     {"_send_bytes", _PyCFunction_CAST(writer_send_bytes), METH_FASTCALL | METH_KEYWORDS,
      writer_send_bytes_doc},
-    {"_check_peer", writer_check_peer, METH_NOARGS, writer_check_peer_doc},
     {"_send_parts", writer_send_parts, METH_O, writer_send_parts_doc},
     HANDLE_METHODS
     {NULL, NULL, 0, NULL},

@@ -55,39 +55,15 @@ class _Dumper:
         self.pickler = pickle.Pickler(self.out, 5, buffer_callback=self.buffers.append)
         self.busy = False
 
-    def dumps(self, obj: object, buffers: list[pickle.PickleBuffer]) -> bytes:
-        """obj pickled; its out-of-band buffers appended to `buffers`."""
-        if self.busy:
-            # A send from inside this pickling (a __reduce__), or another thread's
-            # while this one's pickling runs Python code: a pickler of its own. (The
-            # test and the store below run with no bytecode between them that lets
-            # another thread in; a Lock would cost a quarter of the send.)
-            out = io.BytesIO()
-            _ForkingPickler(out, 5, True, buffers.append).dump(obj)
-            return out.getvalue()
-        self.busy = True
-        out, pickler = self.out, self.pickler
-        try:
-            sizes = (len(copyreg.dispatch_table), len(_extra_reducers))
-            if sizes != self.sizes:
-                table = copyreg.dispatch_table.copy()
-                table.update(_extra_reducers)
-                pickler.dispatch_table = table
-                self.sizes = sizes
-            out.seek(0)
-            out.truncate()
-            pickler.clear_memo()
-            pickler.dump(obj)
-            data = out.getvalue()
-        except BaseException:
-            self.buffers.clear()
-            self.busy = False
-            raise
-        if self.buffers:
-            buffers += self.buffers
-            self.buffers.clear()
-        self.busy = False
-        return data
+    def refresh(self) -> None:
+        """The pickler's dispatch table made again if copyreg's or multiprocessing's
+        registrations changed since (compared by their sizes)."""
+        sizes = (len(copyreg.dispatch_table), len(_extra_reducers))
+        if sizes != self.sizes:
+            table = copyreg.dispatch_table.copy()
+            table.update(_extra_reducers)
+            self.pickler.dispatch_table = table
+            self.sizes = sizes
 
 
 def _open_own(fd: int) -> int:
@@ -362,16 +338,23 @@ class Connection:
 
     def send(self, obj: object) -> None:
         """Send a (picklable) object."""
-        # As multiprocessing pickles (its reducers), with protocol 5. _Dumper.dumps,
-        # its usual case inline: a method call is a tenth of a small object's send.
+        # As multiprocessing pickles (its reducers), with protocol 5, into the end's
+        # kept pickler (inline: a method call is a tenth of a small object's send).
         dumper = self._dumper
-        if dumper.busy or dumper.sizes != (len(copyreg.dispatch_table), len(_extra_reducers)):
+        if dumper.busy:
+            # A send from inside this pickling (a __reduce__), or another thread's
+            # while this one's pickling runs Python code: a pickler of its own. (The
+            # test and the store below run with no bytecode between them that lets
+            # another thread in; a Lock would cost a quarter of the send.)
             oob: list[pickle.PickleBuffer] = []
-            data = dumper.dumps(obj, oob)
+            fresh = io.BytesIO()
+            _ForkingPickler(fresh, 5, True, oob.append).dump(obj)
+            data = fresh.getvalue()
         else:
             dumper.busy = True
-            out, pickler = dumper.out, dumper.pickler
             try:
+                dumper.refresh()
+                out, pickler = dumper.out, dumper.pickler
                 out.seek(0)
                 out.truncate()
                 pickler.clear_memo()
