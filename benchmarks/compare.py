@@ -1,9 +1,11 @@
 """Throughput of ipc_ring against the other ways a Python user passes messages between processes.
 
-Two sections. "bytes" sends raw messages of a few sizes between two child processes, through
+Three sections. "bytes" sends raw messages of a few sizes between two child processes, through
 ipc_ring's RingWriter/RingReader and the alternatives below. "objects" sends Python objects from
 this process to one child through ipc_ring.Pipe and the alternatives a multiprocessing.Pipe user
-has. --section picks one (both run by default).
+has. --section picks one (both run by default). "latency" (``--section latency``, run only when
+asked) is benchmarks/latency.py: one-way wake-up latency to a sleeping receiver and round trips,
+ipc_ring against the alternatives and the floors, with its own options (see its docstring).
 
 Every transport of the bytes section runs through one protocol, so only the transport differs:
 
@@ -65,6 +67,7 @@ Run from a checkout (``pip install -e .`` plus the optional libraries), for exam
     python benchmarks/compare.py --sizes 64 --messages 20000 --runs 1 --only ipc_ring,mp-pipe
     python benchmarks/compare.py --section objects --runs 5
     python benchmarks/compare.py --section objects --cases dict --object-scale 0.1 --runs 1
+    python benchmarks/compare.py --section latency --runs 5
 
 --only takes the transport names of either section (mp-pipe, mp-queue and zmq are in both);
 in the objects section ipc_ring.Pipe is ipc_ring-pipe and multiprocessing.Pipe() is
@@ -1073,7 +1076,7 @@ OBJECT_TRANSPORTS = (
     ),
 )
 OBJECTS_BY_NAME = {t.name: t for t in OBJECT_TRANSPORTS}
-BYTES, OBJECTS = "bytes", "objects"
+BYTES, OBJECTS, LATENCY = "bytes", "objects", "latency"
 REGISTRIES = {BYTES: BY_NAME, OBJECTS: OBJECTS_BY_NAME}
 
 
@@ -1359,10 +1362,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
     parser.add_argument(
         "--section",
-        choices=("all", BYTES, OBJECTS),
+        choices=("all", BYTES, OBJECTS, LATENCY),
         default="all",
         help="bytes: raw messages between two children; objects: ipc_ring.Pipe against "
-        "multiprocessing and pyzmq, parent to child; all (the default): both",
+        "multiprocessing and pyzmq, parent to child; all (the default): both; latency: "
+        "wake-up latency and round trips against the floors (benchmarks/latency.py, its "
+        "own options: --runs, --samples, --gap-us, --only, --no-c, --json)",
     )
     parser.add_argument("--sizes", default="64,256,4096", help="message sizes in bytes (>= 8)")
     parser.add_argument("--messages", type=int, default=1_000_000, help="messages per run")
@@ -1446,7 +1451,26 @@ def _failures(rows: list[Row]) -> list[str]:
     return ["", "failed runs:", *failures] if failures else []
 
 
+def _latency_argv(argv: Sequence[str]) -> list[str] | None:
+    """The arguments for benchmarks/latency.py if they ask for the latency section."""
+    rest = list(argv)
+    for i, arg in enumerate(rest):
+        if arg == "--section" and i + 1 < len(rest) and rest[i + 1] == LATENCY:
+            return rest[:i] + rest[i + 2 :]
+        if arg == f"--section={LATENCY}":
+            return rest[:i] + rest[i + 1 :]
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    latency_argv = _latency_argv(sys.argv[1:] if argv is None else argv)
+    if latency_argv is not None:
+        # Its own protocol and options (benchmarks/latency.py --help): one process pair,
+        # every case taking turns sample by sample.
+        sys.path.insert(0, str(os.path.dirname(os.path.abspath(__file__))))
+        import latency
+
+        return latency.main(latency_argv, shlex.join([sys.executable, *sys.argv]))
     args = _parse_args(argv)
     if sys.byteorder != "little":
         sys.exit("the messages carry a little-endian sequence number: run on a little-endian CPU")

@@ -807,3 +807,117 @@ def test_pop_async_raises_peer_died_when_the_writer_process_is_killed(
 
         assert run(main()) == [numbered(seq) for seq in range(3)]
     assert child.wait() == -signal.SIGKILL
+
+
+# ---- the event loop's watch of a handle (ipc_ring/_async.py, _Watch) ----------------------
+
+
+def _open_fds() -> set[int]:
+    return {int(name) for name in os.listdir("/proc/self/fd")}
+
+
+needs_proc = pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
+
+
+@needs_proc
+@pytest.mark.parametrize("ending", ["close", "detach", "collected"])
+def test_a_handle_that_awaited_leaves_no_descriptor_in_the_loop_once_closed_or_collected(
+    ring_path: Path, ending: str
+) -> None:
+    import gc
+
+    writer = RingWriter.create(ring_path, 1024)
+    held = [RingReader.open(ring_path)]  # the only reference, so that it can be collected
+    held[0].fileno()  # the handle's own FIFO descriptor is not the watch's
+
+    async def main() -> tuple[set[int], set[int]]:
+        before = _open_fds()  # the loop's own are open by now
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.05, writer.push, b"one")
+        assert await held[0].pop_async(timeout=TIMEOUT) == b"one"
+        watching = _open_fds() - before  # the watch stays registered between awaits
+        if ending == "close":
+            held[0].close()
+        elif ending == "detach":
+            held[0].detach()
+        else:
+            with pytest.warns(ResourceWarning):
+                held.clear()
+                gc.collect()
+        await asyncio.sleep(0)
+        return watching, _open_fds() - before
+
+    try:
+        watching, left = run(main())
+    finally:
+        writer.close()
+    assert watching, "a waiting pop_async keeps a descriptor of its own in the loop"
+    assert not left
+
+
+@needs_proc
+def test_a_handle_awaited_from_two_event_loops_in_turn_works_and_leaks_nothing(
+    ring_path: Path,
+) -> None:
+    with RingWriter.create(ring_path, 1024) as writer, RingReader.open(ring_path) as reader:
+        reader.fileno()
+        before = _open_fds()
+
+        async def one(message: bytes) -> bytes:
+            asyncio.get_running_loop().call_later(0.02, writer.push, message)
+            return await reader.pop_async(timeout=TIMEOUT)
+
+        assert run(one(b"first")) == b"first"
+        # The watch (a FIFO and a timer descriptor) outlives its closed loop until the
+        # handle is used again or closed: the next loop's replaces it, not adds to it.
+        assert len(_open_fds() - before) == 2
+        assert run(one(b"second")) == b"second"
+        assert len(_open_fds() - before) == 2
+    assert not _open_fds() - before
+
+
+def test_closing_from_another_thread_ends_a_waiting_pop_async_at_once(ring_path: Path) -> None:
+    with RingWriter.create(ring_path, 1024):
+        reader = RingReader.open(ring_path)
+
+        async def main() -> float:
+            closer = threading.Timer(0.1, reader.close)
+            closer.start()
+            start = time.monotonic()
+            with pytest.raises(RingClosed):
+                await reader.pop_async(timeout=TIMEOUT)
+            closer.join()
+            return time.monotonic() - start
+
+        # Woken by the close (the watch wakes its waiters), not by a liveness slice of 50 ms
+        # after it; generous bound.
+        assert run(main()) < 0.1 + 0.045
+
+
+def test_pop_async_timeouts_are_honoured_within_50_ms(ring_path: Path) -> None:
+    with RingWriter.create(ring_path, 1024), RingReader.open(ring_path) as reader:
+        for timeout in (0.01, 0.08, 0.13):
+            start = time.monotonic()
+            with pytest.raises(RingTimeout):
+                run(reader.pop_async(timeout=timeout))
+            assert timeout <= time.monotonic() - start + 0.002 < timeout + 0.05
+
+
+def test_a_waiting_pop_async_wakes_once_per_message_not_per_loop_turn(ring_path: Path) -> None:
+    """A wake-up byte that nobody awaits is taken by the watch: an idle loop with the
+    handle registered does not spin (it would, level-triggered, if the byte stayed)."""
+    with RingWriter.create(ring_path, 1024) as writer, RingReader.open(ring_path) as reader:
+
+        async def main() -> float:
+            loop = asyncio.get_running_loop()
+            loop.call_later(0.02, writer.push, b"x")
+            assert await reader.pop_async(timeout=TIMEOUT) == b"x"
+            writer.push(b"y")  # a publication while nothing awaits: the flag was armed
+            writer.push(b"z")
+            cpu = time.process_time()
+            await asyncio.sleep(0.3)
+            used = time.process_time() - cpu
+            assert [reader.try_pop(), reader.try_pop()] == [b"y", b"z"]
+            return used
+
+        assert run(main()) < 0.15

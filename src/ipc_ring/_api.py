@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import os
 import time
-from types import TracebackType
-from typing import TYPE_CHECKING, Self, TypedDict, TypeVar
+from collections.abc import Coroutine
+from types import ModuleType, TracebackType
+from typing import TYPE_CHECKING, Any, Self, TypedDict, TypeVar
 
 from . import _core
 from ._core import RingBusy, RingClosed
@@ -105,6 +106,20 @@ def _hand_over(handle: _core.Writer | _core.Reader) -> None:
     handle._hand_over()
 
 
+_ASYNC: ModuleType | None = None
+
+
+def _async_glue() -> ModuleType:
+    """ipc_ring._async, imported on first use only (it imports asyncio); after that a
+    global load, not an import statement per call."""
+    global _ASYNC
+    if _ASYNC is None:
+        from . import _async
+
+        _ASYNC = _async
+    return _ASYNC
+
+
 class _Handle:
     """What both handles add to their C type: a context manager and a repr."""
 
@@ -146,6 +161,27 @@ class RingWriter(_Handle, _core.Writer):
     """The producing end of a ring. Create one with :meth:`RingWriter.create`."""
 
     __slots__ = ()
+
+    # The C methods, then: an event loop that awaited this handle stops watching it.
+    def close(self) -> None:
+        _core.Writer.close(self)
+        if _ASYNC is not None:
+            _ASYNC.retire(self)
+
+    def abort(self) -> None:
+        _core.Writer.abort(self)
+        if _ASYNC is not None:
+            _ASYNC.retire(self)
+
+    def detach(self) -> None:
+        _core.Writer.detach(self)
+        if _ASYNC is not None:
+            _ASYNC.retire(self)
+
+    for _name in ("close", "abort", "detach"):  # the C method's text and signature
+        _wrapper, _wrapped = locals()[_name], getattr(_core.Writer, _name)
+        _wrapper.__doc__, _wrapper.__wrapped__ = _wrapped.__doc__, _wrapped
+    del _name, _wrapper, _wrapped
 
     @classmethod
     def create(
@@ -225,20 +261,36 @@ class RingWriter(_Handle, _core.Writer):
         _hand_over(self)
         return _reopen_writer, (self.path, self.spin)
 
-    async def push_async(self, data: Buffer, /, timeout: float | None = None) -> None:
+    def push_async(
+        self, data: Buffer, /, timeout: float | None = None
+    ) -> Coroutine[Any, Any, None]:
         """Like :meth:`push`, but awaits free space in the running asyncio loop
         (on :meth:`fileno`, no thread). ``RingTimeout`` when ``timeout``
         expires, ``PeerDied`` as for ``push``. Cancelled while waiting, it has
-        written nothing. One awaiting call per handle at a time."""
-        from . import _async  # asyncio is imported on first use only
-
-        await _async.push_async(self, data, timeout)
+        written nothing. One awaiting call per handle at a time. (A coroutine:
+        ``await writer.push_async(data)``.)"""
+        return _async_glue().push_async(self, data, timeout)  # type: ignore[no-any-return]
 
 
 class RingReader(_Handle, _core.Reader):
     """The consuming end of a ring. Open one with :meth:`RingReader.open`."""
 
     __slots__ = ()
+
+    def close(self) -> None:
+        _core.Reader.close(self)
+        if _ASYNC is not None:
+            _ASYNC.retire(self)
+
+    def detach(self) -> None:
+        _core.Reader.detach(self)
+        if _ASYNC is not None:
+            _ASYNC.retire(self)
+
+    for _name in ("close", "detach"):
+        _wrapper, _wrapped = locals()[_name], getattr(_core.Reader, _name)
+        _wrapper.__doc__, _wrapper.__wrapped__ = _wrapped.__doc__, _wrapped
+    del _name, _wrapper, _wrapped
 
     @classmethod
     def open(cls, path: StrPath, *, spin: float | None = None, wait: float | None = None) -> Self:
@@ -263,16 +315,15 @@ class RingReader(_Handle, _core.Reader):
         _hand_over(self)
         return _reopen_reader, (self.path, self.spin)
 
-    async def pop_async(self, timeout: float | None = None) -> bytes:
+    def pop_async(self, timeout: float | None = None) -> Coroutine[Any, Any, bytes]:
         """Like :meth:`pop`, but awaits the next message in the running asyncio
         loop (on :meth:`fileno`, no thread). ``RingTimeout`` when ``timeout``
         expires, ``RingClosed`` at the end of the stream, ``PeerDied`` as for
         ``pop``. Cancelled while waiting, it has consumed nothing: the message
         is taken only by the call that returns it. One awaiting call per
-        handle at a time."""
-        from . import _async  # asyncio is imported on first use only
-
-        return await _async.pop_async(self, timeout)
+        handle at a time. (A coroutine: ``await reader.pop_async()``.)"""
+        # A plain function returning the coroutine: no frame of its own to resume.
+        return _async_glue().pop_async(self, timeout)  # type: ignore[no-any-return]
 
     def __aiter__(self) -> Self:
         return self
@@ -280,9 +331,7 @@ class RingReader(_Handle, _core.Reader):
     async def __anext__(self) -> bytes:
         """``async for msg in reader``: ends at the end of stream, raises
         ``PeerDied`` like the blocking iteration."""
-        from . import _async
-
         try:
-            return await _async.pop_async(self)
+            return await _async_glue().pop_async(self)  # type: ignore[no-any-return]
         except RingClosed:
             raise StopAsyncIteration from None

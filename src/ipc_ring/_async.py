@@ -12,9 +12,11 @@ wait consumes nothing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+import weakref
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import _core
 from ._core import RingTimeout
@@ -22,7 +24,7 @@ from ._core import RingTimeout
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
-__all__ = ["POLL_INTERVAL", "pop_async", "push_async"]
+__all__ = ["POLL_INTERVAL", "pop_async", "push_async", "retire"]
 
 #: Seconds between liveness checks while a side waits on its FIFO: a dead peer
 #: never writes to the FIFO, so the waiter tries again this often (the blocking
@@ -32,6 +34,138 @@ POLL_INTERVAL = _core.SLEEP_SLICE
 _T = TypeVar("_T")
 
 
+class _Watch:
+    """A handle's descriptor in one event loop, registered once and kept between
+    awaits: asyncio's add_reader/remove_reader cost more than the rest of a wake-up
+    together, so a wait reuses the registration, and its wake-up runs one short
+    callback. The loop watches a descriptor of its own (a dup of fileno()): close()
+    of the handle closes the handle's, whose number another file may take while the
+    loop still lists it. The liveness slice is a timer descriptor in the loop too
+    (where the system has one): a loop timer would cost every wake-up of the loop
+    its bookkeeping. Dropped when the handle is closed (close, abort, detach, or an
+    await that finds it closed), collected, or used from another loop."""
+
+    __slots__ = ("__weakref__", "fd", "handle", "loop", "pid", "timer_at", "timer_fd", "waiters")
+
+    def __init__(self, handle: _core.Writer | _core.Reader, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.pid = os.getpid()
+        self.waiters: list[asyncio.Future[None]] = []
+        self.timer_at: float | None = None  # loop.time() the timer descriptor is armed for
+        self.fd = self.timer_fd = -1
+        try:
+            self.fd = os.dup(handle.fileno())
+            loop.add_reader(self.fd, self.ready)
+            self.timer_fd = _core._timer_fd()
+            if self.timer_fd >= 0:
+                loop.add_reader(self.timer_fd, self.tick)
+        except BaseException:
+            self.forget()
+            raise
+        # Weak: an unclosed handle is still collected (and warns); then this goes.
+        self.handle = weakref.ref(handle, self._handle_gone)
+
+    def ready(self) -> None:
+        """The descriptor is readable: take the bytes (a wake-up nobody awaits would
+        keep the loop calling), and wake the waiters. (try/except, not
+        contextlib.suppress: this runs in every wake-up.)"""
+        try:  # noqa: SIM105
+            os.read(self.fd, 4096)
+        except OSError:
+            pass
+        self._wake_all()
+
+    def tick(self) -> None:
+        """The liveness slice (or a deadline) is over: the waiters try again."""
+        try:  # noqa: SIM105
+            os.read(self.timer_fd, 8)
+        except OSError:
+            pass
+        self.timer_at = None
+        self._wake_all()
+
+    def _wake_all(self) -> None:
+        waiters, self.waiters = self.waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def wait(self, until: float) -> tuple[asyncio.Future[None], asyncio.TimerHandle | None]:
+        """A future that ready() or tick() resolves, no later than loop time `until`;
+        and the loop timer it needs where there is no timer descriptor (else None)."""
+        loop = self.loop
+        waiter = loop.create_future()
+        self.waiters.append(waiter)
+        if self.timer_fd < 0:
+            return waiter, loop.call_at(until, _wake, waiter)
+        if self.timer_at is None or self.timer_at > until:  # an earlier one serves too
+            _core._timer_set(self.timer_fd, until - loop.time())
+            self.timer_at = until
+        return waiter, None
+
+    def forget(self) -> None:
+        """Unregister and close; in the loop's thread, or while the loop is not running.
+        A waiter tries again at once (and finds the handle closed)."""
+        fds = [fd for fd in (self.fd, self.timer_fd) if fd >= 0]
+        self.fd = self.timer_fd = -1
+        self._wake_all()
+        try:
+            if self.pid == os.getpid() and not self.loop.is_closed():
+                for fd in fds:
+                    self.loop.remove_reader(fd)
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def retire(self) -> None:
+        """forget() from any thread: the loop's own thread does it if another runs it."""
+        if self.fd < 0:
+            return
+        loop = self.loop
+        elsewhere = (
+            self.pid == os.getpid()
+            and not loop.is_closed()
+            and loop.is_running()
+            and asyncio._get_running_loop() is not loop
+        )
+        if elsewhere:
+            with contextlib.suppress(RuntimeError):  # closed meanwhile
+                loop.call_soon_threadsafe(self.forget)
+                return
+        self.forget()
+
+    def _handle_gone(self, ref: object) -> None:
+        self.retire()
+
+
+#: handle -> its _Watch; the weak key goes with the handle.
+_WATCHES: weakref.WeakKeyDictionary[_core.Writer | _core.Reader, _Watch] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def retire(handle: _core.Writer | _core.Reader) -> None:
+    """The handle was closed (close, abort, detach): the loop stops watching it."""
+    watch = _WATCHES.pop(handle, None)
+    if watch is not None:
+        watch.retire()
+
+
+def _watch(handle: _core.Writer | _core.Reader, loop: asyncio.AbstractEventLoop) -> _Watch:
+    watch = _WATCHES.get(handle)
+    if watch is not None and watch.loop is loop and watch.fd >= 0:
+        return watch
+    if watch is not None:
+        watch.retire()  # another loop's, or forgotten
+    watch = _WATCHES[handle] = _Watch(handle, loop)
+    return watch
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 async def _until(
     handle: _core.Writer | _core.Reader,
     attempt: Callable[[], _T],
@@ -39,59 +173,58 @@ async def _until(
     name: str,
 ) -> _T:
     """Run `attempt` (which raises RingTimeout when it would block) until it succeeds,
-    awaiting fileno() between tries; RingTimeout once `timeout` has passed."""
+    awaiting fileno() between tries; RingTimeout once `timeout` has passed. One
+    coroutine, so that a wake-up resumes and returns through as few frames as can be."""
     limit = _core.check_timeout(timeout)
-    loop = asyncio.get_running_loop()
-    deadline = None if limit is None else loop.time() + limit
-    # The loop watches a descriptor of its own: close() of the handle during
-    # the await closes the handle's, whose number another file may take.
-    fd = os.dup(handle.fileno())
     try:
-        return await _attempts(loop, fd, attempt, name, timeout, deadline)
-    finally:
-        os.close(fd)
+        return attempt()  # the common case in a busy stream: no descriptor, no loop
+    except RingTimeout:
+        pass
+    loop = asyncio.get_running_loop()
+    now = loop.time()
+    deadline = None if limit is None else now + limit
+    if deadline is not None and now >= deadline:
+        raise RingTimeout(f"{name} timed out after {timeout:.6g} s")
+    watch = _watch(handle, loop)
+    try:
+        while True:
+            until = now + POLL_INTERVAL
+            if deadline is not None and deadline < until:
+                until = deadline
+            waiter, timer = watch.wait(until)
+            try:
+                await waiter
+            finally:
+                if timer is not None:
+                    timer.cancel()
+                if not waiter.done():  # cancelled: not left for ready() to find
+                    with contextlib.suppress(ValueError):
+                        watch.waiters.remove(waiter)
+            try:
+                return attempt()
+            except RingTimeout:
+                pass
+            now = loop.time()
+            if deadline is not None and now >= deadline:
+                raise RingTimeout(f"{name} timed out after {timeout:.6g} s")
+    except BaseException:
+        if handle.closed:  # closed during the await: the loop watches nothing of it
+            retire(handle)
+        raise
 
 
-async def _attempts(
-    loop: asyncio.AbstractEventLoop,
-    fd: int,
-    attempt: Callable[[], _T],
-    name: str,
-    timeout: float | None,
-    deadline: float | None,
-) -> _T:
-    while True:
-        try:
-            return attempt()
-        except RingTimeout:
-            pass
-        now = loop.time()
-        if deadline is not None and now >= deadline:
-            raise RingTimeout(f"{name} timed out after {timeout:.6g} s")
-        done = loop.create_future()
-
-        def wake(done: asyncio.Future[None] = done) -> None:
-            if not done.done():
-                done.set_result(None)
-
-        delay = POLL_INTERVAL if deadline is None else min(POLL_INTERVAL, deadline - now)
-        loop.add_reader(fd, wake)
-        timer = loop.call_later(max(delay, 0.0), wake)
-        try:
-            await done
-        finally:
-            timer.cancel()
-            loop.remove_reader(fd)
-
-
-async def pop_async(reader: _core.Reader, timeout: float | None = None) -> bytes:
+def pop_async(reader: _core.Reader, timeout: float | None = None) -> Coroutine[Any, Any, bytes]:
     """Await the next message (see RingReader.pop_async). pop(timeout=0) takes the
     message if there is one; on an empty ring it tests the writer's liveness once
     (PeerDied), sees the end (RingClosed), and arms fileno()."""
-    return await _until(reader, lambda: reader.pop(timeout=0), timeout, "pop_async")
+    pop = reader.pop
+    return _until(reader, lambda: pop(0), timeout, "pop_async")
 
 
-async def push_async(writer: _core.Writer, data: Buffer, timeout: float | None = None) -> None:
+def push_async(
+    writer: _core.Writer, data: Buffer, timeout: float | None = None
+) -> Coroutine[Any, Any, None]:
     """Await room for ``data`` and push it (see RingWriter.push_async). MessageTooLarge
     and PeerDied come from push(timeout=0) as in the blocking API."""
-    await _until(writer, lambda: writer.push(data, timeout=0), timeout, "push_async")
+    push = writer.push
+    return _until(writer, lambda: push(data, 0), timeout, "push_async")

@@ -17,7 +17,10 @@ buffer, as the seed's reader pops into a reused Vec), ``batch`` (push_many / pop
 the whole message into the reserved record, the reader reads it in place).
 
 ``--latency`` measures instead: the round trip of one message through two
-rings (spinning), and the one-way wake-up latency of a reader asleep in pop.
+rings (spinning), and the one-way wake-up latency of a reader asleep in pop,
+taking turns with the floor (os.read asleep on a pipe) in the same run; the
+sender sleeps between those messages, so no spin of its own competes with the
+wake-up it measures.
 """
 
 from __future__ import annotations
@@ -429,12 +432,41 @@ def _warmup(cfg: BenchConfig) -> int:
     return min(1000, cfg.messages)
 
 
+def _floor_path(cfg: BenchConfig) -> str:
+    return cfg.ring + ".floor"
+
+
+def _read_exactly(fd: int, size: int) -> bytes:
+    data = os.read(fd, size)
+    while len(data) < size:
+        more = os.read(fd, size - len(data))
+        if not more:
+            raise EOFError("the floor pipe closed inside a message")
+        data += more
+    return data
+
+
 def run_latency_echo(cfg: BenchConfig) -> int:
-    """Far side: create the pong ring, wait for go, echo the round-trip
-    messages, then time the wake-ups: each message carries the monotonic
-    clock at its push, and this side sleeps in pop between them. The
-    wake-up samples go back to the client as a last message."""
+    """Far side: create the pong ring and the floor FIFO, wait for go, echo the
+    round-trip messages, then time the wake-ups: each message carries the monotonic
+    clock at its push, and this side sleeps in pop (or, every other message, in
+    os.read on the FIFO: the floor) between them. The wake-up samples go back to the
+    client as a last message."""
     _pin(cfg, "writer")
+    floor = _floor_path(cfg)
+    os.mkfifo(floor, 0o600)
+    try:
+        # Held open for reading and writing: the client's open never blocks.
+        floor_fd = os.open(floor, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            return _echo(cfg, floor_fd)
+        finally:
+            os.close(floor_fd)
+    finally:
+        os.unlink(floor)
+
+
+def _echo(cfg: BenchConfig, floor_fd: int) -> int:
     with RingWriter.create(_pong_path(cfg), cfg.cap, spin=cfg.spin) as pong:
         print("ready", flush=True)
         if sys.stdin.readline().strip() != "go":
@@ -442,18 +474,26 @@ def run_latency_echo(cfg: BenchConfig) -> int:
         with RingReader.open(cfg.ring, spin=cfg.spin, wait=STALL_TIMEOUT) as ping:
             for _ in range(cfg.messages + _warmup(cfg)):
                 pong.push(ping.pop(STALL_TIMEOUT), STALL_TIMEOUT)
-            wakes = []
-            for _ in range(cfg.latency_samples):
-                msg = ping.pop(STALL_TIMEOUT)
-                wakes.append(time.monotonic_ns() - SEQUENCE.unpack_from(msg)[0])
-                pong.push(b"", STALL_TIMEOUT)
-            pong.push(json.dumps(wakes).encode(), STALL_TIMEOUT)
+            wakes: list[int] = []
+            floors: list[int] = []
+            mono, unpack = time.monotonic_ns, SEQUENCE.unpack_from
+            for i in range(2 * cfg.latency_samples):
+                if i % 2 == 0:
+                    msg = ping.pop(STALL_TIMEOUT)
+                    wakes.append(mono() - unpack(msg)[0])
+                else:
+                    msg = _read_exactly(floor_fd, cfg.msg_size)
+                    floors.append(mono() - unpack(msg)[0])
+            pong.push(json.dumps({"pop": wakes, "os_read": floors}).encode(), STALL_TIMEOUT)
     return 0
 
 
 def run_latency_client(cfg: BenchConfig) -> int:
-    """Near side: round trips with both sides spinning, then one message
-    every millisecond to the sleeping far side, which times its wake-up."""
+    """Near side: round trips with both sides spinning, then one message every
+    millisecond to the sleeping far side, which times its wake-up: alternately
+    through the ring and through a pipe (the os.read floor, measured in the same
+    run). This side only sleeps between those messages and waits for no reply, so
+    nothing of its own spins on the other core while the far side is woken."""
     _pin(cfg, "reader")
     pong = RingReader.open(_pong_path(cfg), spin=cfg.spin, wait=STALL_TIMEOUT)
     with pong, RingWriter.create(cfg.ring, cfg.cap, spin=cfg.spin) as ping:
@@ -474,29 +514,44 @@ def run_latency_client(cfg: BenchConfig) -> int:
                 return 1
             if i >= warmup:
                 rounds.append(t1 - t0)
-        # 1 ms apart: far longer than the far side's spin, so it is asleep.
-        for _ in range(cfg.latency_samples):
-            time.sleep(0.001)
-            sequence[0] = time.monotonic_ns()
-            ping.push(message, STALL_TIMEOUT)
-            pong.pop(STALL_TIMEOUT)
-        wakes: list[int] = json.loads(pong.pop(STALL_TIMEOUT))
+        floor_fd = os.open(_floor_path(cfg), os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            # 1 ms apart: far longer than the far side's spin, so it is asleep.
+            for i in range(2 * cfg.latency_samples):
+                time.sleep(0.001)
+                sequence[0] = time.monotonic_ns()
+                if i % 2 == 0:
+                    ping.push(message, STALL_TIMEOUT)
+                else:
+                    os.write(floor_fd, message)
+        finally:
+            os.close(floor_fd)
+        wakes: dict[str, list[int]] = json.loads(pong.pop(STALL_TIMEOUT))
     rt = _percentiles(rounds)
-    wk = _percentiles(wakes)
-    print(json.dumps({"msg_size": cfg.msg_size, "round_trip_us": rt, "wakeup_us": wk}))
+    wk = _percentiles(wakes["pop"])
+    fl = _percentiles(wakes["os_read"])
+    ratio = {q: round(wk[q] / fl[q], 3) for q in ("p50", "p99", "p99.9")}
+    print(json.dumps({"msg_size": cfg.msg_size, "round_trip_us": rt, "wakeup_us": wk,
+                      "wakeup_floor_us": fl, "wakeup_vs_floor": ratio}))  # fmt: skip
     if cfg.json_only:
         return 0
     print(
         f"round trip, both sides spinning ({len(rounds):,} messages of {cfg.msg_size} B): "
         f"p50 {rt['p50']:.2f} us, p99 {rt['p99']:.2f} us, p99.9 {rt['p99.9']:.2f} us\n"
-        f"one way to a reader asleep in pop ({len(wakes):,} samples, 1 ms apart): "
-        f"p50 {wk['p50']:.1f} us, p99 {wk['p99']:.1f} us, p99.9 {wk['p99.9']:.1f} us",
+        f"one way to a reader asleep in pop ({len(wakes['pop']):,} samples, 1 ms apart, "
+        f"the sender asleep between them): "
+        f"p50 {wk['p50']:.1f} us, p99 {wk['p99']:.1f} us, p99.9 {wk['p99.9']:.1f} us\n"
+        f"floor, os.read asleep on a pipe (the same run, taking turns with pop): "
+        f"p50 {fl['p50']:.1f} us, p99 {fl['p99']:.1f} us, p99.9 {fl['p99.9']:.1f} us\n"
+        f"pop / floor: p50 {ratio['p50']:.2f}x, p99 {ratio['p99']:.2f}x, "
+        f"p99.9 {ratio['p99.9']:.2f}x",
         flush=True,
     )
     return 0
 
 
 def run_latency(cfg: BenchConfig) -> int:
+    _refuse_existing(_floor_path(cfg))
     return _run_pair(
         _child("latency-echo", cfg),
         _child("latency-client", cfg),

@@ -25,8 +25,12 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h> /* T_PYSSIZET, READONLY: __weaklistoffset__ of a heap type (3.11) */
 
 #include <math.h>
+#if defined(__linux__)
+#include <sys/timerfd.h>
+#endif
 
 #include "_handle.h"
 
@@ -87,6 +91,7 @@ typedef struct {
     Py_ssize_t peeked;  /* reader: messages peek_many() returned and consume() did not */
     rb_read_mark peek_mark; /* reader: where the next peek_many() reads, while peeked > 0 */
     struct SlotObject *slot; /* the open slot (borrowed), if SLOT_OPEN */
+    PyObject *weakrefs; /* the asyncio glue keeps its event-loop watch by a weak reference */
 } HandleObject;
 
 static inline int is_writer(HandleObject *self) { return self->h.role == RB_ROLE_WRITER; }
@@ -327,14 +332,15 @@ static int handle_wait(HandleObject *self, rb_wait_state *ws) {
     if (res == RB_WOKEN) return 0;
     if (res != RB_OK) return raise_error(self, &err);
     self->h.flags |= CALL_SLEEPING;
+    rb_result slept;
     Py_BEGIN_ALLOW_THREADS
-    rb_wait_sleep(&self->h, ws);
+    slept = rb_wait_sleep(&self->h, ws);
     Py_END_ALLOW_THREADS
     self->h.flags &= ~(unsigned)CALL_SLEEPING;
     /* PEP 475: run the signal handlers; an exception from one ends the call. */
     int signalled = PyErr_CheckSignals();
     if (call_interrupted(self) < 0) return -1; /* closed meanwhile: do not touch the header */
-    res = rb_wait_finish(&self->h, &err);
+    res = rb_wait_finish(&self->h, ws, slept, &err);
     if (signalled < 0) return -1;
     return res == RB_OK ? 0 : raise_error(self, &err);
 }
@@ -793,6 +799,7 @@ static void handle_dealloc(PyObject *op) {
     PyTypeObject *tp = Py_TYPE(op);
     HandleObject *self = (HandleObject *)op;
     if (PyObject_CallFinalizerFromDealloc(op) < 0) return; /* resurrected */
+    if (self->weakrefs) PyObject_ClearWeakRefs(op);
     /* Nothing can use the mapping now: slots and their buffers hold a
      * reference to the handle, and so does every running call. */
     handle_close(self, is_writer(self) ? RB_STATE_FAILED : RB_STATE_CLOSED);
@@ -2203,6 +2210,11 @@ static PyMethodDef writer_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
+static PyMemberDef handle_members[] = {
+    {"__weaklistoffset__", T_PYSSIZET, offsetof(HandleObject, weakrefs), READONLY, NULL},
+    {NULL, 0, 0, 0, NULL},
+};
+
 static PyType_Slot writer_slots[] = {
     {Py_tp_doc, "Writer(path, *, capacity=..., mode=0o600, spin=None, _pipe=...)\n--\n\n"
                 "Low-level writer handle; use ipc_ring.RingWriter."},
@@ -2212,6 +2224,7 @@ static PyType_Slot writer_slots[] = {
     {Py_tp_finalize, handle_finalize},
     {Py_tp_methods, writer_methods},
     {Py_tp_getset, writer_getset},
+    {Py_tp_members, handle_members},
     {0, NULL},
 };
 
@@ -2253,6 +2266,7 @@ static PyType_Slot reader_slots[] = {
     {Py_tp_finalize, handle_finalize},
     {Py_tp_methods, reader_methods},
     {Py_tp_getset, reader_getset},
+    {Py_tp_members, handle_members},
     {Py_tp_iter, PyObject_SelfIter},
     {Py_tp_iternext, reader_iternext},
     {0, NULL},
@@ -2389,6 +2403,56 @@ static PyObject *core_check_ring_file(PyObject *module, PyObject *arg) {
     return unlink_or_check(module, arg, 1);
 }
 
+PyDoc_STRVAR(timer_fd_doc,
+"_timer_fd($module, /)\n--\n\n"
+"A new one-shot CLOCK_MONOTONIC timer descriptor (non-blocking, close-on-exec),\n"
+"readable once its time has come; -1 where the system has none. The asyncio\n"
+"glue's liveness slice: a descriptor in the loop, where a loop timer would\n"
+"cost every wake-up its bookkeeping.");
+
+static PyObject *core_timer_fd(PyObject *module, PyObject *Py_UNUSED(ignored)) {
+#if defined(__linux__)
+    int fd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+    if (fd < 0) return PyErr_SetFromErrno(PyExc_OSError);
+    return PyLong_FromLong(fd);
+#else
+    return PyLong_FromLong(-1);
+#endif
+}
+
+PyDoc_STRVAR(timer_set_doc,
+"_timer_set($module, fd, seconds, /)\n--\n\n"
+"Arm the timer descriptor fd (from _timer_fd) to become readable in `seconds`\n"
+"(at least 1 us; a new time replaces the old one).");
+
+static PyObject *core_timer_set(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_Format(PyExc_TypeError, "_timer_set expected 2 arguments, got %zd", nargs);
+        return NULL;
+    }
+    long fd_long = PyLong_AsLong(args[0]);
+    if (fd_long == -1 && PyErr_Occurred()) return NULL;
+    if (fd_long < 0 || fd_long > INT_MAX) {
+        PyErr_SetString(PyExc_ValueError, "_timer_set: not a file descriptor");
+        return NULL;
+    }
+    int fd = (int)fd_long;
+    double seconds = PyFloat_AsDouble(args[1]);
+    if (seconds == -1.0 && PyErr_Occurred()) return NULL;
+#if defined(__linux__)
+    if (!(seconds >= 1e-6)) seconds = 1e-6; /* 0 would disarm it; NaN too */
+    if (seconds > 1e9) seconds = 1e9;
+    struct itimerspec spec = {{0, 0}, {(time_t)seconds, 0}};
+    spec.it_value.tv_nsec = (long)((seconds - (double)spec.it_value.tv_sec) * 1e9);
+    if (timerfd_settime(fd, 0, &spec, NULL) != 0) return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
+#else
+    (void)fd;
+    PyErr_SetString(PyExc_OSError, "no timer descriptors on this system");
+    return NULL;
+#endif
+}
+
 static PyMethodDef core_methods[] = {
     {"capacity_valid", core_capacity_valid, METH_O, capacity_valid_doc},
     {"unlink", core_unlink, METH_O, unlink_doc},
@@ -2397,6 +2461,8 @@ static PyMethodDef core_methods[] = {
     {"inspect", core_inspect, METH_O, inspect_doc},
     {"_pipe_fallbacks", _PyCFunction_CAST(core_pipe_fallbacks), METH_FASTCALL, pipe_fallbacks_doc},
     {"_empty_bytearray", core_empty_bytearray, METH_O, empty_bytearray_doc},
+    {"_timer_fd", core_timer_fd, METH_NOARGS, timer_fd_doc},
+    {"_timer_set", _PyCFunction_CAST(core_timer_set), METH_FASTCALL, timer_set_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -41,8 +41,9 @@ uint64_t rb_now_ns(void) {
 }
 
 /* Sleeps while *word == expected, until woken or the absolute deadline
- * (0 = none). RB_WOKEN (also for a changed value or a spurious return),
- * RB_TIMEOUT or RB_INTERRUPTED. */
+ * (0 = none). RB_WOKEN (woken, or the value had changed: someone stored
+ * into the word), RB_TIMEOUT, RB_INTERRUPTED, or RB_ERROR (any other
+ * failure: EFAULT for a word whose page was truncated away). */
 static rb_result rb_sleep_on(_Atomic uint32_t *word, uint32_t expected, uint64_t deadline_ns) {
 #if defined(__linux__)
     struct timespec ts, *tsp = NULL;
@@ -58,7 +59,8 @@ static rb_result rb_sleep_on(_Atomic uint32_t *word, uint32_t expected, uint64_t
     if (rc == 0) return RB_WOKEN;
     if (errno == ETIMEDOUT) return RB_TIMEOUT;
     if (errno == EINTR) return RB_INTERRUPTED;
-    return RB_WOKEN; /* EAGAIN: the word already changed */
+    if (errno == EAGAIN) return RB_WOKEN; /* the word already changed */
+    return RB_ERROR;
 #elif defined(__APPLE__)
     uint32_t timeout_us = 0; /* 0 = no timeout */
     if (deadline_ns) {
@@ -71,7 +73,7 @@ static rb_result rb_sleep_on(_Atomic uint32_t *word, uint32_t expected, uint64_t
     if (rc >= 0) return RB_WOKEN;
     if (errno == ETIMEDOUT) return RB_TIMEOUT;
     if (errno == EINTR) return RB_INTERRUPTED;
-    return RB_WOKEN;
+    return RB_ERROR;
 #else
     /* Polling fallback: sleep 1 ms at a time. */
     if (atomic_load_explicit(word, memory_order_acquire) != expected) return RB_WOKEN;
@@ -109,18 +111,25 @@ void rb_drain_fd(int fd) {
     char buf[4096];
     for (size_t total = 0; total < RB_DRAIN_MAX;) {
         ssize_t n = read(fd, buf, sizeof buf);
-        if (n <= 0) return;
+        /* A read shorter than asked emptied it (an eventfd reads 8 bytes and
+         * resets): no second read to see EAGAIN. */
+        if (n <= 0 || (size_t)n < sizeof buf) return;
         total += (size_t)n;
     }
 }
 
 void rb_wake_waiting_peer(_Atomic uint32_t *peer_waiting, _Atomic uint32_t *peer_seq,
                           const rb_notify *notify) {
-    /* Whoever clears the flag makes the system calls: the futex wake (a
-     * no-op for a peer on its FIFO) and, for RB_WAITING_FD, the FIFO byte. */
+    /* Whoever clears the flag makes the one system call its value asks for:
+     * RB_WAITING_FD, the byte in the peer's FIFO; RB_WAITING_FUTEX, the futex
+     * wake. A side waits one way at a time (a handle takes one call at a
+     * time, and a blocking call's futex sleep stores 1 over an armed 2), so a
+     * 2 has no futex sleeper behind it. */
     uint32_t was = atomic_exchange_explicit(peer_waiting, 0u, memory_order_seq_cst);
-    if (was) rb_wake_on(peer_seq);
-    if (was == RB_WAITING_FD && notify->fd >= 0) rb_notify_fd(notify);
+    if (was == RB_WAITING_FD && notify->fd >= 0)
+        rb_notify_fd(notify);
+    else if (was)
+        rb_wake_on(peer_seq);
 }
 
 /* ---- crash points ---------------------------------------------------- */

@@ -172,14 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--latency",
         action="store_true",
         help="measure latency instead: round trip through two rings, and the one-way "
-        "wake-up of a reader asleep in pop (p50, p99, p99.9)",
+        "wake-up of a reader asleep in pop (p50, p99, p99.9) against os.read asleep on a "
+        "pipe in the same run",
     )
     bench.add_argument(
         "--latency-samples",
         type=positive_int,
         default=2000,
         metavar="N",
-        help="wake-up samples, 1 ms apart",
+        help="wake-up samples of pop (and as many of the os.read floor), 1 ms apart",
     )
     bench.add_argument(
         "--pin",
@@ -719,7 +720,10 @@ def _bench_main(args: argparse.Namespace) -> int:
     if role in ("writer", "latency-client", "latency-echo"):
         # A side run alone creates its ring: refuse an existing path in the words of
         # a run of both sides, not in those of RingWriter.create.
-        _bench._refuse_existing(_bench._pong_path(cfg) if role == "latency-echo" else ring)
+        if role == "latency-echo":
+            _bench._refuse_existing(_bench._pong_path(cfg), _bench._floor_path(cfg))
+        else:
+            _bench._refuse_existing(ring)
     if role == "writer":
         return _bench.run_writer(cfg, wait_for_go=args.handshake)
     if role == "reader":
