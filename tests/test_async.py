@@ -921,3 +921,55 @@ def test_a_waiting_pop_async_wakes_once_per_message_not_per_loop_turn(ring_path:
             return used
 
         assert run(main()) < 0.15
+
+
+def test_close_from_a_signal_handler_ends_a_waiting_pop_async_at_once(ring_path: Path) -> None:
+    """The handler runs while the loop sleeps in its selector: the loop must be woken to
+    drop the watch and let the await see the close (not left asleep with nothing to wake
+    it)."""
+    with RingWriter.create(ring_path, 1024):
+        reader = RingReader.open(ring_path)
+
+        async def main() -> float:
+            previous = signal.signal(signal.SIGALRM, lambda *_: reader.close())
+            try:
+                signal.setitimer(signal.ITIMER_REAL, 0.1)
+                start = time.monotonic()
+                with pytest.raises(RingClosed):
+                    await reader.pop_async(timeout=3)
+                return time.monotonic() - start
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                signal.signal(signal.SIGALRM, previous)
+
+        assert run(main()) < 0.1 + 0.045
+
+
+def test_a_watch_left_in_a_running_loop_does_not_take_fileno_wake_ups(ring_path: Path) -> None:
+    """After a pop_async in a loop that keeps running in another thread, the handle is used
+    through fileno() and select: each wake-up byte is the select's, not the idle loop's."""
+    with RingWriter.create(ring_path, 1 << 16) as writer, RingReader.open(ring_path) as reader:
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=loop.run_forever, daemon=True)
+        thread.start()
+        try:
+
+            async def once() -> None:
+                with contextlib.suppress(RingTimeout):
+                    await reader.pop_async(timeout=0.01)
+
+            asyncio.run_coroutine_threadsafe(once(), loop).result(TIMEOUT)
+            fd = reader.fileno()
+            missed = 0
+            for i in range(10):
+                assert reader.try_pop() is None  # arms fileno()
+                writer.push(numbered(i))
+                time.sleep(0.01)  # the idle loop sees the byte first, if it looks
+                if not readable(fd, 0.5):
+                    missed += 1
+                assert reader.try_pop() == numbered(i)
+            assert missed == 0
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(TIMEOUT)
+            loop.close()

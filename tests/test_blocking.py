@@ -372,38 +372,6 @@ def test_writer_close_wakes_a_reader_blocked_in_pop_many(
     assert isinstance(worker.error, RingClosed)
 
 
-# ---- spinning ----------------------------------------------------------------------------
-
-
-def child_push_slowly(path: str, count: str, gap: str) -> int:
-    with RingWriter.open(path) as writer:
-        print("attached", flush=True)
-        for i in range(int(count)):
-            time.sleep(float(gap))
-            writer.push(numbered(i), timeout=TIMEOUT)
-    return EXPECTED_EXIT
-
-
-def test_a_reader_whose_spins_keep_finding_nothing_stops_spinning(
-    ring_path: Path, spawn: Spawn
-) -> None:
-    """FORMAT.md "Waiting", the spin: spinning while the peer takes longer than the spin
-    only holds a CPU; after a few misses in a row a wait sleeps at once. A message every
-    30 ms against a 20 ms spin: spinning every time would burn 20 x 20 ms = 0.4 s of CPU."""
-    spin, count = 0.02, 20
-    with RingWriter.create(ring_path, 4096, spin=spin) as creator:
-        creator.detach()  # the child writes; this handle only made the ring
-    with RingReader.open(ring_path, spin=spin) as reader:
-        child = spawn(child_push_slowly, ring_path, count, 0.03)
-        child.expect_line("attached", timeout=TIMEOUT)
-        cpu = time.process_time()
-        got = [reader.pop(timeout=TIMEOUT) for _ in range(count)]
-        used = time.process_time() - cpu
-        child.finish(EXPECTED_EXIT, timeout=TIMEOUT)
-    assert got == [numbered(i) for i in range(count)]
-    assert used < 0.15, f"{used:.3f} s of CPU for {count} waits"
-
-
 # ---- signals -----------------------------------------------------------------------------
 
 

@@ -989,6 +989,31 @@ def test_bench_json_prints_only_the_json_line_and_removes_its_ring(ring_dir: Pat
     assert list(ring_dir.iterdir()) == []
 
 
+def test_bench_latency_measures_pop_against_the_os_read_floor_and_leaves_nothing(
+    ring_dir: Path,
+) -> None:
+    ring = ring_dir / "bench"
+    result = run("bench", "--latency", "--ring", ring, *BENCH_SMALL, "--json")
+    assert result.returncode == 0, result.stderr
+    (line,) = result.stdout.decode().splitlines()
+    figures = json.loads(line)
+    for key in ("round_trip_us", "wakeup_us", "wakeup_floor_us"):
+        assert set(figures[key]) == {"p50", "p99", "p99.9", "max"}
+    assert figures["wakeup_vs_floor"]["p50"] > 0
+    assert list(ring_dir.iterdir()) == []  # the rings and the floor's FIFO
+
+
+def test_bench_latency_refuses_a_floor_fifo_path_that_exists(ring_dir: Path) -> None:
+    ring = ring_dir / "bench"
+    floor = ring_dir / "bench.floor"
+    floor.write_bytes(b"the only copy\n")
+    result = run("bench", "--latency", "--ring", ring, *BENCH_SMALL)
+    assert result.returncode == 1
+    assert str(floor) in error_line(result.stderr, "ipc-ring bench", floor)
+    assert floor.read_bytes() == b"the only copy\n"
+    assert sorted(p.name for p in ring_dir.iterdir()) == ["bench.floor"]
+
+
 @contextlib.contextmanager
 def live_ring(path: Path) -> Iterator[None]:
     """An application's ring, with a writer and a reader attached and a message in it."""

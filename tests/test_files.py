@@ -424,6 +424,24 @@ def test_writer_waiting_in_push_raises_invalid_ring_when_file_is_truncated(
     assert writer.output[-2:] == ["outcome InvalidRing", "closed"], writer.output
 
 
+def test_writer_woken_by_room_freed_across_a_truncation_raises_invalid_ring(
+    spawn: Spawn, ring_path: Path
+) -> None:
+    """The reader reads a record in place (pop_view), the file is truncated to its header,
+    then the view's end frees the room and wakes the writer: the wake-up proves the header
+    page was there, not the data pages, so the woken writer checks the size too (FORMAT.md
+    "Truncation") instead of writing into the missing pages (SIGBUS)."""
+    writer = spawn(child_writer_blocked_while_truncated, ring_path)
+    writer.expect_line("waiting")
+    with RingReader.open(ring_path) as reader:
+        with reader.pop_view():
+            time.sleep(0.3)  # the writer is asleep in push
+            os.truncate(ring_path, HEADER_SIZE)
+        returncode = writer.wait(timeout=10)
+    assert returncode == 0, f"writer died with {returncode} (-7 is SIGBUS): {writer.output}"
+    assert writer.output[-2:] == ["outcome InvalidRing", "closed"], writer.output
+
+
 # ---- no leaked descriptors or mappings ---------------------------------------------------
 
 

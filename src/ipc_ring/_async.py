@@ -12,7 +12,6 @@ wait consumes nothing.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import weakref
 from collections.abc import Callable, Coroutine
@@ -35,27 +34,32 @@ _T = TypeVar("_T")
 
 
 class _Watch:
-    """A handle's descriptor in one event loop, registered once and kept between
-    awaits: asyncio's add_reader/remove_reader cost more than the rest of a wake-up
-    together, so a wait reuses the registration, and its wake-up runs one short
-    callback. The loop watches a descriptor of its own (a dup of fileno()): close()
-    of the handle closes the handle's, whose number another file may take while the
-    loop still lists it. The liveness slice is a timer descriptor in the loop too
-    (where the system has one): a loop timer would cost every wake-up of the loop
-    its bookkeeping. Dropped when the handle is closed (close, abort, detach, or an
-    await that finds it closed), collected, or used from another loop."""
+    """A handle's descriptor in one event loop, kept between awaits: asyncio's
+    add_reader/remove_reader cost more than the rest of a wake-up together, so a wait
+    reuses the registration, and its wake-up runs one short callback. The loop watches
+    a descriptor of its own (a dup of fileno()): close() of the handle closes the
+    handle's, whose number another file may take while the loop still lists it. The
+    liveness slice is a timer descriptor in the loop too (where the system has one): a
+    loop timer would cost every wake-up of the loop its bookkeeping. A wake-up byte
+    that comes while nothing awaits is left where it is (it may be for a select() on
+    fileno() elsewhere): the loop stops watching until the next await. Dropped when the
+    handle is closed (close, abort, detach, or an await that finds it closed),
+    collected, or used from another loop."""
 
-    __slots__ = ("__weakref__", "fd", "handle", "loop", "pid", "timer_at", "timer_fd", "waiters")
+    __slots__ = (
+        "__weakref__", "fd", "handle", "loop", "pid", "registered", "timer_at", "timer_fd",
+        "waiters",
+    )  # fmt: skip
 
     def __init__(self, handle: _core.Writer | _core.Reader, loop: asyncio.AbstractEventLoop):
         self.loop = loop
         self.pid = os.getpid()
         self.waiters: list[asyncio.Future[None]] = []
         self.timer_at: float | None = None  # loop.time() the timer descriptor is armed for
+        self.registered = False  # the FIFO's dup is in the loop
         self.fd = self.timer_fd = -1
         try:
             self.fd = os.dup(handle.fileno())
-            loop.add_reader(self.fd, self.ready)
             self.timer_fd = _core._timer_fd()
             if self.timer_fd >= 0:
                 loop.add_reader(self.timer_fd, self.tick)
@@ -66,9 +70,14 @@ class _Watch:
         self.handle = weakref.ref(handle, self._handle_gone)
 
     def ready(self) -> None:
-        """The descriptor is readable: take the bytes (a wake-up nobody awaits would
-        keep the loop calling), and wake the waiters. (try/except, not
-        contextlib.suppress: this runs in every wake-up.)"""
+        """The descriptor is readable. With waiters: take the bytes (left there, they
+        would keep the loop calling) and wake them. Without: stop watching, and leave
+        the bytes to whoever armed fileno(). (try/except, not contextlib.suppress: this
+        runs in every wake-up.)"""
+        if not self.waiters:
+            self.loop.remove_reader(self.fd)
+            self.registered = False
+            return
         try:  # noqa: SIM105
             os.read(self.fd, 4096)
         except OSError:
@@ -96,6 +105,9 @@ class _Watch:
         loop = self.loop
         waiter = loop.create_future()
         self.waiters.append(waiter)
+        if not self.registered:
+            loop.add_reader(self.fd, self.ready)
+            self.registered = True
         if self.timer_fd < 0:
             return waiter, loop.call_at(until, _wake, waiter)
         if self.timer_at is None or self.timer_at > until:  # an earlier one serves too
@@ -104,38 +116,55 @@ class _Watch:
         return waiter, None
 
     def forget(self) -> None:
-        """Unregister and close; in the loop's thread, or while the loop is not running.
+        """Unregister and close; in the loop's thread, or once the loop is closed.
         A waiter tries again at once (and finds the handle closed)."""
+        _PENDING.discard(self)
+        watched = [fd for fd in (self.fd if self.registered else -1, self.timer_fd) if fd >= 0]
         fds = [fd for fd in (self.fd, self.timer_fd) if fd >= 0]
         self.fd = self.timer_fd = -1
+        self.registered = False
         self._wake_all()
         try:
             if self.pid == os.getpid() and not self.loop.is_closed():
-                for fd in fds:
+                for fd in watched:
                     self.loop.remove_reader(fd)
         finally:
             for fd in fds:
-                os.close(fd)
+                try:  # noqa: SIM105
+                    os.close(fd)
+                except OSError:  # closed behind our back: nothing of ours to close
+                    pass
 
     def retire(self) -> None:
-        """forget() from any thread: the loop's own thread does it if another runs it."""
+        """forget() from anywhere: a running loop does it itself, woken through its
+        self-pipe (from another thread, or from a signal handler that runs while the
+        loop sleeps in its selector, where a plain call would leave the loop asleep
+        with nothing left to wake it)."""
         if self.fd < 0:
             return
         loop = self.loop
-        elsewhere = (
-            self.pid == os.getpid()
-            and not loop.is_closed()
-            and loop.is_running()
-            and asyncio._get_running_loop() is not loop
-        )
-        if elsewhere:
-            with contextlib.suppress(RuntimeError):  # closed meanwhile
+        if self.pid == os.getpid() and not loop.is_closed() and loop.is_running():
+            _PENDING.add(self)  # if the loop stops before it runs forget(): _sweep()
+            try:
                 loop.call_soon_threadsafe(self.forget)
                 return
+            except RuntimeError:  # closed meanwhile
+                pass
         self.forget()
 
     def _handle_gone(self, ref: object) -> None:
         self.retire()
+
+
+#: Watches whose forget() was handed to their loop and has not run yet.
+_PENDING: set[_Watch] = set()
+
+
+def _sweep() -> None:
+    """Close the watches whose loop stopped for good before it ran their forget()."""
+    for watch in list(_PENDING):
+        if watch.loop.is_closed():
+            watch.forget()
 
 
 #: handle -> its _Watch; the weak key goes with the handle.
@@ -146,6 +175,8 @@ _WATCHES: weakref.WeakKeyDictionary[_core.Writer | _core.Reader, _Watch] = (
 
 def retire(handle: _core.Writer | _core.Reader) -> None:
     """The handle was closed (close, abort, detach): the loop stops watching it."""
+    if _PENDING:
+        _sweep()
     watch = _WATCHES.pop(handle, None)
     if watch is not None:
         watch.retire()
@@ -155,6 +186,8 @@ def _watch(handle: _core.Writer | _core.Reader, loop: asyncio.AbstractEventLoop)
     watch = _WATCHES.get(handle)
     if watch is not None and watch.loop is loop and watch.fd >= 0:
         return watch
+    if _PENDING:
+        _sweep()
     if watch is not None:
         watch.retire()  # another loop's, or forgotten
     watch = _WATCHES[handle] = _Watch(handle, loop)
@@ -197,9 +230,8 @@ async def _until(
             finally:
                 if timer is not None:
                     timer.cancel()
-                if not waiter.done():  # cancelled: not left for ready() to find
-                    with contextlib.suppress(ValueError):
-                        watch.waiters.remove(waiter)
+                if watch.waiters and waiter in watch.waiters:  # cancelled, or the timer's
+                    watch.waiters.remove(waiter)
             try:
                 return attempt()
             except RingTimeout:

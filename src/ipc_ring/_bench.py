@@ -30,6 +30,7 @@ import json
 import os
 import platform
 import secrets
+import stat
 import subprocess
 import sys
 import tempfile
@@ -68,7 +69,8 @@ def _refuse_existing(*paths: str) -> None:
     for path in paths:
         if os.path.lexists(path):
             raise FileExistsError(
-                f"{path!r} exists: bench creates its ring there and removes it afterwards, "
+                f"{path!r} exists: bench creates its ring (or, for --latency, the ring's "
+                "pong ring and floor FIFO) there and removes it afterwards, "
                 "so it needs a path that does not exist (it never removes a file it did "
                 "not create)"
             )
@@ -456,14 +458,17 @@ def run_latency_echo(cfg: BenchConfig) -> int:
     floor = _floor_path(cfg)
     os.mkfifo(floor, 0o600)
     try:
-        # Held open for reading and writing: the client's open never blocks.
-        floor_fd = os.open(floor, os.O_RDWR | os.O_CLOEXEC)
+        # Read-only, so that the client's death reads as the end of the FIFO; opened
+        # without blocking (there is no writer yet), then made blocking for the reads.
+        floor_fd = os.open(floor, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         try:
+            os.set_blocking(floor_fd, True)
             return _echo(cfg, floor_fd)
         finally:
             os.close(floor_fd)
     finally:
-        os.unlink(floor)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(floor)
 
 
 def _echo(cfg: BenchConfig, floor_fd: int) -> int:
@@ -514,7 +519,9 @@ def run_latency_client(cfg: BenchConfig) -> int:
                 return 1
             if i >= warmup:
                 rounds.append(t1 - t0)
-        floor_fd = os.open(_floor_path(cfg), os.O_WRONLY | os.O_CLOEXEC)
+        # Non-blocking: ENXIO at once if the far side is gone (it holds the read end).
+        floor_fd = os.open(_floor_path(cfg), os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        os.set_blocking(floor_fd, True)
         try:
             # 1 ms apart: far longer than the far side's spin, so it is asleep.
             for i in range(2 * cfg.latency_samples):
@@ -551,7 +558,19 @@ def run_latency_client(cfg: BenchConfig) -> int:
 
 
 def run_latency(cfg: BenchConfig) -> int:
-    _refuse_existing(_floor_path(cfg))
+    floor = _floor_path(cfg)
+    _refuse_existing(floor)
+    try:
+        return _run_latency_pair(cfg)
+    finally:
+        # The far side removes it; a far side that was killed cannot. Nothing else had
+        # that name when the run began (refused above), and only a FIFO is removed.
+        with contextlib.suppress(OSError):
+            if stat.S_ISFIFO(os.lstat(floor).st_mode):
+                os.unlink(floor)
+
+
+def _run_latency_pair(cfg: BenchConfig) -> int:
     return _run_pair(
         _child("latency-echo", cfg),
         _child("latency-client", cfg),

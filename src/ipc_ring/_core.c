@@ -332,15 +332,14 @@ static int handle_wait(HandleObject *self, rb_wait_state *ws) {
     if (res == RB_WOKEN) return 0;
     if (res != RB_OK) return raise_error(self, &err);
     self->h.flags |= CALL_SLEEPING;
-    rb_result slept;
     Py_BEGIN_ALLOW_THREADS
-    slept = rb_wait_sleep(&self->h, ws);
+    rb_wait_sleep(&self->h, ws);
     Py_END_ALLOW_THREADS
     self->h.flags &= ~(unsigned)CALL_SLEEPING;
     /* PEP 475: run the signal handlers; an exception from one ends the call. */
     int signalled = PyErr_CheckSignals();
     if (call_interrupted(self) < 0) return -1; /* closed meanwhile: do not touch the header */
-    res = rb_wait_finish(&self->h, ws, slept, &err);
+    res = rb_wait_finish(&self->h, &err);
     if (signalled < 0) return -1;
     return res == RB_OK ? 0 : raise_error(self, &err);
 }

@@ -374,6 +374,8 @@ static void rb_open_fifos(rb_handle *h) {
     }
 }
 
+static int rb_file_intact(rb_handle *h, long long *size);
+
 int rb_handle_watch(rb_handle *h) {
     if (h->notify_rx < 0) return -1;
     h->watched = 1;
@@ -383,8 +385,8 @@ int rb_handle_watch(rb_handle *h) {
 
 void rb_handle_idle(rb_handle *h) {
     if (!h->watched || h->notify_rx < 0) return;
-    struct stat sb;
-    if (fstat(h->fd, &sb) != 0 || (uint64_t)sb.st_size < h->map_size) return; /* truncated */
+    long long size = 0;
+    if (!rb_file_intact(h, &size)) return; /* truncated */
     rb_drain_fd(h->notify_rx);
     if (h->pipe) {
         /* An end of ipc_ring.Pipe is readable for a message or the other end's
@@ -619,13 +621,17 @@ rb_result rb_unlink(const char *path, rb_error *err) {
 
 /* ---- giving a role up (FORMAT.md "Roles and states", "End of stream") --- */
 
-/* 1 if the file still covers the mapping (one fstat; a failing fstat counts
- * as intact), 0 if not; *size gets the file's size. */
+/* 1 if the file still covers the mapping, 0 if not; *size gets the file's
+ * size. One lseek to the end: the size alone, and less than half the cost of
+ * an fstat, which sits on the path of every wake-up (a failing lseek counts
+ * as intact). The descriptor's offset means nothing here: the ring is only
+ * mapped and locked through it. */
 static int rb_file_intact(rb_handle *h, long long *size) {
-    struct stat sb;
-    if (h->fd < 0 || fstat(h->fd, &sb) != 0) return 1;
-    *size = (long long)sb.st_size;
-    return (uint64_t)sb.st_size >= h->map_size;
+    if (h->fd < 0) return 1;
+    off_t end = lseek(h->fd, 0, SEEK_END);
+    if (end < 0) return 1;
+    *size = (long long)end;
+    return (uint64_t)end >= h->map_size;
 }
 
 void rb_handle_release(rb_handle *h, rb_role_state state, int wake_own) {
@@ -709,7 +715,6 @@ void rb_wait_init(rb_wait_state *ws, uint64_t timeout_ns, const char *op) {
     ws->timeout_ns = timeout_ns;
     ws->deadline = 0;
     ws->until = 0;
-    ws->started = 0;
     ws->op = op;
     ws->spun = 0;
     ws->peer_gone = 0;
@@ -805,31 +810,9 @@ rb_result rb_wait_prepare(rb_handle *h, rb_wait_state *ws, rb_error *err) {
     if (!ws->spun) {
         ws->spun = 1;
         if (ws->timeout_ns != 0) {
-            ws->started = rb_now_ns();
-            rb_result spun = RB_TIMEOUT;
-            /* A spin that keeps finding nothing only holds a CPU that the peer
-             * may need to be woken on (two cores: it costs a round trip two
-             * cross-CPU wake-ups): after RB_SPIN_MISSES_MAX in a row, sleep at
-             * once until a wait shows that a spin would have caught it, with a
-             * longer probe now and then (two sides that both sleep see each
-             * other a wake-up apart; the probe catches the peer's answer, and
-             * the answer to it then comes within the peer's budget). */
-            int skipping = h->spin_misses >= RB_SPIN_MISSES_MAX;
-            uint64_t budget = h->spin_ns;
-            if (skipping) {
-                uint64_t probe = budget * RB_SPIN_PROBE_SCALE;
-                if (probe - budget > RB_SPIN_PROBE_EXTRA_MAX_NS)
-                    probe = budget + RB_SPIN_PROBE_EXTRA_MAX_NS;
-                budget = ++h->spin_probe % RB_SPIN_PROBE_EVERY ? 0 : probe;
-            }
-            if (budget) {
-                spun = h->role == RB_ROLE_WRITER ? rb_spin_writable(&h->ring.writer, budget)
-                                                 : rb_spin_readable(&h->ring.reader, budget);
-                if (!skipping)
-                    h->spin_misses = spun == RB_WOKEN ? 0 : h->spin_misses + 1;
-                else if (spun == RB_WOKEN && rb_now_ns() - ws->started <= h->spin_ns)
-                    h->spin_misses = 0;
-            }
+            rb_result spun = h->role == RB_ROLE_WRITER
+                                 ? rb_spin_writable(&h->ring.writer, h->spin_ns)
+                                 : rb_spin_readable(&h->ring.reader, h->spin_ns);
             if (ws->timeout_ns != RB_FOREVER && !ws->deadline)
                 ws->deadline = rb_now_ns() + ws->timeout_ns;
             if (spun == RB_WOKEN) return RB_WOKEN;
@@ -858,17 +841,14 @@ rb_result rb_wait_sleep(rb_handle *h, rb_wait_state *ws) {
     return rb_wait_readable(&h->ring.reader, ws->until);
 }
 
-rb_result rb_wait_finish(rb_handle *h, rb_wait_state *ws, rb_result slept, rb_error *err) {
-    if (h->spin_misses >= RB_SPIN_MISSES_MAX && slept == RB_WOKEN &&
-        rb_now_ns() - ws->started <= h->spin_ns)
-        h->spin_misses = 0; /* the peer came within the spin's budget: spin again */
-    /* A sleep that the peer did not end is where a truncation is noticed:
-     * look before touching the header again. A flag left up costs the peer
-     * one needless wake-up. */
-    if (slept != RB_WOKEN) {
-        rb_result res = rb_handle_check_size(h, err);
-        if (res != RB_OK) return res;
-    }
+rb_result rb_wait_finish(rb_handle *h, rb_error *err) {
+    /* A sleep is where a truncation is noticed: look before touching the
+     * header again, even after the peer's wake-up (it proves the header page
+     * was there, not the pages of a record it reserved, or read in place,
+     * before a truncation). A flag left up costs the peer one needless
+     * wake-up. */
+    rb_result res = rb_handle_check_size(h, err);
+    if (res != RB_OK) return res;
     if (h->role == RB_ROLE_WRITER)
         rb_end_wait_writable(&h->ring.writer);
     else
@@ -880,7 +860,8 @@ rb_result rb_wait(rb_handle *h, rb_wait_state *ws, rb_error *err) {
     rb_result res = rb_wait_prepare(h, ws, err);
     if (res == RB_WOKEN) return RB_OK;
     if (res != RB_OK) return res;
-    return rb_wait_finish(h, ws, rb_wait_sleep(h, ws), err);
+    rb_wait_sleep(h, ws);
+    return rb_wait_finish(h, err);
 }
 
 /* ---- inspecting -------------------------------------------------------- */

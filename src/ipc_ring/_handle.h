@@ -49,8 +49,6 @@ typedef struct rb_handle {
     size_t map_size;    /* its length: rb_file_size(capacity) */
     uint64_t capacity;  /* validated once at attach, never re-read */
     uint64_t spin_ns;   /* busy-wait before a sleep */
-    uint32_t spin_misses; /* spins in a row that ended without what they waited for */
-    uint32_t spin_probe;  /* waits since spinning stopped, for the probes */
     int notify_rx;      /* own FIFO, for fileno(); -1 if none */
     int watched;        /* fileno() was called: idle results arm the FIFO */
     const char *notify_missing; /* why there are no FIFOs (static text), if none */
@@ -67,15 +65,6 @@ typedef struct rb_handle {
     } ring;
 } rb_handle;
 
-/* After this many spins in a row that found nothing, a wait sleeps at once
- * until one ends within the spin's budget of its start (a spin would have
- * caught it); every RB_SPIN_PROBE_EVERY-th wait meanwhile spins
- * RB_SPIN_PROBE_SCALE times the budget: FORMAT.md "The shape of a blocking
- * call", step 1. */
-#define RB_SPIN_MISSES_MAX 4u
-#define RB_SPIN_PROBE_EVERY 16u
-#define RB_SPIN_PROBE_SCALE 4u
-#define RB_SPIN_PROBE_EXTRA_MAX_NS 1000000u /* a probe spins at most 1 ms beyond the budget */
 /* Longest single sleep of a wait (FORMAT.md "Why sleeps are sliced"). */
 #define RB_SLEEP_SLICE_NS 50000000u
 /* Default busy-wait before a sleep (README "Performance" has the sweep). */
@@ -201,7 +190,6 @@ typedef struct rb_wait_state {
     uint64_t timeout_ns; /* RB_FOREVER, 0 (try once), or a limit */
     uint64_t deadline;   /* CLOCK_MONOTONIC ns; set when the spin ends; 0 = none */
     uint64_t until;      /* end of the current sleep slice */
-    uint64_t started;    /* CLOCK_MONOTONIC ns when the wait began (after the first try) */
     const char *op;      /* the call's name, for messages */
     int spun;            /* the spin phase is over */
     int peer_gone;       /* the peer's lock was found free: one retry, then RB_PEER_DIED */
@@ -218,18 +206,13 @@ void rb_wait_init(rb_wait_state *ws, uint64_t timeout_ns, const char *op);
 rb_result rb_wait_prepare(rb_handle *h, rb_wait_state *ws, rb_error *err);
 
 /* Sleeps one slice (needs no interpreter lock). RB_WOKEN, RB_TIMEOUT,
- * RB_INTERRUPTED or RB_ERROR: all mean "go on with rb_wait_finish", which
- * takes the result. */
+ * RB_INTERRUPTED or RB_ERROR: all mean "go on with rb_wait_finish". */
 rb_result rb_wait_sleep(rb_handle *h, rb_wait_state *ws);
 
-/* After a sleep that returned `slept`: a wake-up that came within the spin's
- * budget of the wait's start turns spinning back on; unless the peer woke it, checks the
- * file's size before it touches the header; then takes the waiting flag
- * down. RB_OK or RB_TRUNCATED. A wake-up skips the check (FORMAT.md
- * "Truncation"): to wake this side the peer has just stored into the
- * header, so the file was whole then, and the check, a system call, would
- * be on the path of every wake-up. */
-rb_result rb_wait_finish(rb_handle *h, rb_wait_state *ws, rb_result slept, rb_error *err);
+/* After a sleep: checks the file's size (FORMAT.md "Truncation") before it
+ * touches the header, then takes the waiting flag down. RB_OK or
+ * RB_TRUNCATED. */
+rb_result rb_wait_finish(rb_handle *h, rb_error *err);
 
 /* rb_wait_prepare, and if it says so rb_wait_sleep and rb_wait_finish:
  * RB_OK (retry the operation) or the error. */
