@@ -162,27 +162,6 @@ class RingWriter(_Handle, _core.Writer):
 
     __slots__ = ()
 
-    # The C methods, then: an event loop that awaited this handle stops watching it.
-    def close(self) -> None:
-        _core.Writer.close(self)
-        if _ASYNC is not None:
-            _ASYNC.retire(self)
-
-    def abort(self) -> None:
-        _core.Writer.abort(self)
-        if _ASYNC is not None:
-            _ASYNC.retire(self)
-
-    def detach(self) -> None:
-        _core.Writer.detach(self)
-        if _ASYNC is not None:
-            _ASYNC.retire(self)
-
-    for _name in ("close", "abort", "detach"):  # the C method's text and signature
-        _wrapper, _wrapped = locals()[_name], getattr(_core.Writer, _name)
-        _wrapper.__doc__, _wrapper.__wrapped__ = _wrapped.__doc__, _wrapped
-    del _name, _wrapper, _wrapped
-
     @classmethod
     def create(
         cls,
@@ -276,21 +255,6 @@ class RingReader(_Handle, _core.Reader):
     """The consuming end of a ring. Open one with :meth:`RingReader.open`."""
 
     __slots__ = ()
-
-    def close(self) -> None:
-        _core.Reader.close(self)
-        if _ASYNC is not None:
-            _ASYNC.retire(self)
-
-    def detach(self) -> None:
-        _core.Reader.detach(self)
-        if _ASYNC is not None:
-            _ASYNC.retire(self)
-
-    for _name in ("close", "detach"):
-        _wrapper, _wrapped = locals()[_name], getattr(_core.Reader, _name)
-        _wrapper.__doc__, _wrapper.__wrapped__ = _wrapped.__doc__, _wrapped
-    del _name, _wrapper, _wrapped
 
     @classmethod
     def open(cls, path: StrPath, *, spin: float | None = None, wait: float | None = None) -> Self:

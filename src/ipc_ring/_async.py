@@ -174,7 +174,8 @@ _WATCHES: weakref.WeakKeyDictionary[_core.Writer | _core.Reader, _Watch] = (
 
 
 def retire(handle: _core.Writer | _core.Reader) -> None:
-    """The handle was closed (close, abort, detach): the loop stops watching it."""
+    """The handle was closed (close, abort, detach: the C methods call this for a
+    handle whose fileno() was called): the loop stops watching it."""
     if _PENDING:
         _sweep()
     watch = _WATCHES.pop(handle, None)
@@ -260,3 +261,6 @@ def push_async(
     and PeerDied come from push(timeout=0) as in the blocking API."""
     push = writer.push
     return _until(writer, lambda: push(data, 0), timeout, "push_async")
+
+
+_core._closed_hook(retire)

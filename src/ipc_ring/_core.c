@@ -51,6 +51,8 @@ typedef struct {
     PyObject *pipe_send_large; /* ipc_ring._pipe's send of a message of several records */
     PyObject *pipe_recv_large; /* ...and its receive */
     PyObject *pipe_loads;      /* pickle.loads */
+    PyObject *closed_hook;     /* ipc_ring._async.retire: called with a watched handle that
+                                * close(), abort() or detach() closed */
     PyTypeObject *WriterType;
     PyTypeObject *ReaderType;
     PyTypeObject *SlotType;
@@ -820,9 +822,24 @@ PyDoc_STRVAR(reader_close_doc,
 "once, and the mapping as soon as no call and no buffer uses it. Messages\n"
 "not read stay in the ring for the next reader. Idempotent.");
 
-static PyObject *handle_close_method(PyObject *op, PyObject *Py_UNUSED(ignored)) {
-    handle_close((HandleObject *)op, RB_STATE_CLOSED);
+/* close(), abort() and detach(): then an event loop that watches a dup of this
+ * handle's fileno() (the asyncio glue) is told, so that it stops. Only for a
+ * handle whose fileno() was called: the others pay nothing. */
+static PyObject *close_as(PyObject *op, rb_role_state state) {
+    HandleObject *self = (HandleObject *)op;
+    int watched = self->h.watched;
+    handle_close(self, state);
+    core_state *st = watched ? state_of(op) : NULL;
+    if (st && st->closed_hook) {
+        PyObject *r = PyObject_CallOneArg(st->closed_hook, op);
+        if (!r) return NULL;
+        Py_DECREF(r);
+    }
     Py_RETURN_NONE;
+}
+
+static PyObject *handle_close_method(PyObject *op, PyObject *Py_UNUSED(ignored)) {
+    return close_as(op, RB_STATE_CLOSED);
 }
 
 PyDoc_STRVAR(writer_abort_doc,
@@ -836,8 +853,7 @@ static PyObject *writer_abort(PyObject *op, PyObject *Py_UNUSED(ignored)) {
     /* Said explicitly, it stands even for a handle that was pickled: a
      * hand-over that did not happen must not leave the stream waiting. */
     ((HandleObject *)op)->handed_over = 0;
-    handle_close((HandleObject *)op, RB_STATE_FAILED);
-    Py_RETURN_NONE;
+    return close_as(op, RB_STATE_FAILED);
 }
 
 PyDoc_STRVAR(handle_detach_doc,
@@ -849,8 +865,7 @@ PyDoc_STRVAR(handle_detach_doc,
 "handle is closed afterwards. Idempotent.");
 
 static PyObject *handle_detach(PyObject *op, PyObject *Py_UNUSED(ignored)) {
-    handle_close((HandleObject *)op, RB_STATE_VACANT);
-    Py_RETURN_NONE;
+    return close_as(op, RB_STATE_VACANT);
 }
 
 PyDoc_STRVAR(handle_hand_over_doc,
@@ -2082,6 +2097,16 @@ PyDoc_STRVAR(pipe_fallbacks_doc,
 "_pipe_fallbacks($module, send_large, recv_large, loads, /)\n--\n\n"
 "Internal: ipc_ring._pipe's handling of messages of several records.");
 
+PyDoc_STRVAR(closed_hook_doc,
+"_closed_hook($module, hook, /)\n--\n\n"
+"Internal (ipc_ring._async): hook(handle) runs after close(), abort() or\n"
+"detach() of a handle whose fileno() was called.");
+
+static PyObject *core_closed_hook(PyObject *module, PyObject *hook) {
+    Py_XSETREF(get_state(module)->closed_hook, Py_NewRef(hook));
+    Py_RETURN_NONE;
+}
+
 static PyObject *core_pipe_fallbacks(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 3) {
         PyErr_SetString(PyExc_TypeError, "_pipe_fallbacks() takes 3 arguments");
@@ -2461,6 +2486,7 @@ static PyMethodDef core_methods[] = {
     {"_pipe_fallbacks", _PyCFunction_CAST(core_pipe_fallbacks), METH_FASTCALL, pipe_fallbacks_doc},
     {"_empty_bytearray", core_empty_bytearray, METH_O, empty_bytearray_doc},
     {"_timer_fd", core_timer_fd, METH_NOARGS, timer_fd_doc},
+    {"_closed_hook", core_closed_hook, METH_O, closed_hook_doc},
     {"_timer_set", _PyCFunction_CAST(core_timer_set), METH_FASTCALL, timer_set_doc},
     {NULL, NULL, 0, NULL},
 };
@@ -2598,6 +2624,7 @@ static int core_traverse(PyObject *module, visitproc visit, void *arg) {
     Py_VISIT(st->pipe_send_large);
     Py_VISIT(st->pipe_recv_large);
     Py_VISIT(st->pipe_loads);
+    Py_VISIT(st->closed_hook);
     Py_VISIT(st->WriterType);
     Py_VISIT(st->ReaderType);
     Py_VISIT(st->SlotType);
@@ -2618,6 +2645,7 @@ static int core_clear(PyObject *module) {
     Py_CLEAR(st->pipe_send_large);
     Py_CLEAR(st->pipe_recv_large);
     Py_CLEAR(st->pipe_loads);
+    Py_CLEAR(st->closed_hook);
     Py_CLEAR(st->WriterType);
     Py_CLEAR(st->ReaderType);
     Py_CLEAR(st->SlotType);
