@@ -19,6 +19,14 @@ benchmarks/latency.py``, with the same options). What it measures:
   of which the last is dropped: after it the far side goes on to another case's receive, and
   what it does there (which differs from case to case) can hold the CPU that the reply's
   wake-up lands on.
+- Placement is left to the scheduler, as a user gets it (--pin NEAR,FAR pins the two sides).
+  Where each process sleeps changes from run to run, and a pipe's wake-up (which hints that
+  the waker is about to sleep, so the sleeper may run on its CPU) and a futex's (no such hint)
+  take different paths depending on it: the ratio of a futex-woken case to the pipe floor
+  moves between runs of the same build (on this 2-vCPU VM, pop's p50 came out at 0.9x in some
+  runs and 1.25x in others), so read the min-max as well as the median. Pinned, every wake-up
+  crosses to a halted vCPU and costs ~40 us here; with many cases in one pinned run the
+  per-case figures themselves turned bimodal.
 - Every case takes part in every run, one sample each in turn (sample i goes through case
   i mod N), so the machine's noise hits them alike; the ratios to the floors are taken within
   a run and the table gives their medians over --runs runs, and the medians of p50, p99 and
@@ -344,10 +352,21 @@ BY_NAME = {c.name: c for c in CASES}
 # ---- the two sides ----------------------------------------------------------------------
 
 
+def _pin(cpu: int | None) -> None:
+    if cpu is not None and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {cpu})
+
+
 def far_side(
-    names: list[str], channels: list[Any], samples: int, stamp_path: str, out: Connection
+    names: list[str],
+    channels: list[Any],
+    samples: int,
+    stamp_path: str,
+    out: Connection,
+    cpu: int | None = None,
 ) -> None:
     """The child: one-way samples, then echoes for the round trips; reports its samples."""
+    _pin(cpu)
     try:
         result: Any = asyncio.run(_far(names, channels, samples, stamp_path, out))
     except BaseException as e:
@@ -432,11 +451,14 @@ def _sleep_until(deadline_ns: int) -> None:
 
 
 def run_once(
-    cases: list[Case], samples: int, gap_us: int, timeout: float
+    cases: list[Case], samples: int, gap_us: int, timeout: float, pin: tuple[int, int] | None
 ) -> dict[str, dict[str, dict[str, float]]]:
     """One run: every case, samples interleaved. {case: {"wakeup": {...}, "round_trip": {...}}}."""
     ctx = multiprocessing.get_context("spawn")
     with contextlib.ExitStack() as stack:
+        if pin is not None and hasattr(os, "sched_getaffinity"):
+            stack.callback(os.sched_setaffinity, 0, os.sched_getaffinity(0))
+            _pin(pin[0])
         channels = [stack.enter_context(case.channel(ctx)) for case in cases]
         stamp_file = stack.enter_context(tempfile.NamedTemporaryFile(prefix="ipc_ring_latency."))
         stamp_file.write(bytes(8))
@@ -446,7 +468,9 @@ def run_once(
         receiving, sending = ctx.Pipe(duplex=False)
         names = [c.name for c in cases]
         process = ctx.Process(
-            target=far_side, args=(names, channels, samples, stamp_file.name, sending), daemon=True
+            target=far_side,
+            args=(names, channels, samples, stamp_file.name, sending, pin and pin[1]),
+            daemon=True,
         )
         process.start()
         sending.close()
@@ -509,11 +533,13 @@ def build_c_driver() -> Path:
     return out
 
 
-def run_c(driver: Path, samples: int, gap_us: int) -> dict[str, dict[str, float]]:
-    proc = subprocess.run(
-        [str(driver), "--samples", str(samples), "--gap-us", str(gap_us)],
-        capture_output=True, text=True, timeout=600, check=True,
-    )  # fmt: skip
+def run_c(
+    driver: Path, samples: int, gap_us: int, pin: tuple[int, int] | None
+) -> dict[str, dict[str, float]]:
+    argv = [str(driver), "--samples", str(samples), "--gap-us", str(gap_us)]
+    if pin is not None:
+        argv += ["--pin", f"{pin[0]},{pin[1]}"]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=True)
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
     return {row["mode"]: {k: row[k] for k in QUANTILES} for row in rows}
 
@@ -532,6 +558,11 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--gap-us", type=int, default=1000, help="microseconds between messages")
     parser.add_argument("--only", help=f"comma-separated subset of: {', '.join(BY_NAME)}")
     parser.add_argument("--no-c", action="store_true", help="skip the C floors")
+    parser.add_argument(
+        "--pin",
+        default="none",
+        help="CPUs of the near and the far side, NEAR,FAR (default none: placed by the scheduler)",
+    )
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds before a run fails")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     args = parser.parse_args(argv)
@@ -541,6 +572,14 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     unknown = [n for n in chosen if n not in BY_NAME]
     if unknown:
         parser.error(f"unknown case {', '.join(unknown)}; choose from {', '.join(BY_NAME)}")
+    if args.pin == "none":
+        args.pin = None
+    else:
+        try:
+            near_cpu, far_cpu = (int(c) for c in args.pin.split(","))
+        except ValueError:
+            parser.error("--pin takes two CPU numbers, NEAR,FAR, or none")
+        args.pin = (near_cpu, far_cpu)
     # A case is measured with its floor.
     wanted = set(chosen) | {BY_NAME[n].floor for n in chosen if BY_NAME[n].floor}
     args.cases = [c for c in CASES if c.name in wanted]
@@ -575,7 +614,12 @@ def main(argv: Sequence[str] | None = None, command: str | None = None) -> int:
         f"command: {command}",
         f"python: {sys.version.split()[0]}, ipc_ring {ipc_ring.__version__}, "
         f"cpus: {os.cpu_count()}, {args.runs} runs x {args.samples} samples per case, "
-        f"one every {args.gap_us} us, cases interleaved",
+        f"one every {args.gap_us} us, cases interleaved, "
+        + (
+            f"near side on CPU {args.pin[0]}, far side on CPU {args.pin[1]}"
+            if args.pin
+            else "placed by the scheduler"
+        ),
         *skipped,
     ]
     print("\n".join(header), file=sys.stderr if args.json else sys.stdout, flush=True)
@@ -583,12 +627,12 @@ def main(argv: Sequence[str] | None = None, command: str | None = None) -> int:
     runs: list[dict[str, Any]] = []
     c_runs: list[dict[str, Any]] = []
     for number in range(args.runs):
-        result = run_once(cases, args.samples, args.gap_us, args.timeout)
+        result = run_once(cases, args.samples, args.gap_us, args.timeout, args.pin)
         runs.append(result)
         brief = ", ".join(f"{n} {r['wakeup']['p50']:.1f}" for n, r in result.items())
         print(f"[run {number + 1}/{args.runs}] wake-up p50 us: {brief}", file=sys.stderr)
         if driver is not None:
-            c_runs.append(run_c(driver, args.samples, args.gap_us))
+            c_runs.append(run_c(driver, args.samples, args.gap_us, args.pin))
             brief = ", ".join(f"{m} {r['p50']:.1f}" for m, r in c_runs[-1].items())
             print(f"[run {number + 1}/{args.runs}] C p50 us: {brief}", file=sys.stderr, flush=True)
 

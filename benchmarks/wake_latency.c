@@ -19,7 +19,7 @@
  *   cc -std=c11 -O2 -Isrc/ipc_ring src/ipc_ring/_ring.c src/ipc_ring/_handle.c \
  *      benchmarks/wake_latency.c -o benchmarks/bin/wake_latency -pthread
  *   benchmarks/bin/wake_latency [--modes futex,pipe,core] [--samples N] [--gap-us US]
- *                               [--ring PATH] [--spin-ns NS]
+ *                               [--ring PATH] [--spin-ns NS] [--pin SENDER,RECEIVER]
  *
  * Prints one JSON line per mode: {"mode": ..., "samples": N (per mode),
  * "p50": us, "p99": us, "p99.9": us, "max": us}.
@@ -28,6 +28,7 @@
 #include <errno.h>
 #include <inttypes.h>
 #include <limits.h>
+#include <sched.h>
 #include <linux/futex.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -88,6 +89,14 @@ static int read_all(int fd, void *buf, size_t len) {
         len -= (size_t)n;
     }
     return 0;
+}
+
+static void pin_to(int cpu) {
+    if (cpu < 0) return;
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET((size_t)cpu, &set);
+    if (sched_setaffinity(0, sizeof set, &set) != 0) perror("sched_setaffinity");
 }
 
 /* ---- futex ------------------------------------------------------------- */
@@ -199,6 +208,7 @@ int main(int argc, char **argv) {
     const char *path = NULL;
     size_t per_mode = 2000;
     uint64_t gap_us = 1000, spin_ns = RB_DEFAULT_SPIN_NS;
+    int pin[2] = {-1, -1};
     for (int i = 1; i < argc; i++) {
         if (i + 1 >= argc) {
             fprintf(stderr, "option %s needs a value\n", argv[i]);
@@ -210,6 +220,12 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i - 1], "--gap-us")) gap_us = strtoull(v, NULL, 0);
         else if (!strcmp(argv[i - 1], "--ring")) path = v;
         else if (!strcmp(argv[i - 1], "--spin-ns")) spin_ns = strtoull(v, NULL, 0);
+        else if (!strcmp(argv[i - 1], "--pin")) {
+            if (sscanf(v, "%d,%d", &pin[0], &pin[1]) != 2) {
+                fprintf(stderr, "--pin takes SENDER,RECEIVER CPU numbers\n");
+                return 2;
+            }
+        }
         else {
             fprintf(stderr, "unknown option %s\n", argv[i - 1]);
             return 2;
@@ -244,6 +260,7 @@ int main(int argc, char **argv) {
         return 1;
     }
     if (child == 0) {
+        pin_to(pin[1]);
         uint64_t *out = calloc(n, sizeof *out);
         rb_handle reader;
         attach_or_die(&reader, path, RB_ROLE_READER, spin_ns);
@@ -266,6 +283,7 @@ int main(int argc, char **argv) {
         write_all(results[1], out, n * sizeof *out);
         _exit(0);
     }
+    pin_to(pin[0]);
     char c;
     if (read(ready[0], &c, 1) != 1) return 1;
     sleep_us(20000);
