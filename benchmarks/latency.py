@@ -37,6 +37,8 @@ benchmarks/latency.py``, with the same options). What it measures:
   ``loop.add_reader`` callback on a pipe resolving a future that a coroutine awaits (for
   ``pop_async``). In C (benchmarks/wake_latency.c, built here, run once per round after the
   Python cases): a bare FUTEX_WAIT/FUTEX_WAKE, a pipe, and the C core's own wait path.
+- The rings use the default spin; IPC_RING_LATENCY_SPIN=SECONDS in the environment sets another
+  (both sides, both rings: IPC_RING_LATENCY_SPIN=0 for the round trip without spinning).
 - Messages are 64 bytes (the clock in the first 8), 4 KiB for the writer-woken cases. The first
   10 samples of each case in each phase are left out (its first wait sets things up). The
   transports: ipc_ring's ``pop`` (a RingReader, default spin) and ``pop_async``, ipc_ring.Pipe's
@@ -113,16 +115,17 @@ class Ends:
     fill: Callable[[], object] | None = None  # make the channel full (the writer-woken cases)
 
 
-def _ring_pair(paths: tuple[str, str], near: bool, spin: bool = True) -> Ends:
+def _ring_pair(paths: tuple[str, str], near: bool) -> Ends:
     """Two rings, ping (near -> far) and pong (far -> near); each side creates the one it writes."""
     ping, pong = paths
-    kw = {"spin": float(os.environ["LAT_SPIN"])} if "LAT_SPIN" in os.environ else {}
+    env = os.environ.get("IPC_RING_LATENCY_SPIN")
+    spin = None if env is None else float(env)
     if near:
-        writer = ipc_ring.RingWriter.create(ping, CAPACITY, **kw)
-        reader = ipc_ring.RingReader.open(pong, wait=TIMEOUT, **kw)
+        writer = ipc_ring.RingWriter.create(ping, CAPACITY, spin=spin)
+        reader = ipc_ring.RingReader.open(pong, wait=TIMEOUT, spin=spin)
     else:
-        writer = ipc_ring.RingWriter.create(pong, CAPACITY, **kw)
-        reader = ipc_ring.RingReader.open(ping, wait=TIMEOUT, **kw)
+        writer = ipc_ring.RingWriter.create(pong, CAPACITY, spin=spin)
+        reader = ipc_ring.RingReader.open(ping, wait=TIMEOUT, spin=spin)
     pop, push = reader.pop, writer.push
 
     def close() -> None:
