@@ -43,8 +43,7 @@ class _Watch:
     loop timer would cost every wake-up of the loop its bookkeeping. A wake-up byte
     that comes while nothing awaits is left where it is (it may be for a select() on
     fileno() elsewhere): the loop stops watching until the next await. Dropped when the
-    handle is closed (close, abort, detach, or an await that finds it closed),
-    collected, or used from another loop."""
+    handle is closed (close, abort, detach), collected, or used from another loop."""
 
     __slots__ = (
         "__weakref__", "fd", "handle", "loop", "pid", "registered", "timer_at", "timer_fd",
@@ -219,31 +218,30 @@ async def _until(
     deadline = None if limit is None else now + limit
     if deadline is not None and now >= deadline:
         raise RingTimeout(f"{name} timed out after {timeout:.6g} s")
+    # A close during the await retires the watch (close/abort/detach through the C
+    # hook, a collection through the weak reference) and wakes this waiter.
     watch = _watch(handle, loop)
-    try:
-        while True:
-            until = now + POLL_INTERVAL
-            if deadline is not None and deadline < until:
-                until = deadline
-            waiter, timer = watch.wait(until)
-            try:
-                await waiter
-            finally:
-                if timer is not None:
-                    timer.cancel()
-                if watch.waiters and waiter in watch.waiters:  # cancelled, or the timer's
-                    watch.waiters.remove(waiter)
-            try:
-                return attempt()
-            except RingTimeout:
-                pass
-            now = loop.time()
-            if deadline is not None and now >= deadline:
-                raise RingTimeout(f"{name} timed out after {timeout:.6g} s")
-    except BaseException:
-        if handle.closed:  # closed during the await: the loop watches nothing of it
-            retire(handle)
-        raise
+    while True:
+        until = now + POLL_INTERVAL
+        if deadline is not None and deadline < until:
+            until = deadline
+        waiter, timer = watch.wait(until)
+        try:
+            await waiter
+        finally:
+            if timer is not None:
+                timer.cancel()
+            if watch.waiters and waiter in watch.waiters:  # cancelled, or the timer's
+                watch.waiters.remove(waiter)
+        try:
+            return attempt()
+        except RingTimeout:
+            pass
+        now = loop.time()
+        if deadline is not None and now >= deadline:
+            raise RingTimeout(f"{name} timed out after {timeout:.6g} s")
+        if watch.fd < 0:  # dropped meanwhile (an await from another loop): a new one
+            watch = _watch(handle, loop)
 
 
 def pop_async(reader: _core.Reader, timeout: float | None = None) -> Coroutine[Any, Any, bytes]:

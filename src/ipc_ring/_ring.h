@@ -316,9 +316,8 @@ rb_result rb_spin_writable(rb_writer *w, uint64_t budget_ns);
  * deadline) passes, or a signal arrives. Sets the side's waiting flag first
  * and re-checks the condition, so no wake-up is lost (FORMAT.md "Waiting");
  * the condition includes a change of the peer's state since
- * rb_*_note_peer_state. RB_WOKEN (the condition held, or a wake-up: someone
- * stored into the futex word), RB_TIMEOUT, RB_INTERRUPTED, or RB_ERROR (the
- * sleep failed: a truncated file faults). Call without the GIL. */
+ * rb_*_note_peer_state. RB_WOKEN, RB_TIMEOUT or RB_INTERRUPTED. Call without
+ * the GIL. */
 void rb_writer_note_peer_state(rb_writer *w);
 void rb_reader_note_peer_state(rb_reader *r);
 /* The RB_PEER_DIED that rb_peek returned at a break has been raised. */
@@ -332,10 +331,9 @@ rb_result rb_wait_writable(rb_writer *w, uint64_t deadline_ns);
 /* Clears the side's waiting flag after rb_wait_* and counts the slice in
  * reader_empty_waits / writer_full_waits (FORMAT.md "Counters"). Separate
  * from rb_wait_*, so that the caller can first check that the file still
- * covers the header (a wait that did not end by a wake-up is where a
- * truncation is noticed: the glue fstat()s before touching it). A flag left
- * set only costs the peer one
- * needless wake-up call, and the slice goes uncounted. */
+ * covers the header (a wait is where a truncation is noticed: the glue
+ * checks the file's size before touching it). A flag left set only costs the
+ * peer one needless wake-up call, and the slice goes uncounted. */
 void rb_end_wait_readable(rb_reader *r);
 void rb_end_wait_writable(rb_writer *w);
 
