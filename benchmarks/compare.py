@@ -91,7 +91,6 @@ import pickle
 import platform
 import secrets
 import shlex
-import signal
 import statistics
 import struct
 import subprocess
@@ -108,7 +107,9 @@ from types import ModuleType
 from typing import Any
 
 import ipc_ring
+import latency  # benchmarks/latency.py, beside this file: the latency section
 from ipc_ring import RingReader, RingWriter
+from latency import _alarm
 
 RING_CAPACITY = 64 << 20
 BATCH = 256
@@ -1166,23 +1167,6 @@ def _reap(processes: list[BaseProcess], read: tuple[str, Any]) -> None:
             started.join()
 
 
-@contextlib.contextmanager
-def _alarm(seconds: float) -> Iterator[None]:
-    """Raise TimeoutError in this (the main) thread after `seconds`: it ends a send or a wait
-    that blocks, as the deadline ends a child that hangs."""
-
-    def expire(signum: int, frame: object) -> None:
-        raise TimeoutError("not done before the deadline (--timeout)")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, max(seconds, 1e-3))
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-
-
 def _run_from_parent(
     ctx: SpawnContext, transport: Transport, channel: tuple[Any, Any], spec: Spec, timeout: float
 ) -> tuple[tuple[str, Any], tuple[str, Any]]:
@@ -1467,9 +1451,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if latency_argv is not None:
         # Its own protocol and options (benchmarks/latency.py --help): one process pair,
         # every case taking turns sample by sample.
-        sys.path.insert(0, str(os.path.dirname(os.path.abspath(__file__))))
-        import latency
-
         return latency.main(latency_argv, shlex.join([sys.executable, *sys.argv]))
     args = _parse_args(argv)
     if sys.byteorder != "little":

@@ -435,6 +435,9 @@ def _round_trips(cases: list[Case], samples: int) -> Iterator[tuple[int, bool]]:
 
 @contextlib.contextmanager
 def _alarm(seconds: float) -> Iterator[None]:
+    """Raise TimeoutError in this (the main) thread after `seconds`: it ends a send or a wait
+    that blocks, as the deadline ends a child that hangs (compare.py uses it too)."""
+
     def expire(signum: int, frame: object) -> None:
         raise TimeoutError("not done before the deadline (--timeout)")
 
@@ -676,42 +679,38 @@ def main(argv: Sequence[str] | None = None, command: str | None = None) -> int:
     return 0
 
 
+def _row(label: str, entry: dict[str, Any], against: str) -> str:
+    ratios = [_ratio_text(entry[k]) if k in entry else "" for k in (f"p50_{against}",
+              f"p99_{against}")]  # fmt: skip
+    return (
+        f"{label:38} {entry['p50']:7.1f} {entry['p99']:7.1f} {entry['p99.9']:7.1f}"
+        f"  {ratios[0]:>20}  {ratios[1]:>20}"
+    )
+
+
+def _head(floor: str) -> str:
+    return (
+        f"{'':38} {'p50':>7} {'p99':>7} {'p99.9':>7}  {'p50 / ' + floor:>20}  "
+        f"{'p99 / ' + floor:>20}"
+    )
+
+
 def _report(cases: list[Case], summary: dict[str, Any], c: dict[str, Any], runs: int) -> str:
     lines = ["", f"One way to a receiver asleep in its receive, us (medians of {runs} runs):", ""]
-    head = f"{'':38} {'p50':>7} {'p99':>7} {'p99.9':>7}  {'p50 / floor':>20}  {'p99 / floor':>20}"
-    lines.append(head)
-    for case in cases:
-        entry = summary[case.name]["wakeup"]
-        ratio50 = _ratio_text(entry["p50_vs_floor"]) if "p50_vs_floor" in entry else ""
-        ratio99 = _ratio_text(entry["p99_vs_floor"]) if "p99_vs_floor" in entry else ""
-        lines.append(
-            f"{case.label:38} {entry['p50']:7.1f} {entry['p99']:7.1f} {entry['p99.9']:7.1f}"
-            f"  {ratio50:>20}  {ratio99:>20}"
-        )
-    lines += ["", f"Round trip, asleep between messages, us (medians of {runs} runs):", "", head]
-    for case in cases:
-        if "round_trip" not in summary[case.name]:
-            continue
-        entry = summary[case.name]["round_trip"]
-        ratio50 = _ratio_text(entry["p50_vs_floor"]) if "p50_vs_floor" in entry else ""
-        ratio99 = _ratio_text(entry["p99_vs_floor"]) if "p99_vs_floor" in entry else ""
-        lines.append(
-            f"{case.label:38} {entry['p50']:7.1f} {entry['p99']:7.1f} {entry['p99.9']:7.1f}"
-            f"  {ratio50:>20}  {ratio99:>20}"
-        )
+    lines.append(_head("floor"))
+    lines += [_row(case.label, summary[case.name]["wakeup"], "vs_floor") for case in cases]
+    lines += ["", f"Round trip, asleep between messages, us (medians of {runs} runs):", ""]
+    lines.append(_head("floor"))
+    lines += [
+        _row(case.label, summary[case.name]["round_trip"], "vs_floor")
+        for case in cases
+        if "round_trip" in summary[case.name]
+    ]
     if c:
-        lines += ["", "In C (benchmarks/wake_latency.c), one way, us:", "",
-                  f"{'':38} {'p50':>7} {'p99':>7} {'p99.9':>7}  {'p50 / futex':>20}  "
-                  f"{'p99 / futex':>20}"]  # fmt: skip
+        lines += ["", "In C (benchmarks/wake_latency.c), one way, us:", "", _head("futex")]
         labels = {"futex": "bare futex (floor)", "pipe": "pipe read/write",
                   "core": "ipc_ring C core (rb_wait)"}  # fmt: skip
-        for mode, entry in c.items():
-            ratio50 = _ratio_text(entry["p50_vs_futex"]) if "p50_vs_futex" in entry else ""
-            ratio99 = _ratio_text(entry["p99_vs_futex"]) if "p99_vs_futex" in entry else ""
-            lines.append(
-                f"{labels.get(mode, mode):38} {entry['p50']:7.1f} {entry['p99']:7.1f} "
-                f"{entry['p99.9']:7.1f}  {ratio50:>20}  {ratio99:>20}"
-            )
+        lines += [_row(labels.get(mode, mode), entry, "vs_futex") for mode, entry in c.items()]
     lines += [
         "",
         "x / floor: this case's figure divided by its floor's in the same run (cases take turns"
