@@ -555,19 +555,17 @@ def child_stream_between_markers(path: str, count: str, watched: str) -> int:
     return 0
 
 
-@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
-@pytest.mark.parametrize("watched", ["0", "1"])
-def test_push_and_pop_make_no_system_call_per_message_watched_or_not(
-    ring_path: Path, tmp_path: Path, watched: str
-) -> None:
+def traced_between_markers(tmp_path: Path, child: str, *args: object) -> list[str]:
+    """Runs test_async.<child>(*args) under `strace -f` and returns the system calls it made
+    between its two markers (os.stat of "ipc_ring-start" / "ipc_ring-end"), one line each,
+    without strace's "resumed" halves."""
     trace = tmp_path / "trace"
-    count = 5000
     script = (
         "import sys; sys.path.insert(0, sys.argv[1]); import test_async; "
-        "sys.exit(test_async.child_stream_between_markers(*sys.argv[2:]))"
+        f"sys.exit(test_async.{child}(*sys.argv[2:]))"
     )
     tests = str(Path(__file__).resolve().parent)
-    argv = [sys.executable, "-c", script, tests, str(ring_path), str(count), watched]
+    argv = [sys.executable, "-c", script, tests, *map(str, args)]
     done = subprocess.run(
         ["strace", "-f", "-o", str(trace), *argv], timeout=60, capture_output=True, text=True
     )
@@ -575,10 +573,49 @@ def test_push_and_pop_make_no_system_call_per_message_watched_or_not(
     lines = trace.read_text().splitlines()
     start = next(i for i, line in enumerate(lines) if "ipc_ring-start" in line)
     end = next(i for i, line in enumerate(lines) if "ipc_ring-end" in line)
-    between = [line for line in lines[start + 1 : end] if "resumed>" not in line]
+    return [line for line in lines[start + 1 : end] if "resumed>" not in line]
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+@pytest.mark.parametrize("watched", ["0", "1"])
+def test_push_and_pop_make_no_system_call_per_message_watched_or_not(
+    ring_path: Path, tmp_path: Path, watched: str
+) -> None:
+    count = 5000
+    between = traced_between_markers(
+        tmp_path, "child_stream_between_markers", ring_path, count, watched
+    )
     assert len(between) < 20, f"{len(between)} system calls for {count * 2} messages:\n" + (
         "\n".join(between[:40])
     )
+
+
+def child_wake_an_armed_reader_between_markers(path: str) -> int:
+    """Arms the reader's fileno() (try_pop() on an empty ring), then pushes one message
+    between the two markers of child_stream_between_markers."""
+    with RingWriter.create(path, 4096) as writer, RingReader.open(path) as reader:
+        reader.fileno()
+        assert reader.try_pop() is None  # reader_waiting = 2
+        with contextlib.suppress(OSError):
+            os.stat("ipc_ring-start")
+        writer.push(b"wake")
+        with contextlib.suppress(OSError):
+            os.stat("ipc_ring-end")
+        assert reader.try_pop() == b"wake"
+    return 0
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+def test_waking_a_reader_armed_on_fileno_costs_the_publisher_one_fifo_write_and_no_futex(
+    ring_path: Path, tmp_path: Path
+) -> None:
+    """FORMAT.md "The publishing side": one system call per wake-up, the one the flag asks
+    for; a side waiting on its FIFO has no futex sleeper behind it."""
+    between = traced_between_markers(
+        tmp_path, "child_wake_an_armed_reader_between_markers", ring_path
+    )
+    calls = [line.split(None, 1)[-1].split("(", 1)[0] for line in between]  # "PID call(...)"
+    assert calls == ["write"], "\n".join(between)
 
 
 # ---- the FIFO drain is bounded ------------------------------------------------------------
