@@ -469,12 +469,11 @@ def test_out_of_band_buffers_come_back_as_what_was_sent(processes: list[Any]) ->
 def test_a_message_abandoned_by_a_sender_that_stopped_midway_is_dropped() -> None:
     a, b = ipc_ring.Pipe(capacity=1 << 12)
     with a, b:
-        from ipc_ring import _pipe
-
         writer = a._writer or a._attach_writer()
-        # The first records of a message of two segments, then no more of it.
+        # The first records of a message of two segments (a head: frame 4, FORMAT.md
+        # "Pipe messages"), then no more of it.
         with writer.reserve(8 + 24) as slot:
-            slot[:8] = (_pipe._HEAD | (2 << 32)).to_bytes(8, "little")
+            slot[:8] = (4 | (2 << 32)).to_bytes(8, "little")
             slot[8:] = (1000).to_bytes(8, "little") + (10).to_bytes(8, "little") + b"abcdefgh"
         a.send({"next": "message"})
         assert recv(b) == {"next": "message"}
@@ -597,3 +596,126 @@ def test_two_threads_sending_on_one_end_never_deliver_a_wrong_message() -> None:
     assert all("in progress" in str(e) for e in errors)
     a.close()
     b.close()
+
+
+def _collect(conn: Any, count: int, raw: bool) -> tuple[Any, list[Any]]:
+    """A thread receiving `count` messages from conn (recv_bytes or recv), each with a
+    limit; (the thread, the list it fills)."""
+    import threading
+
+    got: list[Any] = []
+
+    def run() -> None:
+        for _ in range(count):
+            if not conn.poll(TIMEOUT):
+                return
+            got.append(conn.recv_bytes() if raw else conn.recv())
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, got
+
+
+def test_messages_of_several_records_come_back_byte_exact_at_odd_sizes_and_offsets() -> None:
+    # A ring of 1 MiB: records of 256 KiB, so the copies into the ring are long enough to
+    # take the streaming (non-temporal) path, and end at every alignment.
+    rng = np.random.default_rng(7)
+    source = rng.integers(0, 256, 4_000_100, dtype=np.uint8).tobytes()
+    cases = [(offset, size) for offset in (0, 1, 7, 15) for size in (65_537, 262_129, 1_000_003)]
+    cases.append((3, 3_333_333))
+    a, b = ipc_ring.Pipe(capacity=1 << 20)
+    with a, b:
+        thread, got = _collect(b, len(cases), raw=True)
+        for offset, size in cases:
+            a.send_bytes(source, offset, size)
+        thread.join(TIMEOUT)
+        assert len(got) == len(cases)
+        for (offset, size), data in zip(cases, got, strict=True):
+            assert data == source[offset : offset + size], (offset, size)
+        arrays = [
+            np.frombuffer(source, np.uint8, 1_000_001, 5),  # an unaligned out-of-band buffer
+            np.frombuffer(source, np.float64, 300_001, 8).reshape(-1, 1)[::2],  # not contiguous
+        ]
+        thread, got = _collect(b, len(arrays), raw=False)
+        for arr in arrays:
+            a.send(arr)
+        thread.join(TIMEOUT)
+        assert len(got) == len(arrays)
+        for sent, came in zip(arrays, got, strict=True):
+            assert same(sent, came)
+
+
+def test_the_sender_refuses_misuse_without_crashing() -> None:
+    from ipc_ring import _core
+
+    with pytest.raises(TypeError):
+        _core._Sender()  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="Writer"):
+        _core._Sender(object(), (), print, print)  # type: ignore[arg-type]
+    bare = _core._Sender.__new__(_core._Sender)
+    for call in (bare.send, bare.write, bare._buffer):
+        with pytest.raises(TypeError, match="not initialised"):
+            call(b"x")
+
+
+class Registered:
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+
+def test_a_reducer_registered_after_the_first_send_is_used_by_the_next() -> None:
+    import copyreg
+
+    a, b = ipc_ring.Pipe(capacity=1 << 14)
+    with a, b:
+        a.send(Registered(1))
+        assert recv(b).value == 1
+        copyreg.pickle(Registered, lambda r: (str, (f"reduced {r.value}",)))
+        try:
+            a.send(Registered(2))
+            assert recv(b) == "reduced 2"
+        finally:
+            del copyreg.dispatch_table[Registered]
+        a.send(Registered(3))
+        assert recv(b).value == 3
+
+
+def test_a_failed_pickling_sends_nothing_and_the_next_send_goes_through() -> None:
+    a, b = ipc_ring.Pipe(capacity=1 << 14)
+    with a, b:
+        for bad in (lambda: 0, [b"x" * 200_000, lambda: 0], [np.arange(5), lambda: 0]):
+            with pytest.raises((pickle.PicklingError, AttributeError, TypeError)):
+                a.send(bad)
+            assert not b.poll(0)
+            a.send({"after": 1})
+            assert recv(b) == {"after": 1}
+
+
+def test_a_closed_end_lets_its_writer_and_pickler_go() -> None:
+    import gc
+    import weakref
+
+    a, b = ipc_ring.Pipe(capacity=1 << 14)
+    a.send("attach")
+    writer = weakref.ref(a._writer)
+    a.close()
+    b.close()
+    del a
+    gc.collect()
+    assert writer() is None
+
+
+def test_records_that_are_not_a_message_are_skipped_or_refused() -> None:
+    a, b = ipc_ring.Pipe(capacity=1 << 14)
+    with a, b:
+        writer = a._writer or a._attach_writer()
+        with writer.reserve(16) as slot:  # a part with no head before it: skipped
+            slot[:8] = (5).to_bytes(8, "little")
+        a.send("after the part")
+        assert recv(b) == "after the part"
+        with writer.reserve(16) as slot:  # an unknown frame: refused, and consumed
+            slot[:8] = (9).to_bytes(8, "little")
+        a.send("after the unknown")
+        with pytest.raises(OSError, match="not part of a message"):
+            recv(b)
+        assert recv(b) == "after the unknown"

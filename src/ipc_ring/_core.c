@@ -49,13 +49,14 @@ typedef struct {
     PyObject *PipePeerDied;  /* an end of ipc_ring.Pipe receiving: PeerDied and EOFError */
     PyObject *PipePeerGone;  /* ...sending: PeerDied and BrokenPipeError */
     PyObject *pipe_send_large; /* ipc_ring._pipe's send of a message of several records */
-    PyObject *pipe_recv_large; /* ...and its receive */
+    PyObject *pipe_in_band;    /* ...recv_bytes of a message sent with out-of-band buffers */
     PyObject *pipe_loads;      /* pickle.loads */
     PyObject *closed_hook;     /* ipc_ring._async.retire: called with a watched handle that
                                 * close(), abort() or detach() closed */
     PyTypeObject *WriterType;
     PyTypeObject *ReaderType;
     PyTypeObject *SlotType;
+    PyTypeObject *SenderType;
 } core_state;
 
 static struct PyModuleDef core_module;
@@ -1762,7 +1763,7 @@ static PyObject *writer_send_parts(PyObject *op, PyObject *arg) {
                 const char *from = seg < 0 ? (const char *)lengths : (const char *)views[seg].buf;
                 uint64_t size = seg < 0 ? (uint64_t)n * 8 : (uint64_t)views[seg].len;
                 uint64_t k = size - offset < take - done ? size - offset : take - done;
-                memcpy(to + done, from + offset, (size_t)k);
+                rb_copy_in(to + done, from + offset, (size_t)k);
                 done += k;
                 offset += k;
                 if (offset == size) {
@@ -1876,6 +1877,239 @@ static PyObject *writer_send_bytes(PyObject *op, PyObject *const *args, Py_ssize
     return writer_send_bytes_slow(self, args, nargs, kwnames);
 }
 
+/* ---- ipc_ring.Pipe: Connection.send ------------------------------------
+ * A Sender is the send of one attached end: a pickler kept from one send to
+ * the next (protocol 5, multiprocessing's reducers), writing into the
+ * Sender itself (write, _buffer), so that an object pickled into one chunk
+ * without out-of-band buffers goes into the ring from here, with no Python
+ * frame in between. Anything else (several chunks, out-of-band buffers, a
+ * send while this one's pickling runs) goes to ipc_ring._pipe's slow send. */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *writer;      /* the end's Writer */
+    PyObject *tables;      /* tuple of the dicts the pickler's dispatch table is made from */
+    PyObject *new_pickler; /* new_pickler(sender): a pickler writing into the sender */
+    PyObject *slow;        /* slow(writer, obj, chunks, buffers); chunks None: pickle afresh */
+    PyObject *dump;        /* the kept pickler's bound dump and clear_memo, or NULL */
+    PyObject *clear_memo;
+    PyObject *chunks;      /* list: what the pickler wrote during this dump */
+    PyObject *buffers;     /* list: its out-of-band buffers */
+    Py_ssize_t sizes[2];   /* of the first two tables when the pickler was made */
+    int busy;              /* a dump is running (it may run Python code) */
+} SenderObject;
+
+/* Its fields are set (__init__ ran, and the collector has not cleared it). */
+static int sender_ready(SenderObject *self) {
+    if (self->chunks && self->buffers && self->writer && self->slow) return 1;
+    PyErr_SetString(PyExc_TypeError, "the _Sender is not initialised");
+    return 0;
+}
+
+/* The sizes of the tables differ from those the pickler was made with (a
+ * registration since), or there is no pickler yet. */
+static int sender_stale(SenderObject *self) {
+    if (!self->dump) return 1;
+    Py_ssize_t n = PyTuple_GET_SIZE(self->tables);
+    for (Py_ssize_t i = 0; i < n && i < 2; i++)
+        if (PyDict_GET_SIZE(PyTuple_GET_ITEM(self->tables, i)) != self->sizes[i]) return 1;
+    return 0;
+}
+
+static int sender_renew(SenderObject *self) {
+    PyObject *pickler = PyObject_CallOneArg(self->new_pickler, (PyObject *)self);
+    if (!pickler) return -1;
+    PyObject *dump = PyObject_GetAttrString(pickler, "dump");
+    PyObject *clear_memo = dump ? PyObject_GetAttrString(pickler, "clear_memo") : NULL;
+    Py_DECREF(pickler);
+    if (!clear_memo) {
+        Py_XDECREF(dump);
+        return -1;
+    }
+    Py_XSETREF(self->dump, dump);
+    Py_XSETREF(self->clear_memo, clear_memo);
+    Py_ssize_t n = PyTuple_GET_SIZE(self->tables);
+    for (Py_ssize_t i = 0; i < n && i < 2; i++)
+        self->sizes[i] = PyDict_GET_SIZE(PyTuple_GET_ITEM(self->tables, i));
+    return 0;
+}
+
+/* Empties a list the pickler filled. */
+static int list_reset(PyObject *list) {
+    return PyList_GET_SIZE(list) ? PyList_SetSlice(list, 0, PY_SSIZE_T_MAX, NULL) : 0;
+}
+
+PyDoc_STRVAR(sender_send_doc,
+"send($self, obj, /)\n--\n\n"
+"ipc_ring.Pipe: Connection.send, obj pickled (protocol 5, multiprocessing's\n"
+"reducers) into this end's ring.");
+
+static PyObject *sender_send(PyObject *op, PyObject *obj) {
+    SenderObject *self = (SenderObject *)op;
+    if (!sender_ready(self)) return NULL;
+    if (self->busy) /* a send from this pickling (a __reduce__), or another thread's */
+        return PyObject_CallFunctionObjArgs(self->slow, self->writer, obj, Py_None, Py_None,
+                                            NULL);
+    self->busy = 1;
+    PyObject *r = NULL;
+    if (sender_stale(self) && sender_renew(self) < 0) goto failed;
+    if (list_reset(self->chunks) < 0 || list_reset(self->buffers) < 0) goto failed;
+    r = PyObject_CallNoArgs(self->clear_memo);
+    if (!r) goto failed;
+    Py_DECREF(r);
+    r = PyObject_CallOneArg(self->dump, obj);
+    if (!r) goto failed;
+    Py_DECREF(r);
+    if (PyList_GET_SIZE(self->chunks) == 1 && PyList_GET_SIZE(self->buffers) == 0) {
+        PyObject *chunk = Py_NewRef(PyList_GET_ITEM(self->chunks, 0));
+        int bad = list_reset(self->chunks);
+        self->busy = 0;
+        r = bad ? NULL : writer_send_bytes(self->writer, &chunk, 1, NULL);
+        Py_DECREF(chunk);
+        return r;
+    }
+    /* Handed over whole: the slow send may run Python code that sends again. */
+    PyObject *chunks = self->chunks, *buffers = self->buffers;
+    self->chunks = PyList_New(0);
+    self->buffers = PyList_New(0);
+    if (!self->chunks || !self->buffers) {
+        Py_XSETREF(self->chunks, chunks);
+        Py_XSETREF(self->buffers, buffers);
+        goto failed;
+    }
+    self->busy = 0;
+    r = PyObject_CallFunctionObjArgs(self->slow, self->writer, obj, chunks, buffers, NULL);
+    Py_DECREF(chunks);
+    Py_DECREF(buffers);
+    return r;
+failed:
+    self->busy = 0;
+    if (self->chunks) {
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        if (list_reset(self->chunks) < 0 || list_reset(self->buffers) < 0) PyErr_Clear();
+        PyErr_Restore(type, value, tb);
+    }
+    return NULL;
+}
+
+PyDoc_STRVAR(sender_write_doc, "write($self, data, /)\n--\n\nThe kept pickler's output.");
+
+static PyObject *sender_write(PyObject *op, PyObject *data) {
+    if (!sender_ready((SenderObject *)op)) return NULL;
+    if (PyList_Append(((SenderObject *)op)->chunks, data) < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(sender_buffer_doc,
+"_buffer($self, buffer, /)\n--\n\nThe kept pickler's buffer_callback.");
+
+static PyObject *sender_buffer(PyObject *op, PyObject *buffer) {
+    if (!sender_ready((SenderObject *)op)) return NULL;
+    if (PyList_Append(((SenderObject *)op)->buffers, buffer) < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+static int sender_init(PyObject *op, PyObject *args, PyObject *kwds) {
+    SenderObject *self = (SenderObject *)op;
+    PyObject *writer, *tables, *new_pickler, *slow;
+    if (kwds && PyDict_GET_SIZE(kwds)) {
+        PyErr_SetString(PyExc_TypeError, "_Sender() takes no keyword arguments");
+        return -1;
+    }
+    if (!PyArg_ParseTuple(args, "OO!OO:_Sender", &writer, &PyTuple_Type, &tables, &new_pickler,
+                          &slow))
+        return -1;
+    core_state *st = state_of(op);
+    if (!st) return -1;
+    if (!PyObject_TypeCheck(writer, st->WriterType)) {
+        PyErr_SetString(PyExc_TypeError, "_Sender() needs a Writer");
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(tables); i++)
+        if (!PyDict_Check(PyTuple_GET_ITEM(tables, i))) {
+            PyErr_SetString(PyExc_TypeError, "_Sender() tables are dicts");
+            return -1;
+        }
+    PyObject *chunks = PyList_New(0), *buffers = PyList_New(0);
+    if (!chunks || !buffers) {
+        Py_XDECREF(chunks);
+        Py_XDECREF(buffers);
+        return -1;
+    }
+    Py_XSETREF(self->writer, Py_NewRef(writer));
+    Py_XSETREF(self->tables, Py_NewRef(tables));
+    Py_XSETREF(self->new_pickler, Py_NewRef(new_pickler));
+    Py_XSETREF(self->slow, Py_NewRef(slow));
+    Py_XSETREF(self->chunks, chunks);
+    Py_XSETREF(self->buffers, buffers);
+    Py_CLEAR(self->dump);
+    Py_CLEAR(self->clear_memo);
+    self->busy = 0;
+    return 0;
+}
+
+static int sender_traverse(PyObject *op, visitproc visit, void *arg) {
+    SenderObject *self = (SenderObject *)op;
+    Py_VISIT(Py_TYPE(op));
+    Py_VISIT(self->writer);
+    Py_VISIT(self->tables);
+    Py_VISIT(self->new_pickler);
+    Py_VISIT(self->slow);
+    Py_VISIT(self->dump);
+    Py_VISIT(self->clear_memo);
+    Py_VISIT(self->chunks);
+    Py_VISIT(self->buffers);
+    return 0;
+}
+
+static int sender_clear(PyObject *op) {
+    SenderObject *self = (SenderObject *)op;
+    Py_CLEAR(self->writer);
+    Py_CLEAR(self->tables);
+    Py_CLEAR(self->new_pickler);
+    Py_CLEAR(self->slow);
+    Py_CLEAR(self->dump);
+    Py_CLEAR(self->clear_memo);
+    Py_CLEAR(self->chunks);
+    Py_CLEAR(self->buffers);
+    return 0;
+}
+
+static void sender_dealloc(PyObject *op) {
+    PyTypeObject *tp = Py_TYPE(op);
+    PyObject_GC_UnTrack(op);
+    sender_clear(op);
+    tp->tp_free(op);
+    Py_DECREF(tp);
+}
+
+static PyMethodDef sender_methods[] = {
+    {"send", sender_send, METH_O, sender_send_doc},
+    {"write", sender_write, METH_O, sender_write_doc},
+    {"_buffer", sender_buffer, METH_O, sender_buffer_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyType_Slot sender_slots[] = {
+    {Py_tp_doc, "_Sender(writer, tables, new_pickler, slow, /)\n--\n\n"
+                "Internal (ipc_ring._pipe): Connection.send of an attached end."},
+    {Py_tp_new, PyType_GenericNew},
+    {Py_tp_init, sender_init},
+    {Py_tp_dealloc, sender_dealloc},
+    {Py_tp_traverse, sender_traverse},
+    {Py_tp_clear, sender_clear},
+    {Py_tp_methods, sender_methods},
+    {0, NULL},
+};
+
+static PyType_Spec sender_spec = {
+    .name = "ipc_ring._core._Sender",
+    .basicsize = sizeof(SenderObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE | Py_TPFLAGS_HAVE_GC,
+    .slots = sender_slots,
+};
+
 /* The one optional argument of recv_bytes(maxlength=None) and
  * poll(timeout=0.0), positional or by keyword: *out, or NULL if not given.
  * 0, or -1 with TypeError. */
@@ -1916,9 +2150,176 @@ static int parse_maxlength(PyObject *obj, Py_ssize_t *out) {
     return 0;
 }
 
+#define PIPE_MAX_SEGMENTS (1u << 20) /* out-of-band buffers in one message, and the pickle */
+#define PIPE_MAX_STREAM (1ULL << 46) /* bytes in one message */
+
+/* A message of several records being collected (FORMAT.md "Pipe messages"). */
+typedef struct {
+    uint32_t nseg;
+    uint64_t *lengths;   /* nseg words, the read-only bit kept */
+    uint64_t got;        /* bytes of the lengths received */
+    PyObject **segments; /* nseg new objects once the lengths are in, else NULL */
+    uint32_t index;      /* the segment being filled */
+    uint64_t filled;     /* its bytes so far */
+} pipe_stream;
+
+static void stream_free(pipe_stream *s) {
+    if (s->segments)
+        for (uint32_t i = 0; i < s->nseg; i++) Py_XDECREF(s->segments[i]);
+    PyMem_Free(s->segments);
+    PyMem_Free(s->lengths);
+    memset(s, 0, sizeof *s);
+}
+
+static inline uint64_t stream_length(const pipe_stream *s, uint32_t i) {
+    return s->lengths[i] & ~PIPE_READONLY;
+}
+
+/* A segment's writable bytes (bytes objects are filled before anyone else
+ * sees them). */
+static inline char *segment_bytes(PyObject *segment) {
+    return PyBytes_CheckExact(segment) ? PyBytes_AS_STRING(segment)
+                                       : PyByteArray_AS_STRING(segment);
+}
+
+static void stream_skip_empty(pipe_stream *s) {
+    while (s->index < s->nseg && s->filled == stream_length(s, s->index)) {
+        s->index++;
+        s->filled = 0;
+    }
+}
+
+/* Makes the segments once the lengths are in: the first (the pickle, or the
+ * send_bytes payload) as bytes if `data_bytes`, else a bytearray; a buffer as
+ * bytes if it was read-only, else a bytearray. Not zeroed: every byte is
+ * written. No Python code runs (neither type is tracked by the collector). */
+static int stream_make_segments(pipe_stream *s, int data_bytes) {
+    uint64_t total = 0;
+    for (uint32_t i = 0; i < s->nseg; i++) total += stream_length(s, i);
+    if (total > PIPE_MAX_STREAM) {
+        PyErr_Format(PyExc_OSError, "ipc_ring.Pipe: a message of %llu bytes",
+                     (unsigned long long)total);
+        return -1;
+    }
+    s->segments = PyMem_Calloc(s->nseg, sizeof *s->segments);
+    if (!s->segments) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (uint32_t i = 0; i < s->nseg; i++) {
+        Py_ssize_t n = (Py_ssize_t)stream_length(s, i);
+        int as_bytes = i == 0 ? data_bytes : (s->lengths[i] & PIPE_READONLY) != 0;
+        s->segments[i] = as_bytes ? PyBytes_FromStringAndSize(NULL, n)
+                                  : PyByteArray_FromStringAndSize(NULL, n);
+        if (!s->segments[i]) return -1;
+    }
+    stream_skip_empty(s);
+    return 0;
+}
+
+/* Feeds one record's stream bytes. 0, or -1 with OSError (more bytes than
+ * the lengths say, a bad length) or MemoryError. */
+static int stream_feed(pipe_stream *s, const char *data, uint64_t size, int data_bytes) {
+    while (size) {
+        if (!s->segments) {
+            uint64_t need = (uint64_t)s->nseg * 8 - s->got;
+            uint64_t take = size < need ? size : need;
+            memcpy((char *)s->lengths + s->got, data, (size_t)take);
+            s->got += take;
+            data += take;
+            size -= take;
+            if (s->got == (uint64_t)s->nseg * 8 && stream_make_segments(s, data_bytes) < 0)
+                return -1;
+            continue;
+        }
+        if (s->index >= s->nseg) {
+            PyErr_SetString(PyExc_OSError, "ipc_ring.Pipe: a message longer than its lengths say");
+            return -1;
+        }
+        uint64_t room = stream_length(s, s->index) - s->filled;
+        uint64_t take = size < room ? size : room;
+        memcpy(segment_bytes(s->segments[s->index]) + s->filled, data, (size_t)take);
+        s->filled += take;
+        data += take;
+        size -= take;
+        stream_skip_empty(s);
+    }
+    return 0;
+}
+
+static inline int stream_done(const pipe_stream *s) {
+    return s->segments && s->index >= s->nseg;
+}
+
+/* The head of a message of several records is peeked: collects its stream
+ * straight from the records into new objects, consuming each record once
+ * copied, waiting for the next as long as it takes. Inside a call. 1 with
+ * *data (the first segment) and *buffers (a list of the others) when the
+ * message is complete; 0 when a new message began before it was (a head or
+ * a whole message, left peeked: the caller starts again; what was collected
+ * is dropped, FORMAT.md); -1 with an exception (the partial message is
+ * dropped). */
+static int pipe_collect(HandleObject *self, const char *op, int data_bytes, const void *payload,
+                        uint64_t length, PyObject **data, PyObject **buffers) {
+    pipe_stream s = {0};
+    uint64_t frame = pipe_frame(payload, length);
+    s.nseg = (uint32_t)(frame >> 32);
+    if (s.nseg < 1 || s.nseg > PIPE_MAX_SEGMENTS) {
+        rb_consume(&self->h.ring.reader);
+        PyErr_Format(PyExc_OSError, "ipc_ring.Pipe: a message of %u segments", s.nseg);
+        return -1;
+    }
+    s.lengths = PyMem_Calloc(s.nseg, sizeof *s.lengths);
+    if (!s.lengths) {
+        PyErr_NoMemory();
+        return -1; /* left in the ring */
+    }
+    int r;
+    for (;;) {
+        r = stream_feed(&s, (const char *)payload + PIPE_FRAME, length - PIPE_FRAME, data_bytes);
+        rb_consume(&self->h.ring.reader);
+        if (r < 0 || stream_done(&s)) break;
+        if (reader_next(self, RB_FOREVER, 0, 0, op, &payload, &length) < 0) {
+            r = -1;
+            break;
+        }
+        uint32_t kind = (uint32_t)pipe_frame(payload, length);
+        if (kind == PIPE_WHOLE || kind == PIPE_HEAD) {
+            r = 0; /* the sender stopped in the middle of this one */
+            break;
+        }
+        if (kind != PIPE_PART) {
+            rb_consume(&self->h.ring.reader);
+            PyErr_SetString(PyExc_OSError, "ipc_ring.Pipe: a record that is not part of a message");
+            r = -1;
+            break;
+        }
+    }
+    if (r < 0 || !stream_done(&s)) {
+        stream_free(&s);
+        return r < 0 ? -1 : 0;
+    }
+    PyObject *list = PyList_New((Py_ssize_t)s.nseg - 1);
+    if (!list) {
+        stream_free(&s);
+        return -1;
+    }
+    for (uint32_t i = 1; i < s.nseg; i++) {
+        PyList_SET_ITEM(list, (Py_ssize_t)i - 1, s.segments[i]);
+        s.segments[i] = NULL;
+    }
+    *data = s.segments[0];
+    s.segments[0] = NULL;
+    *buffers = list;
+    stream_free(&s);
+    return 1;
+}
+
 /* recv_bytes (want_bytes = 1) and recv (0), past the fast path: waits for
- * the next message; a whole one comes back as bytes, anything else goes to
- * ipc_ring._pipe's receive, with the message still in the ring. */
+ * the next message. A whole one comes back as bytes; one of several records
+ * is collected here (pipe_collect): recv gets (data, buffers), recv_bytes
+ * bytes (its pickle with the buffers put in band by ipc_ring._pipe when it
+ * was sent with out-of-band buffers). */
 static PyObject *reader_recv_slow(HandleObject *self, PyObject *maxlength_obj, int want_bytes) {
     const char *op = want_bytes ? "recv_bytes" : "recv";
     Py_ssize_t maxlength = -1;
@@ -1929,35 +2330,73 @@ static PyObject *reader_recv_slow(HandleObject *self, PyObject *maxlength_obj, i
     }
     const void *payload;
     uint64_t length;
-    PyObject *result = NULL;
-    int large = 0;
-    if (reader_next(self, RB_FOREVER, 0, 0, op, &payload, &length) > 0) {
-        uint64_t frame = pipe_frame(payload, length), total = 0;
-        if ((uint32_t)frame == PIPE_HEAD && frame >> 32 == 1 && length >= PIPE_FRAME + 8)
-            memcpy(&total, (const char *)payload + PIPE_FRAME, sizeof total);
-        total &= ~PIPE_READONLY; /* the flag of an out-of-band buffer, not its length */
-        if (frame != PIPE_WHOLE && !(want_bytes && maxlength >= 0 && total > (uint64_t)maxlength))
-            large = 1;
-        else if (frame != PIPE_WHOLE)
-            PyErr_SetString(PyExc_OSError, "bad message length"); /* left in the ring */
-        else if (maxlength >= 0 && length - PIPE_FRAME > (uint64_t)maxlength)
-            PyErr_SetString(PyExc_OSError, "bad message length"); /* left in the ring */
-        else
-            result = pipe_take_bytes(self, payload, length);
+    PyObject *result = NULL, *data = NULL, *buffers = NULL;
+    int collected = 0;
+    while (reader_next(self, RB_FOREVER, 0, 0, op, &payload, &length) > 0) {
+        uint64_t frame = pipe_frame(payload, length);
+        uint32_t kind = (uint32_t)frame;
+        if (kind == PIPE_WHOLE) {
+            if (maxlength >= 0 && length - PIPE_FRAME > (uint64_t)maxlength)
+                PyErr_SetString(PyExc_OSError, "bad message length"); /* left in the ring */
+            else
+                result = pipe_take_bytes(self, payload, length);
+            break;
+        }
+        if (kind == PIPE_HEAD) {
+            uint64_t total = 0;
+            if (frame >> 32 == 1 && length >= PIPE_FRAME + 8)
+                memcpy(&total, (const char *)payload + PIPE_FRAME, sizeof total);
+            total &= ~PIPE_READONLY; /* the flag of an out-of-band buffer, not its length */
+            if (want_bytes && maxlength >= 0 && total > (uint64_t)maxlength) {
+                PyErr_SetString(PyExc_OSError, "bad message length"); /* left in the ring */
+                break;
+            }
+            int c = pipe_collect(self, op, want_bytes && frame >> 32 == 1, payload, length, &data,
+                                 &buffers);
+            if (c < 0) break;
+            if (c > 0) {
+                collected = 1;
+                break;
+            }
+            continue; /* a new message began: this one was abandoned */
+        }
+        rb_consume(&self->h.ring.reader);
+        if (kind != PIPE_PART) {
+            PyErr_SetString(PyExc_OSError, "ipc_ring.Pipe: a record that is not part of a message");
+            break;
+        }
+        /* else the rest of a message abandoned earlier: skipped */
     }
-    call_end(self);
-    if (!large) return result;
-    core_state *st = state_of((PyObject *)self);
-    if (!st) return NULL;
-    if (!st->pipe_recv_large) {
-        PyErr_SetString(PyExc_RuntimeError, "ipc_ring._pipe is not loaded");
-        return NULL;
-    }
-    result = PyObject_CallFunction(st->pipe_recv_large, "OnO", (PyObject *)self, maxlength,
-                                   want_bytes ? Py_True : Py_False);
     /* As pipe_take_bytes: a watched end is readable again only when the next
      * message comes. */
-    if (result && self->h.watched && self->h.flags == 0) rb_handle_idle(&self->h);
+    if (collected && RB_UNLIKELY(self->h.watched) &&
+        self->h.ring.reader.read_pos == self->h.ring.reader.readable_end)
+        rb_handle_idle(&self->h);
+    call_end(self);
+    if (!collected) return result;
+    if (!want_bytes) {
+        result = PyTuple_Pack(2, data, buffers);
+    }
+    else if (PyList_GET_SIZE(buffers) == 0) {
+        result = Py_NewRef(data); /* bytes, its length checked above */
+    }
+    else {
+        core_state *st = state_of((PyObject *)self);
+        if (st && !st->pipe_in_band)
+            PyErr_SetString(PyExc_RuntimeError, "ipc_ring._pipe is not loaded");
+        else if (st)
+            result = PyObject_CallFunctionObjArgs(st->pipe_in_band, data, buffers, NULL);
+        if (result && !PyBytes_Check(result)) {
+            Py_CLEAR(result);
+            PyErr_SetString(PyExc_TypeError, "ipc_ring._pipe: in_band() returned no bytes");
+        }
+        if (result && maxlength >= 0 && PyBytes_GET_SIZE(result) > maxlength) {
+            Py_CLEAR(result);
+            PyErr_SetString(PyExc_OSError, "bad message length");
+        }
+    }
+    Py_DECREF(data);
+    Py_DECREF(buffers);
     return result;
 }
 
@@ -2077,24 +2516,8 @@ static PyObject *reader_poll(PyObject *op, PyObject *const *args, Py_ssize_t nar
     return result;
 }
 
-PyDoc_STRVAR(empty_bytearray_doc,
-"_empty_bytearray($module, size, /)\n--\n\n"
-"Internal (ipc_ring._pipe): a bytearray of size bytes, not zeroed: the\n"
-"receive of a large message overwrites every byte of it.");
-
-static PyObject *core_empty_bytearray(PyObject *module, PyObject *arg) {
-    (void)module;
-    Py_ssize_t size = PyNumber_AsSsize_t(arg, PyExc_OverflowError);
-    if (size == -1 && PyErr_Occurred()) return NULL;
-    if (size < 0) {
-        PyErr_SetString(PyExc_ValueError, "negative size");
-        return NULL;
-    }
-    return PyByteArray_FromStringAndSize(NULL, size);
-}
-
 PyDoc_STRVAR(pipe_fallbacks_doc,
-"_pipe_fallbacks($module, send_large, recv_large, loads, /)\n--\n\n"
+"_pipe_fallbacks($module, send_large, in_band, loads, /)\n--\n\n"
 "Internal: ipc_ring._pipe's handling of messages of several records.");
 
 PyDoc_STRVAR(closed_hook_doc,
@@ -2114,7 +2537,7 @@ static PyObject *core_pipe_fallbacks(PyObject *module, PyObject *const *args, Py
     }
     core_state *st = get_state(module);
     Py_XSETREF(st->pipe_send_large, Py_NewRef(args[0]));
-    Py_XSETREF(st->pipe_recv_large, Py_NewRef(args[1]));
+    Py_XSETREF(st->pipe_in_band, Py_NewRef(args[1]));
     Py_XSETREF(st->pipe_loads, Py_NewRef(args[2]));
     Py_RETURN_NONE;
 }
@@ -2434,7 +2857,7 @@ PyDoc_STRVAR(timer_fd_doc,
 "glue's liveness slice: a descriptor in the loop, where a loop timer would\n"
 "cost every wake-up its bookkeeping.");
 
-static PyObject *core_timer_fd(PyObject *module, PyObject *Py_UNUSED(ignored)) {
+static PyObject *core_timer_fd(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(ignored)) {
 #if defined(__linux__)
     int fd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
     if (fd < 0) return PyErr_SetFromErrno(PyExc_OSError);
@@ -2449,7 +2872,7 @@ PyDoc_STRVAR(timer_set_doc,
 "Arm the timer descriptor fd (from _timer_fd) to become readable in `seconds`\n"
 "(at least 1 us; a new time replaces the old one).");
 
-static PyObject *core_timer_set(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+static PyObject *core_timer_set(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 2) {
         PyErr_Format(PyExc_TypeError, "_timer_set expected 2 arguments, got %zd", nargs);
         return NULL;
@@ -2484,7 +2907,6 @@ static PyMethodDef core_methods[] = {
     {"check_timeout", core_check_timeout, METH_O, check_timeout_doc},
     {"inspect", core_inspect, METH_O, inspect_doc},
     {"_pipe_fallbacks", _PyCFunction_CAST(core_pipe_fallbacks), METH_FASTCALL, pipe_fallbacks_doc},
-    {"_empty_bytearray", core_empty_bytearray, METH_O, empty_bytearray_doc},
     {"_timer_fd", core_timer_fd, METH_NOARGS, timer_fd_doc},
     {"_closed_hook", core_closed_hook, METH_O, closed_hook_doc},
     {"_timer_set", _PyCFunction_CAST(core_timer_set), METH_FASTCALL, timer_set_doc},
@@ -2585,6 +3007,8 @@ static int core_exec(PyObject *module) {
     if (!st->ReaderType || PyModule_AddType(module, st->ReaderType) < 0) return -1;
     st->SlotType = (PyTypeObject *)PyType_FromModuleAndSpec(module, &slot_spec, NULL);
     if (!st->SlotType || PyModule_AddType(module, st->SlotType) < 0) return -1;
+    st->SenderType = (PyTypeObject *)PyType_FromModuleAndSpec(module, &sender_spec, NULL);
+    if (!st->SenderType || PyModule_AddType(module, st->SenderType) < 0) return -1;
     /* push_many() sets `written` on the exceptions it raises part-way. */
     PyObject *zero = PyLong_FromLong(0);
     if (!zero) return -1;
@@ -2622,12 +3046,13 @@ static int core_traverse(PyObject *module, visitproc visit, void *arg) {
     Py_VISIT(st->PipePeerDied);
     Py_VISIT(st->PipePeerGone);
     Py_VISIT(st->pipe_send_large);
-    Py_VISIT(st->pipe_recv_large);
+    Py_VISIT(st->pipe_in_band);
     Py_VISIT(st->pipe_loads);
     Py_VISIT(st->closed_hook);
     Py_VISIT(st->WriterType);
     Py_VISIT(st->ReaderType);
     Py_VISIT(st->SlotType);
+    Py_VISIT(st->SenderType);
     return 0;
 }
 
@@ -2643,12 +3068,13 @@ static int core_clear(PyObject *module) {
     Py_CLEAR(st->PipePeerDied);
     Py_CLEAR(st->PipePeerGone);
     Py_CLEAR(st->pipe_send_large);
-    Py_CLEAR(st->pipe_recv_large);
+    Py_CLEAR(st->pipe_in_band);
     Py_CLEAR(st->pipe_loads);
     Py_CLEAR(st->closed_hook);
     Py_CLEAR(st->WriterType);
     Py_CLEAR(st->ReaderType);
     Py_CLEAR(st->SlotType);
+    Py_CLEAR(st->SenderType);
     return 0;
 }
 

@@ -5,9 +5,11 @@ carry the memfds, an eventfd each for wake-ups and one end of a socket pair that
 tells an end whose peer was closed in every process. An end attaches to its
 rings on first use, in the process that uses it, so the standard pattern works
 under every start method: create in the parent, pass one end to the child.
-The records are framed as docs/FORMAT.md, "Pipe messages", describes: whole
-messages go through the C fast path; messages larger than a record, and objects
-with out-of-band buffers (protocol 5), go through here in parts.
+The records are framed as docs/FORMAT.md, "Pipe messages", describes. The C core
+sends and receives them (an end's send pickles into a _core._Sender); what is
+here is the Python side of the uncommon cases: an object with out-of-band
+buffers (protocol 5), a send from inside a send's pickling, recv_bytes of an
+object sent with out-of-band buffers.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import os
 import pickle
 import select
 import socket
-import struct
 import threading
 import weakref
 from multiprocessing import BufferTooShort, reduction
@@ -30,12 +31,6 @@ __all__ = ["Connection", "Pipe"]
 
 _H = TypeVar("_H", _core.Writer, _core.Reader)
 
-_WHOLE = 3
-_HEAD = 4
-_PART = 5
-_FRAME = struct.Struct("<Q")
-_PART_FRAME = _FRAME.pack(_PART)
-_READONLY = 1 << 63  # in a segment's length: an out-of-band buffer that was read-only
 _MAX_BUFFERS = (1 << 20) - 1  # out-of-band buffers in one message (and the pickle)
 _LABEL = "ipc_ring.Pipe"
 _ForkingPickler = reduction.ForkingPickler
@@ -43,27 +38,48 @@ _ForkingPickler = reduction.ForkingPickler
 _extra_reducers: dict[type, Any] = getattr(_ForkingPickler, "_extra_reducers", {})
 
 
-class _Dumper:
-    """multiprocessing's pickling (protocol 5, with the reducers it registered, such
-    as those of its own connections) into a buffer kept from one send to the next:
-    a ForkingPickler made for every send costs three times the pickling."""
+_TABLES = (copyreg.dispatch_table, _extra_reducers)
 
-    def __init__(self) -> None:
-        self.out = io.BytesIO()
-        self.sizes = (-1, -1)  # of the tables the pickler's dispatch table was made from
-        self.buffers: list[pickle.PickleBuffer] = []
-        self.pickler = pickle.Pickler(self.out, 5, buffer_callback=self.buffers.append)
-        self.busy = False
 
-    def refresh(self) -> None:
-        """The pickler's dispatch table made again if copyreg's or multiprocessing's
-        registrations changed since (compared by their sizes)."""
-        sizes = (len(copyreg.dispatch_table), len(_extra_reducers))
-        if sizes != self.sizes:
-            table = copyreg.dispatch_table.copy()
-            table.update(_extra_reducers)
-            self.pickler.dispatch_table = table
-            self.sizes = sizes
+def _new_pickler(sender: _core._Sender) -> pickle.Pickler:
+    """The pickler an end's sender keeps from one send to the next: multiprocessing's
+    pickling (protocol 5, with the reducers it registered, such as those of its own
+    connections), writing into the sender. Made again when copyreg's or
+    multiprocessing's registrations change (the sender compares the sizes of
+    _TABLES): a ForkingPickler made for every send costs three times the pickling."""
+    table = copyreg.dispatch_table.copy()
+    table.update(_extra_reducers)
+    pickler = pickle.Pickler(sender, 5, buffer_callback=sender._buffer)
+    pickler.dispatch_table = table
+    return pickler
+
+
+def _send_slow(
+    writer: _core.Writer,
+    obj: object,
+    chunks: list[Any] | None,
+    oob: list[pickle.PickleBuffer] | None,
+) -> None:
+    """Connection.send past the C sender's own case (a pickle of one chunk without
+    out-of-band buffers): `chunks` and `oob` are what the kept pickler wrote, or
+    None for a send from inside this end's pickling (a __reduce__), or another
+    thread's while it runs Python code: that one pickles afresh."""
+    if chunks is None:
+        oob = []
+        fresh = io.BytesIO()
+        _ForkingPickler(fresh, 5, True, oob.append).dump(obj)
+        data: Any = fresh.getvalue()
+    else:
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    if not oob:
+        writer._send_bytes(data)
+        return
+    if len(oob) >= _MAX_BUFFERS:  # more than a message may carry: all in band
+        out = io.BytesIO()
+        _ForkingPickler(out, 5).dump(obj)
+        writer._send_bytes(out.getvalue())
+        return
+    writer._send_parts([memoryview(data), *(_raw(b) for b in oob)])
 
 
 def _open_own(fd: int) -> int:
@@ -92,124 +108,35 @@ def _raw(buffer: pickle.PickleBuffer) -> memoryview:
         return memoryview(memoryview(buffer).tobytes())
 
 
-class _Stream:
-    """Collects the stream of a message of several records."""
-
-    def __init__(self, nseg: int) -> None:
-        if not 1 <= nseg <= _MAX_BUFFERS + 1:
-            raise OSError(f"{_LABEL}: a message of {nseg} segments")
-        self.nseg = nseg
-        self.header = bytearray()
-        self.lengths: tuple[int, ...] | None = None
-        self.readonly: list[bool] = []
-        self.segments: list[bytearray] = []
-        self.views: list[memoryview] = []
-        self.index = 0  # the segment being filled
-        self.filled = 0
-
-    def feed(self, data: memoryview) -> None:
-        pos = 0
-        end = data.nbytes
-        while pos < end:
-            if self.lengths is None:
-                need = 8 * self.nseg - len(self.header)
-                take = min(need, end - pos)
-                self.header += data[pos : pos + take]
-                pos += take
-                if len(self.header) == 8 * self.nseg:
-                    words = struct.unpack(f"<{self.nseg}Q", self.header)
-                    self.readonly = [bool(w & _READONLY) for w in words]
-                    self.lengths = tuple(w & ~_READONLY for w in words)
-                    if sum(self.lengths) > 1 << 46:
-                        raise OSError(f"{_LABEL}: a message of {sum(self.lengths)} bytes")
-                    # Not zeroed: every byte is written below. Written through
-                    # memoryviews: a bytearray's slice assignment copies its source
-                    # first.
-                    self.segments = [_core._empty_bytearray(n) for n in self.lengths]
-                    self.views = [memoryview(b) for b in self.segments]
-                    self._skip_empty()
-                continue
-            if self.index >= self.nseg:
-                raise OSError(f"{_LABEL}: a message longer than its lengths say")
-            segment = self.views[self.index]
-            take = min(segment.nbytes - self.filled, end - pos)
-            segment[self.filled : self.filled + take] = data[pos : pos + take]
-            self.filled += take
-            pos += take
-            self._skip_empty()
-
-    def _skip_empty(self) -> None:
-        while self.index < self.nseg and self.filled == len(self.segments[self.index]):
-            self.index += 1
-            self.filled = 0
-
-    @property
-    def done(self) -> bool:
-        return self.lengths is not None and self.index >= self.nseg
-
-
-def _in_band(data: bytearray, buffers: list[Any], readonly: list[bool]) -> bytearray:
-    """recv_bytes() of an object sent with out-of-band buffers: its pickle with each
-    buffer written in band, as a pickler without a buffer callback writes it
-    (nothing is unpickled). Frames go: their lengths would change."""
+def _in_band(data: bytearray, buffers: list[bytes | bytearray]) -> bytes:
+    """recv_bytes() of an object sent with out-of-band buffers (called by the C
+    method): its pickle with each buffer written in band, as a pickler without a
+    buffer callback writes it (nothing is unpickled); a buffer that was read-only
+    came as bytes. Frames go: their lengths would change."""
     import pickletools
 
     out = bytearray()
     ops = list(pickletools.genops(bytes(data)))
-    taken = iter(zip(buffers, readonly, strict=True))
+    taken = iter(buffers)
     for i, (op, _arg, pos) in enumerate(ops):
         end = ops[i + 1][2] if i + 1 < len(ops) else len(data)
         if op.name in ("FRAME", "READONLY_BUFFER"):
             continue
         if op.name == "NEXT_BUFFER":
-            buffer, ro = next(taken)
-            out += (b"\x8e" if ro else b"\x96") + len(buffer).to_bytes(
-                8, "little"
-            )  # BINBYTES8, BYTEARRAY8
+            buffer = next(taken)
+            op_code = b"\x8e" if isinstance(buffer, bytes) else b"\x96"  # BINBYTES8, BYTEARRAY8
+            out += op_code + len(buffer).to_bytes(8, "little")
             out += buffer
             continue
         out += data[pos:end]
-    return out
+    return bytes(out)
 
 
-def _recv_large(reader: _core.Reader, maxlength: int, want_bytes: bool) -> object:
-    """The next message when it is not one whole record (called by the C methods):
-    bytes, or (data, buffers) for an object with out-of-band buffers. What is left
-    of a message whose sender stopped in the middle is dropped when the next
-    message begins."""
-    stream: _Stream | None = None
-    while stream is None or not stream.done:
-        with reader.pop_view() as view:
-            frame = _FRAME.unpack_from(view)[0] if view.nbytes >= 8 else 0
-            kind = frame & 0xFFFFFFFF
-            if kind == _WHOLE:
-                return bytes(view[8:])
-            if kind == _HEAD:
-                stream = _Stream(frame >> 32)
-            elif kind != _PART:
-                raise OSError(f"{_LABEL}: a record that is not part of a message")
-            if stream is not None:  # else the rest of a message abandoned earlier
-                stream.feed(view[8:])
-    for view in stream.views:
-        view.release()  # what the caller gets can be resized
-    data, *parts = stream.segments
-    # A read-only buffer comes back read-only, as pickle gives it in band.
-    readonly = stream.readonly[1:]
-    buffers = [bytes(b) if ro else b for b, ro in zip(parts, readonly, strict=True)]
-    if not want_bytes:
-        return data, buffers
-    if buffers:
-        data = _in_band(data, buffers, readonly)
-    if maxlength >= 0 and len(data) > maxlength:
-        raise OSError("bad message length")
-    return bytes(data)
-
-
-_core._pipe_fallbacks(_send_large, _recv_large, pickle.loads)
+_core._pipe_fallbacks(_send_large, _in_band, pickle.loads)
 
 _connections: weakref.WeakSet[Connection] = weakref.WeakSet()
 # The methods an attached end binds to its handles' C methods.
-_BOUND = ("send_bytes", "recv_bytes", "poll", "recv", "_recv_raw")
+_BOUND = ("send", "send_bytes", "recv_bytes", "poll", "recv", "_recv_raw")
 
 
 def _forget_inherited() -> None:
@@ -243,7 +170,7 @@ class Connection:
         self._reader: _core.Reader | None = None
         self._epoll: select.epoll | None = None
         self._epoll_pid = 0
-        self._dumper = _Dumper()
+        self._sender: _core._Sender | None = None
         self._attaching = threading.Lock()
         self._closed = False
         _connections.add(self)
@@ -274,8 +201,10 @@ class Connection:
             if self._out_fd < 0:
                 raise OSError("connection is read-only")
             writer = self._attach(_core.Writer, self._out_fd, "written")
+            self._sender = _core._Sender(writer, _TABLES, _new_pickler, _send_slow)
             self._writer = writer
         self.send_bytes = writer._send_bytes  # type: ignore[method-assign]
+        self.send = self._sender.send  # type: ignore[method-assign,assignment]
         return writer
 
     def _attach_reader(self) -> _core.Reader:
@@ -303,6 +232,7 @@ class Connection:
                 else:
                     handle.detach()  # handed over: the role is vacant for the next process
         self._writer = self._reader = None
+        self._sender = None
         if forked:
             self._epoll = None  # the parent's; this process makes its own
             self._attaching = threading.Lock()  # another thread may have held it
@@ -338,43 +268,13 @@ class Connection:
 
     def send(self, obj: object) -> None:
         """Send a (picklable) object."""
-        # As multiprocessing pickles (its reducers), with protocol 5, into the end's
-        # kept pickler (inline: a method call is a tenth of a small object's send).
-        dumper = self._dumper
-        if dumper.busy:
-            # A send from inside this pickling (a __reduce__), or another thread's
-            # while this one's pickling runs Python code: a pickler of its own. (The
-            # test and the store below run with no bytecode between them that lets
-            # another thread in; a Lock would cost a quarter of the send.)
-            oob: list[pickle.PickleBuffer] = []
-            fresh = io.BytesIO()
-            _ForkingPickler(fresh, 5, True, oob.append).dump(obj)
-            data = fresh.getvalue()
-        else:
-            dumper.busy = True
-            try:
-                dumper.refresh()
-                out, pickler = dumper.out, dumper.pickler
-                out.seek(0)
-                out.truncate()
-                pickler.clear_memo()
-                pickler.dump(obj)
-                data = out.getvalue()
-            finally:
-                dumper.busy = False
-                oob = dumper.buffers[:] if dumper.buffers else []
-                dumper.buffers.clear()
-        if not oob:
-            (self._writer or self._attach_writer())._send_bytes(data)
-            return
-        if len(oob) >= _MAX_BUFFERS:  # more than a message may carry: all in band
-            out = io.BytesIO()
-            _ForkingPickler(out, 5).dump(obj)
-            data = out.getvalue()
-            (self._writer or self._attach_writer())._send_bytes(data)
-            return
-        segments = [memoryview(data), *(_raw(b) for b in oob)]
-        (self._writer or self._attach_writer())._send_parts(segments)
+        # Attaching binds this end's send to the C sender's.
+        sender = self._sender if self._writer is not None else None
+        if sender is None:
+            self._attach_writer()
+            sender = self._sender
+        assert sender is not None
+        sender.send(obj)
 
     def recv_bytes(self, maxlength: int | None = None) -> bytes:
         """Receive bytes data as a bytes object."""
@@ -442,7 +342,7 @@ class Connection:
         for name in _BOUND:
             self.__dict__.pop(name, None)
         writer, reader, epoll = self._writer, self._reader, self._epoll
-        self._writer = self._reader = self._epoll = None
+        self._writer = self._reader = self._epoll = self._sender = None
         fds = (self._out_fd, self._in_fd, self._own_event, self._peer_event, self._alive)
         self._out_fd = self._in_fd = self._own_event = self._peer_event = self._alive = -1
         try:

@@ -12,6 +12,10 @@
 #include <time.h>
 #include <unistd.h>
 
+#if defined(__x86_64__) && defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 #if defined(__linux__)
 #include <linux/futex.h>
 #include <sys/syscall.h>
@@ -38,6 +42,34 @@ uint64_t rb_now_ns(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+void rb_copy_in(void *dst, const void *src, size_t n) {
+#if defined(__x86_64__) && defined(__SSE2__)
+    if (n >= RB_STREAM_COPY_MIN) {
+        char *to = dst;
+        const char *from = src;
+        size_t head = (16u - ((uintptr_t)to & 15u)) & 15u;
+        memcpy(to, from, head);
+        to += head;
+        from += head;
+        n -= head;
+        for (; n >= 64; n -= 64, to += 64, from += 64) {
+            __m128i a = _mm_loadu_si128((const __m128i *)(const void *)from);
+            __m128i b = _mm_loadu_si128((const __m128i *)(const void *)(from + 16));
+            __m128i c = _mm_loadu_si128((const __m128i *)(const void *)(from + 32));
+            __m128i d = _mm_loadu_si128((const __m128i *)(const void *)(from + 48));
+            _mm_stream_si128((__m128i *)(void *)to, a);
+            _mm_stream_si128((__m128i *)(void *)(to + 16), b);
+            _mm_stream_si128((__m128i *)(void *)(to + 32), c);
+            _mm_stream_si128((__m128i *)(void *)(to + 48), d);
+        }
+        memcpy(to, from, n);
+        _mm_sfence(); /* the stores above are weakly ordered: before the commit's */
+        return;
+    }
+#endif
+    memcpy(dst, src, n);
 }
 
 /* Sleeps while *word == expected, until woken or the absolute deadline

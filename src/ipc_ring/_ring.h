@@ -394,6 +394,13 @@ int rb_role_alive(int fd, rb_role role);
 /* CLOCK_MONOTONIC in nanoseconds. */
 uint64_t rb_now_ns(void);
 
+/* Copies n bytes into the ring for the peer to read. From RB_STREAM_COPY_MIN
+ * bytes on (x86-64) with non-temporal stores, which do not first fetch the
+ * destination's cache lines from the peer's cache, where they were read
+ * last; ends with a store fence, so a commit after it publishes them. */
+#define RB_STREAM_COPY_MIN (64u * 1024u)
+void rb_copy_in(void *dst, const void *src, size_t n);
+
 /* ---- crash points (FORMAT.md "Crash contract") -----------------------
  * Built only with -DRB_CRASH_POINTS (the crash tests' C peer): the process
  * kills itself with SIGKILL at the named step when IPC_RING_CRASH_AT is
