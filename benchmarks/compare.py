@@ -60,6 +60,10 @@ writer, as a program that hands work to a multiprocessing.Process does:
 - Messages per run differ by transport (each run takes about 0.3-1.5 s on a 2-core VM; see
   CASES); the rate is per second, so the tables compare; --object-scale scales them all.
 - The tables give objects/s and the ratio ipc_ring.Pipe / each transport, on medians.
+- numpy's BLAS thread pool is one thread in every process of the benchmark
+  (OPENBLAS_NUM_THREADS, OMP_NUM_THREADS, MKL_NUM_THREADS = 1 unless set): no transport
+  uses BLAS, and the pool's threads spin for ~0.1 s after numpy is imported, which on two
+  cores lands inside the first tenth of a second of a child's run.
 
 Run from a checkout (``pip install -e .`` plus the optional libraries), for example::
 
@@ -106,10 +110,14 @@ from multiprocessing.synchronize import Event
 from types import ModuleType
 from typing import Any
 
-import ipc_ring
-import latency  # benchmarks/latency.py, beside this file: the latency section
-from ipc_ring import RingReader, RingWriter
-from latency import _alarm
+# Before numpy is first imported, here and (inherited) in the children: see the docstring.
+for _blas in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_blas, "1")
+
+import ipc_ring  # noqa: E402
+import latency  # noqa: E402  # benchmarks/latency.py, beside this file: the latency section
+from ipc_ring import RingReader, RingWriter  # noqa: E402
+from latency import _alarm  # noqa: E402
 
 RING_CAPACITY = 64 << 20
 BATCH = 256

@@ -719,3 +719,129 @@ def test_records_that_are_not_a_message_are_skipped_or_refused() -> None:
         with pytest.raises(OSError, match="not part of a message"):
             recv(b)
         assert recv(b) == "after the unknown"
+
+
+class Mutator:
+    """Pickles after `target` in the same message, and changes it."""
+
+    def __init__(self, target: bytearray, grow: bool) -> None:
+        self.target, self.grow = target, grow
+
+    def __reduce__(self) -> tuple[object, tuple[object, ...]]:
+        self.target[:] = b"B" * len(self.target)
+        if self.grow:
+            self.target.extend(b"!!!")
+        return (str, ("m",))
+
+
+@pytest.mark.parametrize("grow", [False, True])
+def test_a_large_bytearray_changed_later_in_the_same_send_goes_as_it_was_pickled(
+    make_pipe: Callable[..., tuple[Any, Any]], grow: bool
+) -> None:
+    a, b = make_pipe()
+    with a, b:
+        thread, got = _collect(b, 1, raw=False)  # the message is larger than the ring
+        data = bytearray(b"A" * 100_000)  # in band, and large enough to reach write() itself
+        a.send([data, Mutator(data, grow)])
+        thread.join(TIMEOUT)
+        assert got == [[bytearray(b"A" * 100_000), "m"]]
+
+
+def test_an_end_sent_over_itself_goes_through(make_pipe: Callable[..., tuple[Any, Any]]) -> None:
+    a, b = make_pipe()
+    with a, b:
+        a.send({"reply_to": a})
+        got = recv(b)
+        assert type(got["reply_to"]).__name__ == "Connection"
+        got["reply_to"].close()
+        a.send("after")
+        assert recv(b) == "after"
+
+
+class Replaced:
+    pass
+
+
+def test_a_reducer_replaced_or_removed_without_changing_the_tables_sizes_is_seen() -> None:
+    import copyreg
+    from multiprocessing.reduction import ForkingPickler
+
+    a, b = ipc_ring.Pipe(capacity=1 << 14)
+    with a, b:
+        try:
+            copyreg.pickle(Replaced, lambda r: (str, ("old",)))
+            a.send(Replaced())
+            assert recv(b) == "old"
+            copyreg.pickle(Replaced, lambda r: (str, ("new",)))  # the same size
+            a.send(Replaced())
+            assert recv(b) == "new"
+            del copyreg.dispatch_table[Replaced]
+            copyreg.pickle(Registered, lambda r: (str, ("other",)))  # the same size again
+            a.send(Replaced())
+            assert type(recv(b)) is Replaced
+            ForkingPickler.register(Replaced, lambda r: (str, ("forking old",)))
+            a.send(Replaced())
+            assert recv(b) == "forking old"
+            ForkingPickler.register(Replaced, lambda r: (str, ("forking new",)))
+            a.send(Replaced())
+            assert recv(b) == "forking new"
+        finally:
+            copyreg.dispatch_table.pop(Replaced, None)
+            copyreg.dispatch_table.pop(Registered, None)
+            ForkingPickler._extra_reducers.pop(Replaced, None)  # type: ignore[attr-defined]
+
+
+def test_a_sent_object_is_not_kept_alive_by_the_end(
+    make_pipe: Callable[..., tuple[Any, Any]],
+) -> None:
+    import gc
+    import weakref
+
+    a, b = make_pipe()
+    with a, b:
+        sent = Registered(1)
+        array = np.arange(10)
+        a.send([sent, array])
+        kept = (weakref.ref(sent), weakref.ref(array))
+        del sent, array
+        gc.collect()
+        assert [ref() for ref in kept] == [None, None]
+        assert recv(b)[0].value == 1
+
+
+def test_the_sender_cannot_be_initialised_again_while_it_pickles() -> None:
+    from ipc_ring import _core, _pipe
+
+    a, b = ipc_ring.Pipe(capacity=1 << 14)
+    errors: list[BaseException] = []
+
+    class Reinit:
+        def __reduce__(self) -> tuple[object, tuple[object, ...]]:
+            try:
+                sender.__init__(a._writer, _pipe._TABLES, _pipe._new_pickler, _pipe._send_slow)
+            except TypeError as e:
+                errors.append(e)
+            return (str, ("r",))
+
+    with a, b:
+        a.send("attach")
+        assert recv(b) == "attach"
+        sender = a._sender
+        assert isinstance(sender, _core._Sender)
+        a.send([Reinit(), list(range(1000))])
+        assert recv(b) == ["r", list(range(1000))]
+        assert errors and "runs once" in str(errors[0])
+
+
+def test_segment_lengths_that_wrap_past_2_64_are_refused_as_too_large() -> None:
+    a, b = ipc_ring.Pipe(capacity=1 << 14)
+    with a, b:
+        writer = a._writer or a._attach_writer()
+        lengths = ((1 << 63) - 1, (1 << 63) - 1, 2)
+        with writer.reserve(8 + 8 * len(lengths)) as slot:
+            slot[:8] = (4 | (len(lengths) << 32)).to_bytes(8, "little")
+            slot[8:] = b"".join(n.to_bytes(8, "little") for n in lengths)
+        a.send("after")
+        with pytest.raises(OSError, match="a message of"):
+            recv(b)
+        assert recv(b) == "after"

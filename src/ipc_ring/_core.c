@@ -1895,7 +1895,8 @@ typedef struct {
     PyObject *clear_memo;
     PyObject *chunks;      /* list: what the pickler wrote during this dump */
     PyObject *buffers;     /* list: its out-of-band buffers */
-    Py_ssize_t sizes[2];   /* of the first two tables when the pickler was made */
+    PyObject *snapshot;    /* list: the tables' keys and values, in order, when the pickler
+                            * was made (a registration since makes it again) */
     int busy;              /* a dump is running (it may run Python code) */
 } SenderObject;
 
@@ -1906,31 +1907,52 @@ static int sender_ready(SenderObject *self) {
     return 0;
 }
 
-/* The sizes of the tables differ from those the pickler was made with (a
- * registration since), or there is no pickler yet. */
+/* A key or value of the tables differs from the snapshot taken when the
+ * pickler was made (copyreg.pickle or ForkingPickler.register since, a
+ * replacement or removal included), or there is no pickler yet. Pointer
+ * comparisons along the tables' order: no Python code runs. */
 static int sender_stale(SenderObject *self) {
-    if (!self->dump) return 1;
-    Py_ssize_t n = PyTuple_GET_SIZE(self->tables);
-    for (Py_ssize_t i = 0; i < n && i < 2; i++)
-        if (PyDict_GET_SIZE(PyTuple_GET_ITEM(self->tables, i)) != self->sizes[i]) return 1;
-    return 0;
+    if (!self->dump || !self->snapshot) return 1;
+    Py_ssize_t at = 0, end = PyList_GET_SIZE(self->snapshot);
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(self->tables); i++) {
+        PyObject *table = PyTuple_GET_ITEM(self->tables, i), *key, *value;
+        Py_ssize_t pos = 0;
+        while (PyDict_Next(table, &pos, &key, &value)) {
+            if (at + 2 > end || PyList_GET_ITEM(self->snapshot, at) != key ||
+                PyList_GET_ITEM(self->snapshot, at + 1) != value)
+                return 1;
+            at += 2;
+        }
+    }
+    return at != end;
 }
 
 static int sender_renew(SenderObject *self) {
+    /* The snapshot first: a registration while new_pickler runs makes the
+     * next send renew again. */
+    PyObject *snapshot = PyList_New(0);
+    if (!snapshot) return -1;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(self->tables); i++) {
+        PyObject *table = PyTuple_GET_ITEM(self->tables, i), *key, *value;
+        Py_ssize_t pos = 0;
+        while (PyDict_Next(table, &pos, &key, &value))
+            if (PyList_Append(snapshot, key) < 0 || PyList_Append(snapshot, value) < 0) {
+                Py_DECREF(snapshot);
+                return -1;
+            }
+    }
     PyObject *pickler = PyObject_CallOneArg(self->new_pickler, (PyObject *)self);
-    if (!pickler) return -1;
-    PyObject *dump = PyObject_GetAttrString(pickler, "dump");
+    PyObject *dump = pickler ? PyObject_GetAttrString(pickler, "dump") : NULL;
     PyObject *clear_memo = dump ? PyObject_GetAttrString(pickler, "clear_memo") : NULL;
-    Py_DECREF(pickler);
+    Py_XDECREF(pickler);
     if (!clear_memo) {
         Py_XDECREF(dump);
+        Py_DECREF(snapshot);
         return -1;
     }
     Py_XSETREF(self->dump, dump);
     Py_XSETREF(self->clear_memo, clear_memo);
-    Py_ssize_t n = PyTuple_GET_SIZE(self->tables);
-    for (Py_ssize_t i = 0; i < n && i < 2; i++)
-        self->sizes[i] = PyDict_GET_SIZE(PyTuple_GET_ITEM(self->tables, i));
+    Py_XSETREF(self->snapshot, snapshot);
     return 0;
 }
 
@@ -1944,6 +1966,12 @@ PyDoc_STRVAR(sender_send_doc,
 "ipc_ring.Pipe: Connection.send, obj pickled (protocol 5, multiprocessing's\n"
 "reducers) into this end's ring.");
 
+/* The writer was closed or handed over while the pickling ran (the end was
+ * pickled into its own message, say): the slow send attaches again. */
+static inline int sender_writer_gone(SenderObject *self) {
+    return (((HandleObject *)self->writer)->h.flags & HANDLE_CLOSED) != 0;
+}
+
 static PyObject *sender_send(PyObject *op, PyObject *obj) {
     SenderObject *self = (SenderObject *)op;
     if (!sender_ready(self)) return NULL;
@@ -1954,13 +1982,23 @@ static PyObject *sender_send(PyObject *op, PyObject *obj) {
     PyObject *r = NULL;
     if (sender_stale(self) && sender_renew(self) < 0) goto failed;
     if (list_reset(self->chunks) < 0 || list_reset(self->buffers) < 0) goto failed;
-    r = PyObject_CallNoArgs(self->clear_memo);
-    if (!r) goto failed;
-    Py_DECREF(r);
     r = PyObject_CallOneArg(self->dump, obj);
+    /* The memo holds every object pickled: let them go now, not at the next
+     * send (the dump's exception kept across the call). */
+    PyObject *type = NULL, *value = NULL, *tb = NULL;
+    if (!r) PyErr_Fetch(&type, &value, &tb);
+    PyObject *cleared = PyObject_CallNoArgs(self->clear_memo);
+    if (!r) {
+        if (!cleared) PyErr_Clear();
+        PyErr_Restore(type, value, tb);
+    }
+    else if (!cleared)
+        Py_CLEAR(r);
+    Py_XDECREF(cleared);
     if (!r) goto failed;
     Py_DECREF(r);
-    if (PyList_GET_SIZE(self->chunks) == 1 && PyList_GET_SIZE(self->buffers) == 0) {
+    if (PyList_GET_SIZE(self->chunks) == 1 && PyList_GET_SIZE(self->buffers) == 0 &&
+        !sender_writer_gone(self)) {
         PyObject *chunk = Py_NewRef(PyList_GET_ITEM(self->chunks, 0));
         int bad = list_reset(self->chunks);
         self->busy = 0;
@@ -1985,10 +2023,10 @@ static PyObject *sender_send(PyObject *op, PyObject *obj) {
 failed:
     self->busy = 0;
     if (self->chunks) {
-        PyObject *type, *value, *tb;
-        PyErr_Fetch(&type, &value, &tb);
+        PyObject *etype, *evalue, *etb;
+        PyErr_Fetch(&etype, &evalue, &etb);
         if (list_reset(self->chunks) < 0 || list_reset(self->buffers) < 0) PyErr_Clear();
-        PyErr_Restore(type, value, tb);
+        PyErr_Restore(etype, evalue, etb);
     }
     return NULL;
 }
@@ -1997,7 +2035,14 @@ PyDoc_STRVAR(sender_write_doc, "write($self, data, /)\n--\n\nThe kept pickler's 
 
 static PyObject *sender_write(PyObject *op, PyObject *data) {
     if (!sender_ready((SenderObject *)op)) return NULL;
-    if (PyList_Append(((SenderObject *)op)->chunks, data) < 0) return NULL;
+    /* The pickler's own buffer comes as bytes; a large bytearray (or buffer)
+     * pickled in band comes as itself, and what pickles after it in the same
+     * dump may change it: copied now, as a file's write would. */
+    PyObject *chunk = PyBytes_CheckExact(data) ? Py_NewRef(data) : PyBytes_FromObject(data);
+    if (!chunk) return NULL;
+    int r = PyList_Append(((SenderObject *)op)->chunks, chunk);
+    Py_DECREF(chunk);
+    if (r < 0) return NULL;
     Py_RETURN_NONE;
 }
 
@@ -2020,6 +2065,10 @@ static int sender_init(PyObject *op, PyObject *args, PyObject *kwds) {
     if (!PyArg_ParseTuple(args, "OO!OO:_Sender", &writer, &PyTuple_Type, &tables, &new_pickler,
                           &slow))
         return -1;
+    if (self->writer) { /* its pickler may be running: nothing of it may go */
+        PyErr_SetString(PyExc_TypeError, "_Sender.__init__ runs once");
+        return -1;
+    }
     core_state *st = state_of(op);
     if (!st) return -1;
     if (!PyObject_TypeCheck(writer, st->WriterType)) {
@@ -2043,8 +2092,6 @@ static int sender_init(PyObject *op, PyObject *args, PyObject *kwds) {
     Py_XSETREF(self->slow, Py_NewRef(slow));
     Py_XSETREF(self->chunks, chunks);
     Py_XSETREF(self->buffers, buffers);
-    Py_CLEAR(self->dump);
-    Py_CLEAR(self->clear_memo);
     self->busy = 0;
     return 0;
 }
@@ -2060,6 +2107,7 @@ static int sender_traverse(PyObject *op, visitproc visit, void *arg) {
     Py_VISIT(self->clear_memo);
     Py_VISIT(self->chunks);
     Py_VISIT(self->buffers);
+    Py_VISIT(self->snapshot);
     return 0;
 }
 
@@ -2073,6 +2121,7 @@ static int sender_clear(PyObject *op) {
     Py_CLEAR(self->clear_memo);
     Py_CLEAR(self->chunks);
     Py_CLEAR(self->buffers);
+    Py_CLEAR(self->snapshot);
     return 0;
 }
 
@@ -2195,7 +2244,10 @@ static void stream_skip_empty(pipe_stream *s) {
  * written. No Python code runs (neither type is tracked by the collector). */
 static int stream_make_segments(pipe_stream *s, int data_bytes) {
     uint64_t total = 0;
-    for (uint32_t i = 0; i < s->nseg; i++) total += stream_length(s, i);
+    for (uint32_t i = 0; i < s->nseg && total <= PIPE_MAX_STREAM; i++) {
+        uint64_t n = stream_length(s, i);
+        total = n > PIPE_MAX_STREAM ? n : total + n; /* no wrap: each term is checked */
+    }
     if (total > PIPE_MAX_STREAM) {
         PyErr_Format(PyExc_OSError, "ipc_ring.Pipe: a message of %llu bytes",
                      (unsigned long long)total);

@@ -15,6 +15,7 @@ object sent with out-of-band buffers.
 from __future__ import annotations
 
 import copyreg
+import functools
 import io
 import os
 import pickle
@@ -55,6 +56,7 @@ def _new_pickler(sender: _core._Sender) -> pickle.Pickler:
 
 
 def _send_slow(
+    conn: weakref.ref[Connection],
     writer: _core.Writer,
     obj: object,
     chunks: list[Any] | None,
@@ -63,7 +65,14 @@ def _send_slow(
     """Connection.send past the C sender's own case (a pickle of one chunk without
     out-of-band buffers): `chunks` and `oob` are what the kept pickler wrote, or
     None for a send from inside this end's pickling (a __reduce__), or another
-    thread's while it runs Python code: that one pickles afresh."""
+    thread's while it runs Python code: that one pickles afresh. A writer closed
+    meanwhile was handed over by the pickling (the end sent over itself): the end
+    attaches again, as it would for its next call."""
+    if writer.closed:
+        end = conn()
+        if end is None:
+            raise OSError("handle is closed")
+        writer = end._writer or end._attach_writer()
     if chunks is None:
         oob = []
         fresh = io.BytesIO()
@@ -201,7 +210,10 @@ class Connection:
             if self._out_fd < 0:
                 raise OSError("connection is read-only")
             writer = self._attach(_core.Writer, self._out_fd, "written")
-            self._sender = _core._Sender(writer, _TABLES, _new_pickler, _send_slow)
+            # The end by a weak reference: an end dropped without close() still
+            # closes when its last reference goes (no cycle through its sender).
+            slow = functools.partial(_send_slow, weakref.ref(self))
+            self._sender = _core._Sender(writer, _TABLES, _new_pickler, slow)
             self._writer = writer
         self.send_bytes = writer._send_bytes  # type: ignore[method-assign]
         self.send = self._sender.send  # type: ignore[method-assign,assignment]
