@@ -616,9 +616,21 @@ def _collect(conn: Any, count: int, raw: bool) -> tuple[Any, list[Any]]:
     return thread, got
 
 
-def test_messages_of_several_records_come_back_byte_exact_at_odd_sizes_and_offsets() -> None:
+@pytest.fixture(params=[0, 1, 2], ids=["copy-picked", "copy-memcpy", "copy-streaming"])
+def copy_mode(request: pytest.FixtureRequest) -> Iterator[int]:
+    """Each way a writer may copy the parts of a long message into the ring."""
+    from ipc_ring import _core
+
+    _core._copy_mode(request.param)
+    yield request.param
+    _core._copy_mode(0)
+
+
+def test_messages_of_several_records_come_back_byte_exact_at_odd_sizes_and_offsets(
+    copy_mode: int,
+) -> None:
     # A ring of 1 MiB: records of 256 KiB, so the copies into the ring are long enough to
-    # take the streaming (non-temporal) path, and end at every alignment.
+    # take the streaming (non-temporal) path when it is picked, and end at every alignment.
     rng = np.random.default_rng(7)
     source = rng.integers(0, 256, 4_000_100, dtype=np.uint8).tobytes()
     cases = [(offset, size) for offset in (0, 1, 7, 15) for size in (65_537, 262_129, 1_000_003)]
@@ -845,3 +857,19 @@ def test_segment_lengths_that_wrap_past_2_64_are_refused_as_too_large() -> None:
         with pytest.raises(OSError, match="a message of"):
             recv(b)
         assert recv(b) == "after"
+
+
+def test_poll_does_not_report_the_rest_of_an_abandoned_message_as_a_message() -> None:
+    a, b = ipc_ring.Pipe(capacity=1 << 14)
+    with a, b:
+        writer = a._writer or a._attach_writer()
+        for _ in range(2):  # parts with no head before them, as a dead receiver leaves
+            with writer.reserve(16) as slot:
+                slot[:8] = (5).to_bytes(8, "little")
+        assert b.poll(0) is False
+        start = time.monotonic()
+        assert b.poll(0.05) is False
+        assert time.monotonic() - start < 1.0
+        a.send("whole")
+        assert b.poll(0) is True
+        assert b.recv() == "whole"

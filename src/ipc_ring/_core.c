@@ -95,6 +95,7 @@ typedef struct {
     rb_read_mark peek_mark; /* reader: where the next peek_many() reads, while peeked > 0 */
     struct SlotObject *slot; /* the open slot (borrowed), if SLOT_OPEN */
     PyObject *weakrefs; /* the asyncio glue keeps its event-loop watch by a weak reference */
+    rb_copy_choice copy; /* writer: which copy the parts of long messages take */
 } HandleObject;
 
 static inline int is_writer(HandleObject *self) { return self->h.role == RB_ROLE_WRITER; }
@@ -1759,11 +1760,14 @@ static PyObject *writer_send_parts(PyObject *op, PyObject *arg) {
             }
             memcpy(payload, &frame, sizeof frame);
             char *to = (char *)payload + PIPE_FRAME;
+            int timed = take >= RB_STREAM_COPY_MIN;
+            int streaming = timed && rb_copy_pick(&self->copy);
+            uint64_t start = timed ? rb_now_ns() : 0;
             for (uint64_t done = 0; done < take;) {
                 const char *from = seg < 0 ? (const char *)lengths : (const char *)views[seg].buf;
                 uint64_t size = seg < 0 ? (uint64_t)n * 8 : (uint64_t)views[seg].len;
                 uint64_t k = size - offset < take - done ? size - offset : take - done;
-                rb_copy_in(to + done, from + offset, (size_t)k);
+                rb_copy_in(to + done, from + offset, (size_t)k, streaming);
                 done += k;
                 offset += k;
                 if (offset == size) {
@@ -1771,6 +1775,7 @@ static PyObject *writer_send_parts(PyObject *op, PyObject *arg) {
                     offset = 0;
                 }
             }
+            if (timed) rb_copy_note(&self->copy, streaming, rb_now_ns() - start, take);
             rb_commit(w, take + PIPE_FRAME);
             left -= take;
             frame = PIPE_PART;
@@ -2533,7 +2538,8 @@ static PyObject *reader_poll(PyObject *op, PyObject *const *args, Py_ssize_t nar
     uint64_t length;
     PyObject *timeout_obj;
     if (one_optional_arg(args, nargs, kwnames, "poll", "timeout", &timeout_obj) < 0) return NULL;
-    if (RB_LIKELY(self->h.flags == 0 && rb_peek(&self->h.ring.reader, &payload, &length) == RB_OK))
+    if (RB_LIKELY(self->h.flags == 0 && rb_peek(&self->h.ring.reader, &payload, &length) == RB_OK &&
+                  (uint32_t)pipe_frame(payload, length) != PIPE_PART))
         Py_RETURN_TRUE;
     if (require_pipe(self, "poll") < 0 || call_begin(self) < 0) return NULL;
     uint64_t timeout = 0;
@@ -2549,7 +2555,21 @@ static PyObject *reader_poll(PyObject *op, PyObject *const *args, Py_ssize_t nar
         call_end(self);
         return NULL;
     }
-    int r = reader_next(self, timeout, 0, 1, "poll", &payload, &length);
+    /* The rest of a message abandoned earlier (its receiver died in the
+     * middle) is skipped, as recv skips it: it is not a message waiting. */
+    uint64_t deadline = timeout == RB_FOREVER ? 0 : rb_now_ns() + timeout;
+    int r;
+    for (;;) {
+        r = reader_next(self, timeout, 0, 1, "poll", &payload, &length);
+        if (r <= 0 || (uint32_t)pipe_frame(payload, length) != PIPE_PART) break;
+        rb_reader *rd = &self->h.ring.reader;
+        rb_consume(rd);
+        if (self->h.watched && rd->read_pos == rd->readable_end) rb_handle_idle(&self->h);
+        if (timeout != RB_FOREVER) {
+            uint64_t now = rb_now_ns();
+            timeout = now < deadline ? deadline - now : 0;
+        }
+    }
     PyObject *result = NULL;
     if (r >= 0)
         result = Py_NewRef(Py_True); /* a message, or the end of the stream */
@@ -2566,6 +2586,23 @@ static PyObject *reader_poll(PyObject *op, PyObject *const *args, Py_ssize_t nar
     }
     call_end(self);
     return result;
+}
+
+PyDoc_STRVAR(copy_mode_doc,
+"_copy_mode($module, mode, /)\n--\n\n"
+"Internal, for tests: how a Pipe writer copies the parts of long messages\n"
+"into the ring: 0 picks by timing both (the default), 1 memcpy, 2\n"
+"non-temporal stores (x86-64; memcpy elsewhere).");
+
+static PyObject *core_copy_mode(PyObject *Py_UNUSED(module), PyObject *arg) {
+    long mode = PyLong_AsLong(arg);
+    if (mode == -1 && PyErr_Occurred()) return NULL;
+    if (mode < 0 || mode > 2) {
+        PyErr_SetString(PyExc_ValueError, "mode is 0, 1 or 2");
+        return NULL;
+    }
+    rb_copy_mode = (int)mode;
+    Py_RETURN_NONE;
 }
 
 PyDoc_STRVAR(pipe_fallbacks_doc,
@@ -2959,6 +2996,7 @@ static PyMethodDef core_methods[] = {
     {"check_timeout", core_check_timeout, METH_O, check_timeout_doc},
     {"inspect", core_inspect, METH_O, inspect_doc},
     {"_pipe_fallbacks", _PyCFunction_CAST(core_pipe_fallbacks), METH_FASTCALL, pipe_fallbacks_doc},
+    {"_copy_mode", core_copy_mode, METH_O, copy_mode_doc},
     {"_timer_fd", core_timer_fd, METH_NOARGS, timer_fd_doc},
     {"_closed_hook", core_closed_hook, METH_O, closed_hook_doc},
     {"_timer_set", _PyCFunction_CAST(core_timer_set), METH_FASTCALL, timer_set_doc},

@@ -44,9 +44,9 @@ uint64_t rb_now_ns(void) {
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
-void rb_copy_in(void *dst, const void *src, size_t n) {
+void rb_copy_in(void *dst, const void *src, size_t n, int streaming) {
 #if defined(__x86_64__) && defined(__SSE2__)
-    if (n >= RB_STREAM_COPY_MIN) {
+    if (streaming && n >= RB_STREAM_COPY_MIN) {
         char *to = dst;
         const char *from = src;
         size_t head = (16u - ((uintptr_t)to & 15u)) & 15u;
@@ -70,6 +70,28 @@ void rb_copy_in(void *dst, const void *src, size_t n) {
     }
 #endif
     memcpy(dst, src, n);
+}
+
+int rb_copy_mode = 0;
+
+int rb_copy_pick(rb_copy_choice *c) {
+#if defined(__x86_64__) && defined(__SSE2__)
+    if (rb_copy_mode) return rb_copy_mode == 2;
+    /* An unknown cost (0) looks cheapest: each is tried first thing. */
+    int best = c->cost[1] <= c->cost[0] ? 1 : 0;
+    return ++c->copies % RB_COPY_PROBE == 0 ? !best : best;
+#else
+    (void)c;
+    return 0;
+#endif
+}
+
+void rb_copy_note(rb_copy_choice *c, int streaming, uint64_t ns, uint64_t bytes) {
+    if (!bytes) return;
+    uint64_t sample = ns * RB_STREAM_COPY_MIN / bytes, *cost = &c->cost[streaming ? 1 : 0];
+    if (!sample) sample = 1;
+    if (*cost && sample > 4 * *cost) sample = 4 * *cost; /* a copy the scheduler interrupted */
+    *cost = *cost ? (3 * *cost + sample) / 4 : sample;
 }
 
 /* Sleeps while *word == expected, until woken or the absolute deadline

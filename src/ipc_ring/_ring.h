@@ -394,12 +394,28 @@ int rb_role_alive(int fd, rb_role role);
 /* CLOCK_MONOTONIC in nanoseconds. */
 uint64_t rb_now_ns(void);
 
-/* Copies n bytes into the ring for the peer to read. From RB_STREAM_COPY_MIN
- * bytes on (x86-64) with non-temporal stores, which do not first fetch the
- * destination's cache lines from the peer's cache, where they were read
- * last; ends with a store fence, so a commit after it publishes them. */
+/* Copies n bytes into the ring for the peer to read: with memcpy, or with
+ * `streaming` from RB_STREAM_COPY_MIN bytes on (x86-64) with non-temporal
+ * stores, which do not first fetch the destination's cache lines from the
+ * peer's cache, where they were read last; those end with a store fence, so
+ * a commit after the copy publishes them. */
 #define RB_STREAM_COPY_MIN (64u * 1024u)
-void rb_copy_in(void *dst, const void *src, size_t n);
+void rb_copy_in(void *dst, const void *src, size_t n, int streaming);
+
+/* Which of the two copies a writer uses for long copies: each is timed, and
+ * the cheaper one per byte lately is taken; every RB_COPY_PROBE-th copy is
+ * the other one, so that a change of the machine's state (where the peer
+ * runs, what else shares the cache) is seen. Which is faster depends on it,
+ * by 2-3x either way (README, "A drop-in for multiprocessing.Pipe"). */
+#define RB_COPY_PROBE 64u
+typedef struct {
+    uint64_t cost[2]; /* ns per 64 KiB, a moving average: [0] memcpy, [1] streaming; 0 unknown */
+    uint32_t copies;
+} rb_copy_choice;
+int rb_copy_pick(rb_copy_choice *c);
+/* For tests: 0 (the default) picks as above, 1 always memcpy, 2 always streaming. */
+extern int rb_copy_mode;
+void rb_copy_note(rb_copy_choice *c, int streaming, uint64_t ns, uint64_t bytes);
 
 /* ---- crash points (FORMAT.md "Crash contract") -----------------------
  * Built only with -DRB_CRASH_POINTS (the crash tests' C peer): the process
