@@ -441,3 +441,43 @@ def test_a_signal_handler_that_closes_a_blocked_handle_makes_the_call_raise_ring
     if returncode != EXPECTED_EXIT:
         child.fail(f"exited with {returncode}, expected {EXPECTED_EXIT} after RingClosed")
     assert "RingClosed" in child.output
+
+
+@pytest.mark.parametrize("spin", [0.3, 1.0])
+def test_a_writer_with_a_long_spin_goes_on_as_soon_as_its_message_fits(
+    ring_path: Path, spin: float
+) -> None:
+    # A writer's spin on a full ring waits a little (10 us) for more room than its message
+    # needs; a long spin= must not make it wait longer than that once its message fits.
+    import os
+
+    writer = RingWriter.create(ring_path, 4096, spin=spin)
+    try:
+        while writer.try_push(bytes(100)):
+            pass
+        popped_r, popped_w = os.pipe()
+        ready_r, ready_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the reader: frees one message, then waits for something else
+            try:
+                reader = RingReader.open(ring_path)
+                os.write(ready_w, b"x")
+                time.sleep(0.2)
+                os.write(popped_w, repr(time.monotonic()).encode())
+                reader.pop()
+                time.sleep(5)
+            finally:
+                os._exit(0)
+        try:
+            os.read(ready_r, 1)
+            writer.push(bytes(100), timeout=TIMEOUT)
+            pushed = time.monotonic()
+            popped = float(os.read(popped_r, 100))
+            assert pushed - popped < 0.1, f"the push went on {pushed - popped:.3f} s after room"
+        finally:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            for fd in (popped_r, popped_w, ready_r, ready_w):
+                os.close(fd)
+    finally:
+        writer.close()

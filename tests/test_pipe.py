@@ -873,3 +873,35 @@ def test_poll_does_not_report_the_rest_of_an_abandoned_message_as_a_message() ->
         a.send("whole")
         assert b.poll(0) is True
         assert b.recv() == "whole"
+
+
+def test_poll_keeps_its_timeout_while_parts_of_an_abandoned_message_keep_coming(
+    processes: list[Any],
+) -> None:
+    a, b = ipc_ring.Pipe(capacity=1 << 16)
+    with a, b:
+        b.poll(0)  # the reader attached here; the writer attaches in the child
+        pid = os.fork()
+        if pid == 0:  # a writer of nothing but parts, as fast as it can
+            try:
+                writer = a._attach_writer()
+                batch = [(5).to_bytes(8, "little") + bytes(8)] * 256
+                end = time.monotonic() + 3.0
+                while time.monotonic() < end:
+                    writer.push_many(batch, timeout=5)
+            finally:
+                os._exit(0)
+        try:
+            time.sleep(0.1)
+            end = time.monotonic() + 1.5
+            worst = {0.05: 0.0, 0.0: 0.0}
+            while time.monotonic() < end:
+                for timeout in worst:
+                    start = time.monotonic()
+                    assert b.poll(timeout) is False
+                    worst[timeout] = max(worst[timeout], time.monotonic() - start)
+            for timeout, took in worst.items():
+                assert took < timeout + 0.25, f"poll({timeout}) took {took:.3f} s"
+        finally:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)

@@ -2558,7 +2558,7 @@ static PyObject *reader_poll(PyObject *op, PyObject *const *args, Py_ssize_t nar
     /* The rest of a message abandoned earlier (its receiver died in the
      * middle) is skipped, as recv skips it: it is not a message waiting. */
     uint64_t deadline = timeout == RB_FOREVER ? 0 : rb_now_ns() + timeout;
-    int r;
+    int r, expired = 0;
     for (;;) {
         r = reader_next(self, timeout, 0, 1, "poll", &payload, &length);
         if (r <= 0 || (uint32_t)pipe_frame(payload, length) != PIPE_PART) break;
@@ -2567,11 +2567,17 @@ static PyObject *reader_poll(PyObject *op, PyObject *const *args, Py_ssize_t nar
         if (self->h.watched && rd->read_pos == rd->readable_end) rb_handle_idle(&self->h);
         if (timeout != RB_FOREVER) {
             uint64_t now = rb_now_ns();
-            timeout = now < deadline ? deadline - now : 0;
+            if (now >= deadline) { /* parts that keep coming do not stretch the timeout */
+                expired = 1;
+                break;
+            }
+            timeout = deadline - now;
         }
     }
     PyObject *result = NULL;
-    if (r >= 0)
+    if (expired)
+        result = Py_NewRef(Py_False);
+    else if (r >= 0)
         result = Py_NewRef(Py_True); /* a message, or the end of the stream */
     else {
         core_state *st = state_of(op);
