@@ -703,7 +703,7 @@ def test_a_failed_pickling_sends_nothing_and_the_next_send_goes_through() -> Non
             assert recv(b) == {"after": 1}
 
 
-def test_a_closed_end_lets_its_writer_and_pickler_go() -> None:
+def test_a_closed_end_lets_its_writer_go() -> None:
     import gc
     import weakref
 
@@ -905,3 +905,22 @@ def test_poll_keeps_its_timeout_while_parts_of_an_abandoned_message_keep_coming(
         finally:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
+
+
+def test_an_end_dropped_without_close_after_a_send_ends_the_stream_without_the_collector() -> None:
+    # The end's sender refers back to it weakly: no reference cycle keeps a dropped end (and
+    # its writer's role) alive until a collection, so the peer sees the end at once.
+    import gc
+
+    a, b = ipc_ring.Pipe(capacity=1 << 14)
+    gc.disable()
+    try:
+        a.send("last")
+        del a
+        assert recv(b) == "last"
+        assert b.poll(TIMEOUT), "the dropped end was never seen to go"
+        with pytest.raises(EOFError):
+            b.recv()
+    finally:
+        gc.enable()
+        b.close()

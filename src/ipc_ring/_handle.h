@@ -67,8 +67,6 @@ typedef struct rb_handle {
 
 /* Longest single sleep of a wait (FORMAT.md "Why sleeps are sliced"). */
 #define RB_SLEEP_SLICE_NS 50000000u
-/* Default busy-wait before a sleep (README "Performance" has the sweep). */
-#define RB_DEFAULT_SPIN_NS 10000u
 /* A timeout meaning "wait forever". */
 #define RB_FOREVER UINT64_MAX
 /* Suffixes of the notification FIFOs next to a ring file. */

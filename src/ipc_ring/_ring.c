@@ -501,7 +501,7 @@ static inline int rb_writable_now(rb_writer *w, memory_order order) {
  * (FORMAT.md "Waiting"). */
 #define RB_SPIN_POLL 16u
 #define RB_SPIN_SLACK 16u           /* a sixteenth of the capacity */
-#define RB_SPIN_SLACK_NS 10000u     /* the default spin: a longer spin= waits no longer for it */
+#define RB_SPIN_SLACK_NS RB_DEFAULT_SPIN_NS /* a longer spin= waits no longer for it */
 
 rb_result rb_spin_writable(rb_writer *w, uint64_t budget_ns) {
     if (budget_ns == 0) return rb_writable_now(w, memory_order_relaxed) ? RB_WOKEN : RB_TIMEOUT;

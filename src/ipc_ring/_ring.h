@@ -309,6 +309,8 @@ uint64_t rb_used_bytes(uint64_t write_pos, uint64_t read_pos, uint64_t wrap_pos,
  * count: a pause lasts 1 to 150 cycles depending on the CPU): RB_WOKEN as soon as the
  * condition may hold (reader: data or end of stream; writer: the room that
  * the last RB_FULL asked for), else RB_TIMEOUT. No system call. */
+/* Default busy-wait before a sleep (README "Performance" has the sweep). */
+#define RB_DEFAULT_SPIN_NS 10000u
 rb_result rb_spin_readable(rb_reader *r, uint64_t budget_ns);
 rb_result rb_spin_writable(rb_writer *w, uint64_t budget_ns);
 
