@@ -58,6 +58,7 @@ import json
 import mmap
 import multiprocessing
 import os
+import random
 import shlex
 import signal
 import statistics
@@ -367,11 +368,12 @@ def far_side(
     stamp_path: str,
     out: Connection,
     cpu: int | None = None,
+    seed: int | None = 0,
 ) -> None:
     """The child: one-way samples, then echoes for the round trips; reports its samples."""
     _pin(cpu)
     try:
-        result: Any = asyncio.run(_far(names, channels, samples, stamp_path, out))
+        result: Any = asyncio.run(_far(names, channels, samples, stamp_path, out, seed))
     except BaseException as e:
         result = f"far side: {type(e).__name__}: {e}"
     out.send(result)
@@ -379,7 +381,12 @@ def far_side(
 
 
 async def _far(
-    names: list[str], channels: list[Any], samples: int, stamp_path: str, out: Connection
+    names: list[str],
+    channels: list[Any],
+    samples: int,
+    stamp_path: str,
+    out: Connection,
+    seed: int | None,
 ) -> dict[str, list[int]]:
     cases = [BY_NAME[n] for n in names]
     ends = [c.ends(channel, False) for c, channel in zip(cases, channels, strict=True)]
@@ -393,8 +400,7 @@ async def _far(
         wakes: dict[str, list[int]] = {n: [] for n in names}
         mono, unpack = time.monotonic_ns, STAMP.unpack_from
         room = _message(ROOM_SIZE)
-        for i in range(samples * len(cases)):
-            k = i % len(cases)
+        for k in _one_way_order(len(cases), samples, seed):
             case, end = cases[k], ends[k]
             if case.kind == "room":
                 end.send(room)
@@ -408,7 +414,7 @@ async def _far(
                 message = end.recv()
             t1 = mono()
             wakes[case.name].append(t1 - unpack(message)[0])
-        for k, _ in _round_trips(cases, samples):
+        for k, _ in _round_trips(cases, samples, seed):
             case, end = cases[k], ends[k]
             if case.kind == "async":
                 assert end.recv_async is not None
@@ -423,12 +429,30 @@ async def _far(
             end.close()
 
 
-def _round_trips(cases: list[Case], samples: int) -> Iterator[tuple[int, bool]]:
+def _rounds(indices: list[int], rounds: int, seed: int | None) -> Iterator[list[int]]:
+    """`rounds` rounds of `indices`, each round in an order of its own drawn from `seed` (the
+    same on both sides), or always in the given order if `seed` is None (--fixed-order)."""
+    rng = random.Random(seed)
+    order = list(indices)
+    for _ in range(rounds):
+        if seed is not None:
+            rng.shuffle(order)
+        yield order
+
+
+def _one_way_order(n: int, samples: int, seed: int | None) -> Iterator[int]:
+    """The one-way phase's order, the same on both sides: every case once per round."""
+    for order in _rounds(list(range(n)), samples, seed):
+        yield from order
+
+
+def _round_trips(cases: list[Case], samples: int, seed: int | None) -> Iterator[tuple[int, bool]]:
     """The round-trip phase's order, the same on both sides: (case index, kept)."""
     data = [k for k, case in enumerate(cases) if case.kind != "room"]
-    for start in range(0, samples, RT_BLOCK):
-        kept = min(RT_BLOCK, samples - start)
-        for k in data:
+    blocks = (samples + RT_BLOCK - 1) // RT_BLOCK
+    for block, order in enumerate(_rounds(data, blocks, None if seed is None else seed + 1)):
+        kept = min(RT_BLOCK, samples - block * RT_BLOCK)
+        for k in order:
             for j in range(kept + 1):
                 yield k, j < kept
 
@@ -457,7 +481,12 @@ def _sleep_until(deadline_ns: int) -> None:
 
 
 def run_once(
-    cases: list[Case], samples: int, gap_us: int, timeout: float, pin: tuple[int, int] | None
+    cases: list[Case],
+    samples: int,
+    gap_us: int,
+    timeout: float,
+    pin: tuple[int, int] | None,
+    seed: int | None = 0,
 ) -> dict[str, dict[str, dict[str, float]]]:
     """One run: every case, samples interleaved. {case: {"wakeup": {...}, "round_trip": {...}}}."""
     ctx = multiprocessing.get_context("spawn")
@@ -475,7 +504,7 @@ def run_once(
         names = [c.name for c in cases]
         process = ctx.Process(
             target=far_side,
-            args=(names, channels, samples, stamp_file.name, sending, pin and pin[1]),
+            args=(names, channels, samples, stamp_file.name, sending, pin and pin[1], seed),
             daemon=True,
         )
         process.start()
@@ -494,8 +523,7 @@ def run_once(
             mono, pack_into = time.monotonic_ns, STAMP.pack_into
             trips: dict[str, list[int]] = {n: [] for n in names}
             next_at = mono() + 20 * gap
-            for i in range(samples * len(cases)):
-                k = i % len(cases)
+            for k in _one_way_order(len(cases), samples, seed):
                 _sleep_until(next_at)
                 next_at += gap
                 if cases[k].kind == "room":
@@ -504,7 +532,7 @@ def run_once(
                 else:
                     pack_into(message, 0, mono())
                     ends[k].send(message)
-            for k, keep in _round_trips(cases, samples):
+            for k, keep in _round_trips(cases, samples, seed):
                 _sleep_until(next_at)
                 next_at += gap
                 t0 = time.perf_counter_ns()
@@ -571,6 +599,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds before a run fails")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    parser.add_argument(
+        "--fixed-order",
+        action="store_true",
+        help="cases take turns always in the same order (default: each round in a new random "
+        "order, the same on both sides; run N draws from seed N)",
+    )
     args = parser.parse_args(argv)
     if args.runs < 1 or args.samples < 100 or args.gap_us < 500:
         parser.error("--runs >= 1, --samples >= 100, --gap-us >= 500")
@@ -620,7 +654,8 @@ def main(argv: Sequence[str] | None = None, command: str | None = None) -> int:
         f"command: {command}",
         f"python: {sys.version.split()[0]}, ipc_ring {ipc_ring.__version__}, "
         f"cpus: {os.cpu_count()}, {args.runs} runs x {args.samples} samples per case, "
-        f"one every {args.gap_us} us, cases interleaved, "
+        f"one every {args.gap_us} us, cases interleaved "
+        + ("in a fixed order, " if args.fixed_order else "in random order, ")
         + (
             f"near side on CPU {args.pin[0]}, far side on CPU {args.pin[1]}"
             if args.pin
@@ -633,7 +668,8 @@ def main(argv: Sequence[str] | None = None, command: str | None = None) -> int:
     runs: list[dict[str, Any]] = []
     c_runs: list[dict[str, Any]] = []
     for number in range(args.runs):
-        result = run_once(cases, args.samples, args.gap_us, args.timeout, args.pin)
+        seed = None if args.fixed_order else number
+        result = run_once(cases, args.samples, args.gap_us, args.timeout, args.pin, seed)
         runs.append(result)
         brief = ", ".join(f"{n} {r['wakeup']['p50']:.1f}" for n, r in result.items())
         print(f"[run {number + 1}/{args.runs}] wake-up p50 us: {brief}", file=sys.stderr)
