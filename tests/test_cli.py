@@ -55,7 +55,6 @@ HEADER_FIELDS = [
     "reader_waiting",
     "data_seq",
     "reader_state",
-    "data_seq_fresh",
     "reader_empty_waits",
     "writer_waiting",
     "space_seq",

@@ -51,7 +51,6 @@ WRITER_GENERATION_AT = 524
 WRITER_FULL_WAITS_AT = 528
 HIGH_WATER_AT = 536
 READER_STATE_AT = 392
-DATA_SEQ_FRESH_AT = 396
 READER_EMPTY_WAITS_AT = 400
 # FORMAT.md "Roles and states"
 STATE_NONE, STATE_ATTACHED, STATE_VACANT, STATE_CLOSED, STATE_FAILED = range(5)
@@ -69,6 +68,7 @@ RESERVED = [
     (56, 128),
     (160, 256),
     (280, 384),
+    (396, 400),
     (408, 512),
     (544, 4096),
 ]
@@ -164,8 +164,7 @@ def test_fresh_ring_has_zero_positions_flags_and_reserved_bytes(ring_file: Path)
         data = file_bytes(ring_file)
         for offset in (WRITE_POS_AT, READ_POS_AT, WRAP_POS_AT):
             assert struct.unpack_from("<Q", data, offset)[0] == 0
-        for offset in (READER_WAITING_AT, DATA_SEQ_AT, DATA_SEQ_FRESH_AT, WRITER_WAITING_AT,
-                       SPACE_SEQ_AT):  # fmt: skip
+        for offset in (READER_WAITING_AT, DATA_SEQ_AT, WRITER_WAITING_AT, SPACE_SEQ_AT):
             assert struct.unpack_from("<I", data, offset)[0] == 0
         assert struct.unpack_from("<I", data, WRITER_STATE_AT)[0] == STATE_ATTACHED
         assert struct.unpack_from("<I", data, WRITER_GENERATION_AT)[0] == 1

@@ -442,7 +442,7 @@ static int slot_finish(SlotObject *slot, Py_ssize_t size, int consume) {
         return -1;
     }
     if (slot->writer && size >= 0)
-        rb_commit_lent(&h->h.ring.writer, (uint64_t)size);
+        rb_commit(&h->h.ring.writer, (uint64_t)size);
     else if (!slot->writer && consume)
         rb_consume(&h->h.ring.reader);
     return 0;

@@ -554,9 +554,9 @@ void rb_handle_announce(rb_handle *h) {
     rb_header *hdr = (rb_header *)h->map;
     const rb_notify *tx = rb_notify_tx(h);
     if (h->role == RB_ROLE_WRITER)
-        rb_wake_waiting_peer(&hdr->reader_waiting, &hdr->data_seq, NULL, tx);
+        rb_wake_waiting_peer(&hdr->reader_waiting, &hdr->data_seq, tx);
     else
-        rb_wake_waiting_peer(&hdr->writer_waiting, &hdr->space_seq, NULL, tx);
+        rb_wake_waiting_peer(&hdr->writer_waiting, &hdr->space_seq, tx);
 }
 
 rb_result rb_handle_open(rb_handle *h, rb_role role, const rb_options *opt, rb_error *err) {
@@ -845,15 +845,10 @@ rb_result rb_wait_finish(rb_handle *h, rb_error *err) {
     /* A sleep is where a truncation is noticed: look before touching the
      * header again, even after the peer's wake-up (it proves the header page
      * was there, not the pages of a record it reserved, or read in place,
-     * before a truncation). Except after a reader's wake-up by a writer that
-     * copied the record in the call that published it (rb_wait_readable):
-     * that writer stored into the header page and the record's pages after
-     * anything that happened during the sleep (FORMAT.md "Truncation"). A
-     * flag left up costs the peer one needless wake-up. */
-    if (h->role == RB_ROLE_WRITER || !h->ring.reader.woken_fresh) {
-        rb_result res = rb_handle_check_size(h, err);
-        if (res != RB_OK) return res;
-    }
+     * before a truncation). A flag left up costs the peer one needless
+     * wake-up. */
+    rb_result res = rb_handle_check_size(h, err);
+    if (res != RB_OK) return res;
     if (h->role == RB_ROLE_WRITER)
         rb_end_wait_writable(&h->ring.writer);
     else
@@ -895,7 +890,6 @@ const rb_field rb_header_fields[] = {
     RB_FIELD(reader_waiting),
     RB_FIELD(data_seq),
     RB_FIELD(reader_state),
-    RB_FIELD(data_seq_fresh),
     RB_FIELD(reader_empty_waits),
     RB_FIELD(writer_waiting),
     RB_FIELD(space_seq),

@@ -95,14 +95,9 @@ void rb_copy_note(rb_copy_choice *c, int streaming, uint64_t ns, uint64_t bytes)
 }
 
 /* Sleeps while *word == expected, until woken or the absolute deadline
- * (0 = none). RB_WOKEN (also for a changed value, a spurious return or a
- * failed call), RB_TIMEOUT or RB_INTERRUPTED. *woken is 1 only if the
- * kernel returned because of a wake-up, or because it read a changed value:
- * either way the page of the word was there (a failed call, EFAULT on a
- * page gone, sets 0). */
-static rb_result rb_sleep_on(_Atomic uint32_t *word, uint32_t expected, uint64_t deadline_ns,
-                             int *woken) {
-    *woken = 0;
+ * (0 = none). RB_WOKEN (also for a changed value or a spurious return),
+ * RB_TIMEOUT or RB_INTERRUPTED. */
+static rb_result rb_sleep_on(_Atomic uint32_t *word, uint32_t expected, uint64_t deadline_ns) {
 #if defined(__linux__)
     struct timespec ts, *tsp = NULL;
     if (deadline_ns) {
@@ -114,13 +109,10 @@ static rb_result rb_sleep_on(_Atomic uint32_t *word, uint32_t expected, uint64_t
      * FUTEX_PRIVATE_FLAG: the peer is another process. */
     long rc = syscall(SYS_futex, (uint32_t *)word, FUTEX_WAIT_BITSET, expected, tsp, NULL,
                       FUTEX_BITSET_MATCH_ANY);
-    if (rc == 0 || errno == EAGAIN) { /* EAGAIN: the word had changed already */
-        *woken = 1;
-        return RB_WOKEN;
-    }
+    if (rc == 0) return RB_WOKEN;
     if (errno == ETIMEDOUT) return RB_TIMEOUT;
     if (errno == EINTR) return RB_INTERRUPTED;
-    return RB_WOKEN;
+    return RB_WOKEN; /* EAGAIN: the word already changed */
 #elif defined(__APPLE__)
     uint32_t timeout_us = 0; /* 0 = no timeout */
     if (deadline_ns) {
@@ -130,19 +122,13 @@ static rb_result rb_sleep_on(_Atomic uint32_t *word, uint32_t expected, uint64_t
         timeout_us = us > UINT32_MAX ? UINT32_MAX : (uint32_t)us;
     }
     int rc = __ulock_wait(RB_UL_COMPARE_AND_WAIT_SHARED, (void *)word, expected, timeout_us);
-    if (rc >= 0) {
-        *woken = 1;
-        return RB_WOKEN;
-    }
+    if (rc >= 0) return RB_WOKEN;
     if (errno == ETIMEDOUT) return RB_TIMEOUT;
     if (errno == EINTR) return RB_INTERRUPTED;
     return RB_WOKEN;
 #else
     /* Polling fallback: sleep 1 ms at a time. */
-    if (atomic_load_explicit(word, memory_order_acquire) != expected) {
-        *woken = 1;
-        return RB_WOKEN;
-    }
+    if (atomic_load_explicit(word, memory_order_acquire) != expected) return RB_WOKEN;
     struct timespec ts = {0, 1000000};
     if (deadline_ns) {
         uint64_t now = rb_now_ns();
@@ -154,21 +140,15 @@ static rb_result rb_sleep_on(_Atomic uint32_t *word, uint32_t expected, uint64_t
 #endif
 }
 
-/* Bumps the futex word and wakes every sleeper on it. `fresh` (or NULL): the
- * word's value after the bump goes there, for the sleeper to see that this
- * wake-up's records were copied in the call that published them (FORMAT.md
- * "Truncation"); 0, which vouches for nothing, is not stored. */
-static void rb_wake_on_as(_Atomic uint32_t *word, _Atomic uint32_t *fresh) {
-    uint32_t now = atomic_fetch_add_explicit(word, 1u, memory_order_seq_cst) + 1u;
-    if (fresh && now) atomic_store_explicit(fresh, now, memory_order_release);
+/* Bumps the futex word and wakes every sleeper on it. */
+static void rb_wake_on(_Atomic uint32_t *word) {
+    atomic_fetch_add_explicit(word, 1u, memory_order_seq_cst);
 #if defined(__linux__)
     syscall(SYS_futex, (uint32_t *)word, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
 #elif defined(__APPLE__)
     __ulock_wake(RB_UL_COMPARE_AND_WAIT_SHARED | RB_ULF_WAKE_ALL, (void *)word, 0);
 #endif
 }
-
-static void rb_wake_on(_Atomic uint32_t *word) { rb_wake_on_as(word, NULL); }
 
 void rb_wake_reader(rb_header *hdr) { rb_wake_on(&hdr->data_seq); }
 void rb_wake_writer(rb_header *hdr) { rb_wake_on(&hdr->space_seq); }
@@ -191,7 +171,7 @@ void rb_drain_fd(int fd) {
 }
 
 void rb_wake_waiting_peer(_Atomic uint32_t *peer_waiting, _Atomic uint32_t *peer_seq,
-                          _Atomic uint32_t *fresh, const rb_notify *notify) {
+                          const rb_notify *notify) {
     /* Whoever clears the flag makes the one system call its value asks for:
      * RB_WAITING_FD, the byte in the peer's FIFO; RB_WAITING_FUTEX, the futex
      * wake. A side waits one way at a time (a handle takes one call at a
@@ -201,7 +181,7 @@ void rb_wake_waiting_peer(_Atomic uint32_t *peer_waiting, _Atomic uint32_t *peer
     if (was == RB_WAITING_FD && notify->fd >= 0)
         rb_notify_fd(notify);
     else if (was)
-        rb_wake_on_as(peer_seq, fresh);
+        rb_wake_on(peer_seq);
 }
 
 /* ---- crash points ---------------------------------------------------- */
@@ -551,8 +531,7 @@ rb_result rb_wait_writable(rb_writer *w, uint64_t deadline_ns) {
         atomic_store_explicit(&hdr->writer_waiting, 0u, memory_order_relaxed);
         return RB_WOKEN;
     }
-    int woken;
-    return rb_sleep_on(&hdr->space_seq, seq, deadline_ns, &woken);
+    return rb_sleep_on(&hdr->space_seq, seq, deadline_ns);
 }
 
 void rb_end_wait_writable(rb_writer *w) {
@@ -740,26 +719,13 @@ rb_result rb_spin_readable(rb_reader *r, uint64_t budget_ns) {
 
 rb_result rb_wait_readable(rb_reader *r, uint64_t deadline_ns) {
     rb_header *hdr = r->hdr;
-    r->woken_fresh = 0;
     uint32_t seq = atomic_load_explicit(&hdr->data_seq, memory_order_seq_cst);
     atomic_store_explicit(&hdr->reader_waiting, RB_WAITING_FUTEX, memory_order_seq_cst);
     if (rb_readable_now(r, memory_order_seq_cst)) {
         atomic_store_explicit(&hdr->reader_waiting, 0u, memory_order_relaxed);
         return RB_WOKEN;
     }
-    int woken;
-    rb_result res = rb_sleep_on(&hdr->data_seq, seq, deadline_ns, &woken);
-    if (woken) {
-        /* Exactly one bump since `seq`, and its waker copied the records it
-         * published in that call: the pages of the record this reader reads
-         * next were there after anything that happened during the sleep
-         * (FORMAT.md "Truncation"). fresh first: its release store follows
-         * the bump. */
-        uint32_t fresh = atomic_load_explicit(&hdr->data_seq_fresh, memory_order_acquire);
-        r->woken_fresh = fresh != 0 && fresh == seq + 1u &&
-                         atomic_load_explicit(&hdr->data_seq, memory_order_acquire) == fresh;
-    }
-    return res;
+    return rb_sleep_on(&hdr->data_seq, seq, deadline_ns);
 }
 
 void rb_end_wait_readable(rb_reader *r) {

@@ -96,8 +96,7 @@ typedef struct rb_header {
     _Atomic uint32_t reader_waiting; /* 1 while the reader may be asleep; set by reader, cleared by either */
     _Atomic uint32_t data_seq;       /* futex word the reader sleeps on; bumped by whoever wakes it */
     _Atomic uint32_t reader_state;   /* rb_role_state of the reader role; set by readers */
-    _Atomic uint32_t data_seq_fresh; /* data_seq after a wake-up by a writer that wrote the
-                                      * record's pages in that same call (0: none) */
+    uint32_t reserved3a;             /* zero */
     _Atomic uint64_t reader_empty_waits; /* sleep slices of the reader on an empty ring */
     uint8_t reserved3[128 - 24];     /* zero */
 
@@ -134,7 +133,6 @@ _Static_assert(offsetof(rb_header, reported_generation) == 280, "FORMAT.md: repo
 _Static_assert(offsetof(rb_header, reader_waiting) == 384, "FORMAT.md: reader_waiting");
 _Static_assert(offsetof(rb_header, data_seq) == 388, "FORMAT.md: data_seq");
 _Static_assert(offsetof(rb_header, reader_state) == 392, "FORMAT.md: reader_state");
-_Static_assert(offsetof(rb_header, data_seq_fresh) == 396, "FORMAT.md: data_seq_fresh");
 _Static_assert(offsetof(rb_header, reader_empty_waits) == 400, "FORMAT.md: reader_empty_waits");
 _Static_assert(offsetof(rb_header, writer_waiting) == 512, "FORMAT.md: writer_waiting");
 _Static_assert(offsetof(rb_header, space_seq) == 516, "FORMAT.md: space_seq");
@@ -246,9 +244,6 @@ typedef struct rb_reader {
     uint64_t bytes_popped;    /* stored into the header by rb_release */
     rb_notify notify;         /* the writer's FIFO, written when a publication clears
                                * writer_waiting == RB_WAITING_FD; fd -1 if none */
-    int woken_fresh;          /* the last rb_wait_readable was ended by a writer that wrote
-                               * the record's pages in the publishing call (FORMAT.md
-                               * "Truncation") */
 } rb_reader;
 
 /* ---- functions --------------------------------------------------------
@@ -444,21 +439,18 @@ void rb_crash_point(const char *name);
 rb_result rb_reserve_slow(rb_writer *w, uint64_t length, void **payload);
 rb_result rb_peek_slow(rb_reader *r, const void **payload, uint64_t *length);
 void rb_wake_waiting_peer(_Atomic uint32_t *peer_waiting, _Atomic uint32_t *peer_seq,
-                          _Atomic uint32_t *fresh, const rb_notify *notify);
+                          const rb_notify *notify);
 
 /* Publishes a new position and wakes the peer only if it said it may be
  * asleep. Both the store and the flag load are seq_cst: either this side
  * sees the flag, or the peer sees the new position before it sleeps
- * (FORMAT.md "Waiting"). `fresh`: the header's data_seq_fresh when the
- * records published were copied into the ring in this same call, with no
- * Python code and no wait since (the futex wake-up then vouches for their
- * pages, FORMAT.md "Truncation"); NULL otherwise. */
+ * (FORMAT.md "Waiting"). */
 static inline void rb_publish(_Atomic uint64_t *position, uint64_t value,
                               _Atomic uint32_t *peer_waiting, _Atomic uint32_t *peer_seq,
-                              _Atomic uint32_t *fresh, const rb_notify *notify) {
+                              const rb_notify *notify) {
     atomic_exchange_explicit(position, value, memory_order_seq_cst);
     if (RB_UNLIKELY(atomic_load_explicit(peer_waiting, memory_order_seq_cst)))
-        rb_wake_waiting_peer(peer_waiting, peer_seq, fresh, notify);
+        rb_wake_waiting_peer(peer_waiting, peer_seq, notify);
 }
 
 /* Writer: makes room for a message of `length` bytes and returns a pointer
@@ -495,36 +487,21 @@ static inline void rb_stage(rb_writer *w, uint64_t length) {
 
 /* Writer: publishes every staged record and wakes a sleeping reader. The
  * counters go first, with relaxed stores, on the line write_pos is about to
- * dirty anyway (FORMAT.md "Counters"). `copied`: the records were copied
- * into the ring in this call, with no Python code and no wait since (see
- * rb_publish); a record whose payload was written through a slot lent to
- * Python is not. */
-static inline void rb_flush_as(rb_writer *w, int copied) {
+ * dirty anyway (FORMAT.md "Counters"). */
+static inline void rb_flush(rb_writer *w) {
     /* Locals: the compiler cannot tell that the stores leave *w alone. */
     rb_header *hdr = w->hdr;
     uint64_t write_pos = w->write_pos, messages = w->messages_pushed, bytes = w->bytes_pushed;
     atomic_store_explicit(&hdr->messages_pushed, messages, memory_order_relaxed);
     atomic_store_explicit(&hdr->bytes_pushed, bytes, memory_order_relaxed);
-    rb_publish(&hdr->write_pos, write_pos, &hdr->reader_waiting, &hdr->data_seq,
-               copied ? &hdr->data_seq_fresh : NULL, &w->notify);
+    rb_publish(&hdr->write_pos, write_pos, &hdr->reader_waiting, &hdr->data_seq, &w->notify);
     RB_CRASH_POINT("writer_published");
 }
 
-/* Writer: publishes records copied into the ring in this call. */
-static inline void rb_flush(rb_writer *w) { rb_flush_as(w, 1); }
-
-/* Writer: rb_stage + rb_flush, for a record copied in this call. */
+/* Writer: rb_stage + rb_flush. */
 static inline void rb_commit(rb_writer *w, uint64_t length) {
     rb_stage(w, length);
-    rb_flush_as(w, 1);
-}
-
-/* Writer: rb_stage + publication of a record whose payload Python code
- * wrote through a slot (reserve()): its pages may have gone meanwhile, so
- * the wake-up vouches for nothing. */
-static inline void rb_commit_lent(rb_writer *w, uint64_t length) {
-    rb_stage(w, length);
-    rb_flush_as(w, 0);
+    rb_flush(w);
 }
 
 /* Writer: copy + publish in one call. RB_OK, RB_FULL, RB_TOO_LARGE, RB_CORRUPT. */
@@ -575,8 +552,7 @@ static inline void rb_release(rb_reader *r) {
     uint64_t read_pos = r->read_pos, messages = r->messages_popped, bytes = r->bytes_popped;
     atomic_store_explicit(&hdr->messages_popped, messages, memory_order_relaxed);
     atomic_store_explicit(&hdr->bytes_popped, bytes, memory_order_relaxed);
-    rb_publish(&hdr->read_pos, read_pos, &hdr->writer_waiting, &hdr->space_seq, NULL,
-               &r->notify);
+    rb_publish(&hdr->read_pos, read_pos, &hdr->writer_waiting, &hdr->space_seq, &r->notify);
     RB_CRASH_POINT("reader_consumed");
 }
 
