@@ -20,17 +20,19 @@ benchmarks/latency.py``, with the same options). What it measures:
   what it does there (which differs from case to case) can hold the CPU that the reply's
   wake-up lands on.
 - Placement is left to the scheduler, as a user gets it (--pin NEAR,FAR pins the two sides).
-  Where each process sleeps changes from run to run, and a pipe's wake-up (which hints that
-  the waker is about to sleep, so the sleeper may run on its CPU) and a futex's (no such hint)
-  take different paths depending on it: the ratio of a futex-woken case to the pipe floor
-  moves between runs of the same build (on this 2-vCPU VM, pop's p50 came out at 0.9x in some
-  runs and 1.25x in others), so read the min-max as well as the median. Pinned, every wake-up
-  crosses to a halted vCPU and costs ~40 us here; with many cases in one pinned run the
-  per-case figures themselves turned bimodal.
-- Every case takes part in every run, one sample each in turn (sample i goes through case
-  i mod N), so the machine's noise hits them alike; the ratios to the floors are taken within
-  a run and the table gives their medians over --runs runs, and the medians of p50, p99 and
-  p99.9.
+  Unpinned, with one message a millisecond, nearly every receiver here woke on the CPU its
+  sender ran on (sched_getcpu() on both sides: all but 1-27 of 1,990 samples, pipe and futex
+  alike), after the sender went to sleep. Pinned, every wake-up crosses to a halted vCPU and
+  costs ~40 us here; with many cases in one pinned run the per-case figures turned bimodal.
+- Every case takes part in every run, one sample each per round; each round's order is drawn
+  afresh (random.Random(run number), the same on both sides; --fixed-order for the old
+  "sample i goes through case i mod N"). A fixed order biases the ratios: which case comes
+  right after which changes what each one costs (in a scratch harness of one receiver
+  process per case, a second os.read receiver was 0.88-0.95x the first in 5 of 5 fixed-order
+  runs, and six identical receivers spread over 0.95-1.09x;
+  taking turns in random order, same-kind receivers agreed within ~2%). The ratios to the
+  floors are taken within a run and the table gives their medians over --runs runs, and the
+  medians of p50, p99 and p99.9.
 - The floors: Python ``os.read`` asleep on a pipe woken by ``os.write`` (the least a blocking
   receive costs in Python, the interpreter's return path included), ``os.write`` on a full
   pipe woken by ``os.read`` (for the writer woken by room), and an ``asyncio``
@@ -568,9 +570,12 @@ def build_c_driver() -> Path:
 
 
 def run_c(
-    driver: Path, samples: int, gap_us: int, pin: tuple[int, int] | None
+    driver: Path, samples: int, gap_us: int, pin: tuple[int, int] | None, seed: int | None = 0
 ) -> dict[str, dict[str, float]]:
-    argv = [str(driver), "--samples", str(samples), "--gap-us", str(gap_us)]
+    """One run of the C driver; its modes take turns in an order drawn from `seed` (None:
+    always the same order)."""
+    order = 0 if seed is None else seed + 1  # the driver's --seed 0 is the fixed order
+    argv = [str(driver), "--samples", str(samples), "--gap-us", str(gap_us), "--seed", str(order)]
     if pin is not None:
         argv += ["--pin", f"{pin[0]},{pin[1]}"]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=True)
@@ -674,7 +679,7 @@ def main(argv: Sequence[str] | None = None, command: str | None = None) -> int:
         brief = ", ".join(f"{n} {r['wakeup']['p50']:.1f}" for n, r in result.items())
         print(f"[run {number + 1}/{args.runs}] wake-up p50 us: {brief}", file=sys.stderr)
         if driver is not None:
-            c_runs.append(run_c(driver, args.samples, args.gap_us, args.pin))
+            c_runs.append(run_c(driver, args.samples, args.gap_us, args.pin, seed))
             brief = ", ".join(f"{m} {r['p50']:.1f}" for m, r in c_runs[-1].items())
             print(f"[run {number + 1}/{args.runs}] C p50 us: {brief}", file=sys.stderr, flush=True)
 
@@ -749,8 +754,9 @@ def _report(cases: list[Case], summary: dict[str, Any], c: dict[str, Any], runs:
         lines += [_row(labels.get(mode, mode), entry, "vs_futex") for mode, entry in c.items()]
     lines += [
         "",
-        "x / floor: this case's figure divided by its floor's in the same run (cases take turns"
-        " sample by sample); median (min-max) over the runs. Floors: os.read on a pipe for the"
+        "x / floor: this case's figure divided by its floor's in the same run (cases take turns,"
+        " sample by sample, each round in random order); median (min-max) over the runs. Floors:"
+        " os.read on a pipe for the"
         " blocking receives, asyncio add_reader for pop_async, os.write on a full pipe for the"
         " writer woken by room.",
     ]

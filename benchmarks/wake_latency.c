@@ -5,9 +5,11 @@
  * The parent forks a receiver. Every --gap-us (1000) microseconds the parent
  * reads CLOCK_MONOTONIC and sends it; the receiver, which has been asleep
  * since the last one, takes CLOCK_MONOTONIC when its receive returns and
- * keeps the difference. The modes of --modes take turns sample by sample
- * (sample i goes through mode i mod M), so the machine's noise hits them
- * alike and their ratios compare. Modes:
+ * keeps the difference. The modes of --modes take turns sample by sample,
+ * each round of M samples in an order of its own drawn from --seed (the
+ * same in both processes; --seed 0: always the order of --modes), so the
+ * machine's noise, and whatever one mode's wake-up leaves behind for the
+ * next, hits them alike and their ratios compare. Modes:
  *   futex  a bare FUTEX_WAIT / FUTEX_WAKE on a word in a shared mapping
  *          (the time stamp beside it, the word bumped after it);
  *   pipe   write(2) of the 8-byte stamp into a pipe, read(2) asleep in it;
@@ -20,6 +22,7 @@
  *      benchmarks/wake_latency.c -o benchmarks/bin/wake_latency -pthread
  *   benchmarks/bin/wake_latency [--modes futex,pipe,core] [--samples N] [--gap-us US]
  *                               [--ring PATH] [--spin-ns NS] [--pin SENDER,RECEIVER]
+ *                               [--seed S]
  *
  * Prints one JSON line per mode: {"mode": ..., "samples": N (per mode),
  * "p50": us, "p99": us, "p99.9": us, "max": us}.
@@ -209,6 +212,7 @@ int main(int argc, char **argv) {
     size_t per_mode = 2000;
     uint64_t gap_us = 1000, spin_ns = RB_DEFAULT_SPIN_NS;
     int pin[2] = {-1, -1};
+    uint64_t seed = 1;
     for (int i = 1; i < argc; i++) {
         if (i + 1 >= argc) {
             fprintf(stderr, "option %s needs a value\n", argv[i]);
@@ -220,6 +224,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i - 1], "--gap-us")) gap_us = strtoull(v, NULL, 0);
         else if (!strcmp(argv[i - 1], "--ring")) path = v;
         else if (!strcmp(argv[i - 1], "--spin-ns")) spin_ns = strtoull(v, NULL, 0);
+        else if (!strcmp(argv[i - 1], "--seed")) seed = strtoull(v, NULL, 0);
         else if (!strcmp(argv[i - 1], "--pin")) {
             if (sscanf(v, "%d,%d", &pin[0], &pin[1]) != 2) {
                 fprintf(stderr, "--pin takes SENDER,RECEIVER CPU numbers\n");
@@ -238,6 +243,23 @@ int main(int argc, char **argv) {
         return 2;
     }
     size_t n = per_mode * (size_t)nmodes;
+    /* order[i]: the mode of sample i. Drawn before the fork: both sides
+     * follow the same one. */
+    int *order = calloc(n, sizeof *order);
+    if (!order) return 1;
+    uint64_t x = seed;
+    for (size_t round = 0; round < per_mode; round++) {
+        int *o = order + round * (size_t)nmodes;
+        memcpy(o, modes, (size_t)nmodes * sizeof *o);
+        for (int k = nmodes - 1; seed && k > 0; k--) { /* Fisher-Yates, xorshift64 */
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            int j = (int)(x % (uint64_t)(k + 1)), t = o[k];
+            o[k] = o[j];
+            o[j] = t;
+        }
+    }
     char default_path[64];
     if (!path) {
         snprintf(default_path, sizeof default_path, "/dev/shm/ipc_ring.wake.%d", (int)getpid());
@@ -266,7 +288,7 @@ int main(int argc, char **argv) {
         attach_or_die(&reader, path, RB_ROLE_READER, spin_ns);
         write_all(ready[1], "r", 1);
         for (size_t i = 0; i < n; i++) {
-            switch (modes[i % (size_t)nmodes]) {
+            switch (order[i]) {
             case FUTEX:
                 futex_receive(word, &out[i]);
                 break;
@@ -289,7 +311,7 @@ int main(int argc, char **argv) {
     sleep_us(20000);
     for (size_t i = 0; i < n; i++) {
         sleep_us(gap_us);
-        switch (modes[i % (size_t)nmodes]) {
+        switch (order[i]) {
         case FUTEX:
             futex_send(word);
             break;
@@ -316,8 +338,10 @@ int main(int argc, char **argv) {
     }
     uint64_t *mine = calloc(per_mode, sizeof *mine);
     for (int m = 0; m < nmodes; m++) {
-        for (size_t k = 0; k < per_mode; k++) mine[k] = samples[k * (size_t)nmodes + (size_t)m];
-        report(mode_names[modes[m]], mine, per_mode);
+        size_t k = 0;
+        for (size_t i = 0; i < n; i++)
+            if (order[i] == modes[m]) mine[k++] = samples[i];
+        report(mode_names[modes[m]], mine, k);
     }
     return 0;
 }
