@@ -212,11 +212,18 @@ async def _until(
     attempt: Callable[[], _T],
     timeout: float | None,
     name: str,
+    quick: Callable[[], _T | None] | None = None,
 ) -> _T:
     """Run `attempt` (which raises RingTimeout when it would block) until it succeeds,
-    awaiting fileno() between tries; RingTimeout once `timeout` has passed. One
-    coroutine, so that a wake-up resumes and returns through as few frames as can be."""
+    awaiting fileno() between tries; RingTimeout once `timeout` has passed. `quick`, if
+    given, is tried before each attempt: a C method that returns None where it would
+    block (try_pop), called with no Python frame of its own. One coroutine, so that a
+    wake-up resumes and returns through as few frames as can be."""
     limit = _core.check_timeout(timeout)
+    if quick is not None:
+        result = quick()
+        if result is not None:
+            return result
     try:
         return attempt()  # the common case in a busy stream: no descriptor, no loop
     except RingTimeout:
@@ -241,6 +248,10 @@ async def _until(
                 timer.cancel()
             if watch.waiters and waiter in watch.waiters:  # cancelled, or the timer's
                 watch.waiters.remove(waiter)
+        if quick is not None:
+            result = quick()
+            if result is not None:
+                return result
         try:
             return attempt()
         except RingTimeout:
@@ -256,14 +267,10 @@ def pop_async(reader: _core.Reader, timeout: float | None = None) -> Coroutine[A
     """Await the next message (see RingReader.pop_async). pop(timeout=0) takes the
     message if there is one; on an empty ring it tests the writer's liveness once
     (PeerDied), sees the end (RingClosed), and arms fileno(). try_pop first: after a
-    wake-up the message is there, and try_pop takes it without parsing a timeout."""
-    pop, try_pop = reader.pop, reader.try_pop
-
-    def attempt() -> bytes:
-        message = try_pop()
-        return pop(0) if message is None else message
-
-    return _until(reader, attempt, timeout, "pop_async")
+    wake-up, or in a busy stream, the message is there, and try_pop takes it without
+    parsing a timeout (a message is never None: b"" is one)."""
+    pop = reader.pop
+    return _until(reader, lambda: pop(0), timeout, "pop_async", reader.try_pop)
 
 
 def push_async(
