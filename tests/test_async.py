@@ -699,6 +699,27 @@ def test_pop_async_is_woken_through_the_fifo_not_by_the_liveness_poll(
         assert run(main()) < 2.0
 
 
+def test_pop_async_returns_zero_length_messages_there_or_awaited_then_sees_the_end(
+    ring_path: Path,
+) -> None:
+    """pop_async takes a message with try_pop first, whose None means "empty": b"" is a
+    message, not an empty ring, whether it was there already or woke the await."""
+    with RingWriter.create(ring_path, 1024) as writer, RingReader.open(ring_path) as reader:
+
+        async def main() -> list[bytes]:
+            writer.push(b"")
+            got = [await reader.pop_async(timeout=TIMEOUT)]  # there already
+            loop = asyncio.get_running_loop()
+            loop.call_later(0.02, writer.push, b"")
+            got.append(await reader.pop_async(timeout=TIMEOUT))  # woke the await
+            loop.call_later(0.02, writer.close)
+            with pytest.raises(RingClosed):
+                await reader.pop_async(timeout=TIMEOUT)
+            return got
+
+        assert run(main()) == [b"", b""]
+
+
 def test_push_async_is_woken_through_the_fifo_when_space_is_freed(
     ring_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
