@@ -720,6 +720,26 @@ def test_pop_async_returns_zero_length_messages_there_or_awaited_then_sees_the_e
         assert run(main()) == [b"", b""]
 
 
+def test_pop_async_of_a_subclass_goes_through_its_own_pop(ring_path: Path) -> None:
+    """pop_async takes a message with the C try_pop only where pop is the C one: a subclass
+    that overrides pop gets its own pop's result, there already or awaited."""
+
+    class Decoding(RingReader):
+        def pop(self, timeout: float | None = None) -> Any:
+            return super().pop(timeout).decode()
+
+    with RingWriter.create(ring_path, 1024) as writer, Decoding.open(ring_path) as reader:
+
+        async def main() -> list[str]:
+            writer.push(b"there")
+            got = [await reader.pop_async(timeout=TIMEOUT)]
+            asyncio.get_running_loop().call_later(0.02, writer.push, b"awaited")
+            got.append(await reader.pop_async(timeout=TIMEOUT))
+            return got
+
+        assert run(main()) == ["there", "awaited"]
+
+
 def test_push_async_is_woken_through_the_fifo_when_space_is_freed(
     ring_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -270,7 +270,10 @@ def pop_async(reader: _core.Reader, timeout: float | None = None) -> Coroutine[A
     wake-up, or in a busy stream, the message is there, and try_pop takes it without
     parsing a timeout (a message is never None: b"" is one)."""
     pop = reader.pop
-    return _until(reader, lambda: pop(0), timeout, "pop_async", reader.try_pop)
+    cls = type(reader)
+    # A subclass's own pop (or try_pop) is what its pop_async goes through.
+    plain = cls.pop is _core.Reader.pop and cls.try_pop is _core.Reader.try_pop
+    return _until(reader, lambda: pop(0), timeout, "pop_async", reader.try_pop if plain else None)
 
 
 def push_async(
