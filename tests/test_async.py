@@ -740,6 +740,36 @@ def test_pop_async_of_a_subclass_goes_through_its_own_pop(ring_path: Path) -> No
         assert run(main()) == ["there", "awaited"]
 
 
+def child_pop_async_across_a_truncation(path: str, size: str) -> int:
+    """Awaits pop_async on an empty ring while the file is truncated to `size` bytes
+    during the await; prints the outcome."""
+    with RingWriter.create(path, 65536), RingReader.open(path) as reader:
+
+        async def main() -> str:
+            asyncio.get_running_loop().call_later(0.05, os.truncate, path, int(size))
+            try:
+                await reader.pop_async(timeout=5)
+            except Exception as e:
+                return type(e).__name__
+            return "message"
+
+        print("outcome", asyncio.run(main()), flush=True)
+    return 0
+
+
+@pytest.mark.parametrize("size", [0, 4096])
+def test_pop_async_across_a_truncation_raises_invalid_ring(
+    spawn: Spawn, ring_path: Path, size: int
+) -> None:
+    """FORMAT.md "Truncation": an await is a wait, and the size is checked after it before
+    the mapping is touched again (before, the try after the liveness tick read the header
+    of a file truncated to 0: SIGBUS)."""
+    child = spawn(child_pop_async_across_a_truncation, ring_path, size)
+    returncode = child.wait(timeout=20)
+    assert returncode == 0, f"died with {returncode} (-7 is SIGBUS): {child.output}"
+    assert child.output[-1:] == ["outcome InvalidRing"], child.output
+
+
 def test_push_async_is_woken_through_the_fifo_when_space_is_freed(
     ring_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -236,6 +236,7 @@ async def _until(
     # A close during the await retires the watch (close/abort/detach through the C
     # hook, a collection through the weak reference) and wakes this waiter.
     watch = _watch(handle, loop)
+    check_size = handle._check_size
     while True:
         until = now + POLL_INTERVAL
         if deadline is not None and deadline < until:
@@ -248,6 +249,9 @@ async def _until(
                 timer.cancel()
             if watch.waiters and waiter in watch.waiters:  # cancelled, or the timer's
                 watch.waiters.remove(waiter)
+        # A wait is where a truncation is noticed (FORMAT.md "Truncation"): before the
+        # next try touches the mapping, as a blocking call after each sleep.
+        check_size()
         if quick is not None:
             result = quick()
             if result is not None:

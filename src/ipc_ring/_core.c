@@ -2705,8 +2705,27 @@ static PyObject *handle_stats(PyObject *op, PyObject *Py_UNUSED(ignored)) {
 #undef RB_LOAD
 }
 
+PyDoc_STRVAR(handle_check_size_doc,
+"_check_size($self, /)\n--\n\n"
+"Internal (asyncio): after an await, before the handle touches the mapping\n"
+"again, check that the file still covers it, as a blocking call does after\n"
+"each sleep (docs/FORMAT.md \"Truncation\"): InvalidRing if it was\n"
+"truncated; RingClosed if the handle was closed.");
+
+static PyObject *handle_check_size(PyObject *op, PyObject *Py_UNUSED(ignored)) {
+    HandleObject *self = (HandleObject *)op;
+    if (require_usable(self) < 0) return NULL;
+    rb_error err;
+    if (rb_handle_check_size(&self->h, &err) != RB_OK) {
+        raise_error(self, &err);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 #define HANDLE_METHODS                                                          \
     {"fileno", handle_fileno, METH_NOARGS, handle_fileno_doc},                 \
+    {"_check_size", handle_check_size, METH_NOARGS, handle_check_size_doc},    \
     {"detach", handle_detach, METH_NOARGS, handle_detach_doc},                 \
     {"_hand_over", handle_hand_over, METH_NOARGS, handle_hand_over_doc},       \
     {"stats", handle_stats, METH_NOARGS, handle_stats_doc},
