@@ -2675,14 +2675,17 @@ PyDoc_STRVAR(handle_stats_doc,
 "reloaded the reader's position), plus capacity and used_bytes (bytes\n"
 "published and not yet consumed). See docs/FORMAT.md \"Counters\".");
 
+/* require_usable, then the file's size against the mapping (InvalidRing if
+ * truncated): before a call that touches the header outside a call. 0 or -1. */
+static int require_intact(HandleObject *self) {
+    if (require_usable(self) < 0) return -1;
+    rb_error err;
+    return rb_handle_check_size(&self->h, &err) == RB_OK ? 0 : raise_error(self, &err);
+}
+
 static PyObject *handle_stats(PyObject *op, PyObject *Py_UNUSED(ignored)) {
     HandleObject *self = (HandleObject *)op;
-    if (require_usable(self) < 0) return NULL;
-    rb_error err;
-    if (rb_handle_check_size(&self->h, &err) != RB_OK) {
-        raise_error(self, &err);
-        return NULL;
-    }
+    if (require_intact(self) < 0) return NULL;
     rb_header *hdr = (rb_header *)self->h.map;
     /* Own position from the handle, the peer's from the header. */
     uint64_t write_pos = is_writer(self)
@@ -2713,13 +2716,7 @@ PyDoc_STRVAR(handle_check_size_doc,
 "truncated; RingClosed if the handle was closed.");
 
 static PyObject *handle_check_size(PyObject *op, PyObject *Py_UNUSED(ignored)) {
-    HandleObject *self = (HandleObject *)op;
-    if (require_usable(self) < 0) return NULL;
-    rb_error err;
-    if (rb_handle_check_size(&self->h, &err) != RB_OK) {
-        raise_error(self, &err);
-        return NULL;
-    }
+    if (require_intact((HandleObject *)op) < 0) return NULL;
     Py_RETURN_NONE;
 }
 
