@@ -14,6 +14,7 @@ import errno
 import gc
 import os
 import random
+import select
 import shutil
 import signal
 import stat
@@ -508,6 +509,98 @@ def test_a_truncation_by_the_readers_own_signal_handler_after_its_wake_up_raises
     returncode = reader.wait(timeout=20)
     assert returncode == 0, f"reader died with {returncode} (-7 is SIGBUS): {reader.output}"
     assert reader.output[-1:] == ["outcome InvalidRing"], reader.output
+
+
+# ---- a file truncated while the application waits on fileno() ----------------------------
+
+READER_CALLS: dict[str, Callable[[RingReader], object]] = {
+    "pop(timeout=0)": lambda r: r.pop(timeout=0),
+    "pop(timeout=0.01)": lambda r: r.pop(timeout=0.01),
+    "try_pop()": lambda r: r.try_pop(),
+    "pop_into(timeout=0)": lambda r: r.pop_into(bytearray(64), timeout=0),
+    "pop_many(4, timeout=0)": lambda r: r.pop_many(4, timeout=0),
+    "peek_many(4, timeout=0)": lambda r: r.peek_many(4, timeout=0),
+    "pop_view(timeout=0)": lambda r: r.pop_view(timeout=0),
+    "next(reader)": lambda r: next(r),
+}
+WRITER_CALLS: dict[str, Callable[[RingWriter], object]] = {
+    "push(timeout=0)": lambda w: w.push(b"y" * 1000, timeout=0),
+    "push(timeout=0.01)": lambda w: w.push(b"y" * 1000, timeout=0.01),
+    "try_push()": lambda w: w.try_push(b"y" * 1000),
+    "push_many(timeout=0)": lambda w: w.push_many([b"y" * 1000], timeout=0),
+    "reserve(timeout=0)": lambda w: w.reserve(1000, timeout=0),
+}
+
+
+def child_calls_after_a_truncation_while_waiting_on_fileno(
+    path: str, side: str, call: str, size: str
+) -> int:
+    """Found nothing to do (an empty ring, a full one), arms fileno(), waits on it in select
+    while the file is truncated to `size`, then makes `call`, as a selector loop does after
+    its poll interval. Prints the outcome."""
+    with RingWriter.create(path, 65536) as writer, RingReader.open(path) as reader:
+        if side == "writer":
+            while writer.try_push(b"x" * 1000):
+                pass
+            fd = writer.fileno()
+        else:
+            assert reader.try_pop() is None
+            fd = reader.fileno()
+        os.truncate(path, int(size))
+        select.select([fd], [], [], 0.02)
+        try:
+            if side == "writer":
+                WRITER_CALLS[call](writer)
+            else:
+                READER_CALLS[call](reader)
+            print("outcome returned", flush=True)
+        except Exception as e:
+            print("outcome", type(e).__name__, flush=True)
+        try:  # and again: a handle that raised the truncation's InvalidRing keeps raising it
+            reader.try_pop() if side == "reader" else writer.try_push(b"z")
+            print("again returned", flush=True)
+        except Exception as e:
+            print("again", type(e).__name__, flush=True)
+    return 0
+
+
+@pytest.mark.parametrize("size", [0, HEADER_SIZE])
+@pytest.mark.parametrize(
+    ("side", "call"),
+    [("reader", c) for c in READER_CALLS] + [("writer", c) for c in WRITER_CALLS],
+)
+def test_a_call_after_a_wait_on_fileno_across_a_truncation_raises_invalid_ring(
+    spawn: Spawn, ring_path: Path, side: str, call: str, size: int
+) -> None:
+    """FORMAT.md "Polling for liveness and truncation": once fileno() is armed, the next
+    call checks the file's size before it touches the mapping. Without that check, a call
+    after a truncation to 0 read the missing header page (SIGBUS), whatever its timeout."""
+    child = spawn(
+        child_calls_after_a_truncation_while_waiting_on_fileno, ring_path, side, call, size
+    )
+    returncode = child.wait(timeout=20)
+    assert returncode == 0, f"died with {returncode} (-7 is SIGBUS): {child.output}"
+    assert child.output[-2:] == ["outcome InvalidRing", "again InvalidRing"], child.output
+
+
+def test_a_call_after_fileno_on_an_intact_file_goes_on_as_before(ring_path: Path) -> None:
+    """The check after fileno() was armed costs one lseek and changes nothing else: the
+    next call takes the message, and the handle is back on its fast path."""
+    with RingWriter.create(ring_path, 4096) as writer, RingReader.open(ring_path) as reader:
+        fd = reader.fileno()
+        assert reader.try_pop() is None
+        writer.push(b"a")
+        writer.push(b"")
+        assert select.select([fd], [], [], 5)[0] == [fd]
+        assert reader.pop(timeout=0) == b"a"
+        assert reader.try_pop() == b""
+        assert reader.try_pop() is None
+        while writer.try_push(b"w" * 1000):
+            pass
+        wfd = writer.fileno()
+        assert reader.pop(timeout=0) == b"w" * 1000
+        assert select.select([wfd], [], [], 5)[0] == [wfd]
+        assert writer.try_push(b"w" * 1000)
 
 
 # ---- no leaked descriptors or mappings ---------------------------------------------------

@@ -200,10 +200,24 @@ static int raise_unusable(HandleObject *self) {
     return -1;
 }
 
+
+/* The file's size against the mapping: 0 (and RB_HANDLE_UNCHECKED cleared),
+ * or -1 with InvalidRing if it was truncated (FORMAT.md "Truncation"). */
+static Py_NO_INLINE int check_intact(HandleObject *self) {
+    rb_error err;
+    return rb_handle_check_size(&self->h, &err) == RB_OK ? 0 : raise_error(self, &err);
+}
+
 /* Starts a call that can run Python code: 0, or -1 with the reason raised.
  * `allowed`: flags that do not stop this call. */
 static inline int call_begin_allowing(HandleObject *self, unsigned allowed) {
-    if (RB_UNLIKELY((self->h.flags & ~allowed) != 0)) return raise_unusable(self);
+    if (RB_UNLIKELY((self->h.flags & ~allowed) != 0)) {
+        if ((self->h.flags & ~allowed) != RB_HANDLE_UNCHECKED) return raise_unusable(self);
+        /* fileno() was armed: the application may have waited on it since. A
+         * wait is where a truncation is noticed, so the size first, as after a
+         * sleep (InvalidRing; the flag stays, and every later call raises). */
+        if (check_intact(self) < 0) return -1;
+    }
     self->h.flags |= CALL_ACTIVE;
     return 0;
 }
@@ -1569,11 +1583,13 @@ static PyObject *handle_get_peer_alive(PyObject *op, void *Py_UNUSED(closure)) {
 /* ---- waiting on a file descriptor (FORMAT.md "Waiting on a file
  * descriptor") --------------------------------------------------------- */
 
-/* 0 if the handle may take a call that touches the header now (not closed,
- * not forked, no call of its own running), else -1 with the reason. */
+/* 0 if the handle may take a call from outside a call (not closed, not
+ * forked, no call of its own running), else -1 with the reason. The file's
+ * size is for the caller to check before it touches the header
+ * (require_intact; rb_handle_watch checks on its own). */
 static int require_usable(HandleObject *self) {
-    return (self->h.flags & ~(unsigned)(SLOT_OPEN | MESSAGES_PEEKED)) == 0 ? 0
-                                                                            : raise_unusable(self);
+    unsigned allowed = SLOT_OPEN | MESSAGES_PEEKED | RB_HANDLE_UNCHECKED;
+    return (self->h.flags & ~allowed) == 0 ? 0 : raise_unusable(self);
 }
 
 /* ---- ipc_ring.Pipe ends (docs/FORMAT.md "Pipe messages") ------------- */
@@ -2678,9 +2694,7 @@ PyDoc_STRVAR(handle_stats_doc,
 /* require_usable, then the file's size against the mapping (InvalidRing if
  * truncated): before a call that touches the header outside a call. 0 or -1. */
 static int require_intact(HandleObject *self) {
-    if (require_usable(self) < 0) return -1;
-    rb_error err;
-    return rb_handle_check_size(&self->h, &err) == RB_OK ? 0 : raise_error(self, &err);
+    return require_usable(self) < 0 ? -1 : check_intact(self);
 }
 
 static PyObject *handle_stats(PyObject *op, PyObject *Py_UNUSED(ignored)) {

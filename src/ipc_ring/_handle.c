@@ -385,6 +385,10 @@ int rb_handle_watch(rb_handle *h) {
 
 void rb_handle_idle(rb_handle *h) {
     if (!h->watched || h->notify_rx < 0) return;
+    /* What the application does next is wait on the descriptor: a truncation
+     * meanwhile must be seen before the next call touches the header (a wait
+     * is where a truncation is noticed, FORMAT.md "Truncation"). */
+    h->flags |= RB_HANDLE_UNCHECKED;
     long long size = 0;
     if (!rb_file_intact(h, &size)) return; /* truncated */
     rb_drain_fd(h->notify_rx);
@@ -673,7 +677,10 @@ void rb_handle_unmap(rb_handle *h) {
 
 rb_result rb_handle_check_size(rb_handle *h, rb_error *err) {
     long long size = 0;
-    if (rb_file_intact(h, &size)) return RB_OK;
+    if (rb_file_intact(h, &size)) {
+        h->flags &= ~(unsigned)RB_HANDLE_UNCHECKED;
+        return RB_OK;
+    }
     return rb_fail(err, RB_TRUNCATED, 0,
                    "'%s' was truncated to %lld bytes while mapped (it needs %zu); stop using it: "
                    "touching the missing pages raises SIGBUS",

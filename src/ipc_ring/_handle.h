@@ -38,6 +38,9 @@ typedef struct rb_error {
 enum rb_handle_flag {
     RB_HANDLE_DETACHED = 1u, /* the role was given up (rb_handle_release) or never taken */
     RB_HANDLE_FORKED = 2u,   /* this process is a fork() child of the one that attached */
+    RB_HANDLE_UNCHECKED = 4u, /* fileno() was armed (rb_handle_idle): the application may
+                               * have waited on it since, so the next call checks the file's
+                               * size before it touches the mapping; cleared by the check */
     RB_HANDLE_CALLER = 16u   /* first bit left to the caller (the extension's call state) */
 };
 
@@ -151,8 +154,9 @@ void rb_handle_detach_memory(rb_handle *h);
  * as RB_STATE_VACANT). Idempotent. */
 void rb_handle_unmap(rb_handle *h);
 
-/* RB_OK if the file still covers the mapping, else RB_TRUNCATED with `err`
- * filled (FORMAT.md "Truncation"). One fstat. */
+/* RB_OK if the file still covers the mapping (and RB_HANDLE_UNCHECKED is
+ * cleared), else RB_TRUNCATED with `err` filled (FORMAT.md "Truncation").
+ * One lseek. */
 rb_result rb_handle_check_size(rb_handle *h, rb_error *err);
 
 /* 1 if a live process holds the peer role's lock, 0 if none does, -1 with
@@ -167,7 +171,8 @@ int rb_handle_watch(rb_handle *h);
 /* A call found nothing to do (try_pop found no message, try_push no room,
  * a wait timed out). If fileno() is watched: drain the own FIFO, arm it,
  * and if the condition already holds again, make the FIFO readable at once
- * (FORMAT.md "Waiting on a file descriptor"). Else nothing: no system call. */
+ * (FORMAT.md "Waiting on a file descriptor"); and set RB_HANDLE_UNCHECKED.
+ * Else nothing: no system call. */
 void rb_handle_idle(rb_handle *h);
 
 /* Removes the ring file at `path` and its FIFOs (those that are FIFOs).
