@@ -533,19 +533,35 @@ WRITER_CALLS: dict[str, Callable[[RingWriter], object]] = {
 
 
 def child_calls_after_a_truncation_while_waiting_on_fileno(
-    path: str, side: str, call: str, size: str
+    path: str, side: str, call: str, size: str, between: str = ""
 ) -> int:
-    """Found nothing to do (an empty ring, a full one), arms fileno(), waits on it in select
-    while the file is truncated to `size`, then makes `call`, as a selector loop does after
-    its poll interval. Prints the outcome."""
+    """Found nothing to do (an empty ring, a full one), arms fileno(), makes the call
+    `between` if any, waits on the descriptor in select while the file is truncated to
+    `size`, then makes `call`, as a selector loop does after its poll interval. Prints the
+    outcome, and that of one more call."""
     with RingWriter.create(path, 65536) as writer, RingReader.open(path) as reader:
         if side == "writer":
             while writer.try_push(b"x" * 1000):
                 pass
             fd = writer.fileno()
+        elif between == "peek-consume":
+            writer.push(b"a")
+            fd = reader.fileno()
+            assert reader.peek_many(4, timeout=0) == [b"a"]
+            assert reader.peek_many(4, timeout=0) == []
         else:
             assert reader.try_pop() is None
             fd = reader.fileno()
+        if between == "stats":
+            (writer if side == "writer" else reader).stats()
+        elif between == "bad-argument":
+            with contextlib.suppress(ValueError):
+                if side == "writer":
+                    writer.push(b"", timeout=-1)
+                else:
+                    reader.pop(timeout=-1)
+        elif between == "peek-consume":
+            reader.consume(1)
         os.truncate(path, int(size))
         select.select([fd], [], [], 0.02)
         try:
@@ -581,6 +597,67 @@ def test_a_call_after_a_wait_on_fileno_across_a_truncation_raises_invalid_ring(
     returncode = child.wait(timeout=20)
     assert returncode == 0, f"died with {returncode} (-7 is SIGBUS): {child.output}"
     assert child.output[-2:] == ["outcome InvalidRing", "again InvalidRing"], child.output
+
+
+@pytest.mark.parametrize(
+    ("side", "between"),
+    [
+        ("reader", "stats"),
+        ("writer", "stats"),
+        ("reader", "bad-argument"),
+        ("writer", "bad-argument"),
+        ("reader", "peek-consume"),
+    ],
+)
+def test_a_call_between_the_arming_and_the_wait_leaves_the_check_armed(
+    spawn: Spawn, ring_path: Path, side: str, between: str
+) -> None:
+    """A call after the arming that takes or publishes nothing (stats(), an argument that
+    raises) or leaves the reader with nothing more to read (consume() after an empty
+    peek_many()) leaves the handle idle: the call after the wait still checks. A review
+    proved each of these giving SIGBUS when any check cleared the flag."""
+    call = "try_pop()" if side == "reader" else "try_push()"
+    child = spawn(
+        child_calls_after_a_truncation_while_waiting_on_fileno, ring_path, side, call, 0, between
+    )
+    returncode = child.wait(timeout=20)
+    assert returncode == 0, f"died with {returncode} (-7 is SIGBUS): {child.output}"
+    assert child.output[-2:] == ["outcome InvalidRing", "again InvalidRing"], child.output
+
+
+def child_finishes_a_slot_after_fileno_and_a_truncation(path: str, kind: str) -> int:
+    """Opens a reserve() or pop_view() slot, arms fileno() inside it, truncates the file to
+    0, waits on the descriptor, then leaves the block. Prints the outcome."""
+    with RingWriter.create(path, 65536) as writer, RingReader.open(path) as reader:
+        writer.push(b"m" * 100)
+        try:
+            if kind == "reserve":
+                with writer.reserve(100) as view:
+                    view[:] = b"r" * 100
+                    fd = writer.fileno()
+                    os.truncate(path, 0)
+                    select.select([fd], [], [], 0.02)
+            else:
+                with reader.pop_view(timeout=5):
+                    fd = reader.fileno()
+                    os.truncate(path, 0)
+                    select.select([fd], [], [], 0.02)
+            print("outcome returned", flush=True)
+        except Exception as e:
+            print("outcome", type(e).__name__, flush=True)
+    return 0
+
+
+@pytest.mark.parametrize("kind", ["reserve", "pop_view"])
+def test_a_slot_finished_after_fileno_across_a_truncation_raises_invalid_ring(
+    spawn: Spawn, ring_path: Path, kind: str
+) -> None:
+    """fileno() may be armed while a slot is open; the commit (or the consume) at the end of
+    the block then checks the size first and leaves the ring untouched."""
+    child = spawn(child_finishes_a_slot_after_fileno_and_a_truncation, ring_path, kind)
+    returncode = child.wait(timeout=20)
+    assert returncode == 0, f"died with {returncode} (-7 is SIGBUS): {child.output}"
+    assert child.output[-1:] == ["outcome InvalidRing"], child.output
 
 
 def test_a_call_after_fileno_on_an_intact_file_goes_on_as_before(ring_path: Path) -> None:

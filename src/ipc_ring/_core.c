@@ -96,6 +96,8 @@ typedef struct {
     struct SlotObject *slot; /* the open slot (borrowed), if SLOT_OPEN */
     PyObject *weakrefs; /* the asyncio glue keeps its event-loop watch by a weak reference */
     rb_copy_choice copy; /* writer: which copy the parts of long messages take */
+    int recheck;         /* this call began with RB_HANDLE_UNCHECKED: see call_end */
+    uint64_t recheck_pos; /* ...and the handle's own position then */
 } HandleObject;
 
 static inline int is_writer(HandleObject *self) { return self->h.role == RB_ROLE_WRITER; }
@@ -200,12 +202,17 @@ static int raise_unusable(HandleObject *self) {
     return -1;
 }
 
-
-/* The file's size against the mapping: 0 (and RB_HANDLE_UNCHECKED cleared),
- * or -1 with InvalidRing if it was truncated (FORMAT.md "Truncation"). */
+/* The file's size against the mapping: 0, or -1 with InvalidRing if it was
+ * truncated (FORMAT.md "Truncation"). */
 static Py_NO_INLINE int check_intact(HandleObject *self) {
     rb_error err;
     return rb_handle_check_size(&self->h, &err) == RB_OK ? 0 : raise_error(self, &err);
+}
+
+/* Where this side stands in the ring (its own copy, not the header's). */
+static inline uint64_t own_position(const HandleObject *self) {
+    return self->h.role == RB_ROLE_WRITER ? self->h.ring.writer.write_pos
+                                          : self->h.ring.reader.read_pos;
 }
 
 /* Starts a call that can run Python code: 0, or -1 with the reason raised.
@@ -213,10 +220,13 @@ static Py_NO_INLINE int check_intact(HandleObject *self) {
 static inline int call_begin_allowing(HandleObject *self, unsigned allowed) {
     if (RB_UNLIKELY((self->h.flags & ~allowed) != 0)) {
         if ((self->h.flags & ~allowed) != RB_HANDLE_UNCHECKED) return raise_unusable(self);
-        /* fileno() was armed: the application may have waited on it since. A
+        /* fileno() is armed: the application may have waited on it since. A
          * wait is where a truncation is noticed, so the size first, as after a
          * sleep (InvalidRing; the flag stays, and every later call raises). */
         if (check_intact(self) < 0) return -1;
+        self->h.flags &= ~(unsigned)RB_HANDLE_UNCHECKED;
+        self->recheck = 1;
+        self->recheck_pos = own_position(self);
     }
     self->h.flags |= CALL_ACTIVE;
     return 0;
@@ -225,9 +235,17 @@ static inline int call_begin_allowing(HandleObject *self, unsigned allowed) {
 static inline int call_begin(HandleObject *self) { return call_begin_allowing(self, 0); }
 
 /* Ends it, and unmaps if close() came meanwhile and nothing else uses the
- * mapping. */
+ * mapping. A call that began unchecked and took or published nothing (an
+ * argument that raised, a timeout, a slot still open; consume() counts as
+ * taking nothing) leaves the handle as idle as it found it: the next call
+ * checks again. One that took or published a message does not: a reader
+ * that keeps pace with its writer must not pay a system call per message. */
 static inline void call_end(HandleObject *self) {
     self->h.flags &= ~(unsigned)CALL_ACTIVE;
+    if (RB_UNLIKELY(self->recheck)) {
+        self->recheck = 0;
+        if (own_position(self) == self->recheck_pos) self->h.flags |= RB_HANDLE_UNCHECKED;
+    }
     if (RB_UNLIKELY(self->h.flags & HANDLE_CLOSED)) release_if_idle(self);
 }
 
@@ -455,6 +473,10 @@ static int slot_finish(SlotObject *slot, Py_ssize_t size, int consume) {
             raise_unusable(h);
         return -1;
     }
+    /* fileno() armed while the slot was open: the size first (InvalidRing,
+     * the ring untouched), as for a call. */
+    int touches = slot->writer ? size >= 0 : consume;
+    if (touches && (h->h.flags & RB_HANDLE_UNCHECKED) && check_intact(h) < 0) return -1;
     if (slot->writer && size >= 0)
         rb_commit(&h->h.ring.writer, (uint64_t)size);
     else if (!slot->writer && consume)
@@ -1498,6 +1520,9 @@ static PyObject *reader_consume(PyObject *op, PyObject *arg) {
         self->peeked -= done;
         if (!self->peeked) self->h.flags &= ~(unsigned)MESSAGES_PEEKED;
         if (done == count) result = Py_NewRef(Py_None);
+        /* peek_many() read these; releasing them after an empty peek_many()
+         * leaves the handle idle, its check armed (call_end). */
+        self->recheck_pos = own_position(self);
     }
     call_end(self);
     return result;
@@ -2730,7 +2755,11 @@ PyDoc_STRVAR(handle_check_size_doc,
 "truncated; RingClosed if the handle was closed.");
 
 static PyObject *handle_check_size(PyObject *op, PyObject *Py_UNUSED(ignored)) {
-    if (require_intact((HandleObject *)op) < 0) return NULL;
+    HandleObject *self = (HandleObject *)op;
+    if (require_intact(self) < 0) return NULL;
+    /* The asyncio glue's check after an await, followed at once by a call
+     * that takes a message or arms again: that call need not check too. */
+    self->h.flags &= ~(unsigned)RB_HANDLE_UNCHECKED;
     Py_RETURN_NONE;
 }
 

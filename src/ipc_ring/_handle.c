@@ -677,10 +677,7 @@ void rb_handle_unmap(rb_handle *h) {
 
 rb_result rb_handle_check_size(rb_handle *h, rb_error *err) {
     long long size = 0;
-    if (rb_file_intact(h, &size)) {
-        h->flags &= ~(unsigned)RB_HANDLE_UNCHECKED;
-        return RB_OK;
-    }
+    if (rb_file_intact(h, &size)) return RB_OK;
     return rb_fail(err, RB_TRUNCATED, 0,
                    "'%s' was truncated to %lld bytes while mapped (it needs %zu); stop using it: "
                    "touching the missing pages raises SIGBUS",

@@ -39,8 +39,8 @@ enum rb_handle_flag {
     RB_HANDLE_DETACHED = 1u, /* the role was given up (rb_handle_release) or never taken */
     RB_HANDLE_FORKED = 2u,   /* this process is a fork() child of the one that attached */
     RB_HANDLE_UNCHECKED = 4u, /* fileno() was armed (rb_handle_idle): the application may
-                               * have waited on it since, so the next call checks the file's
-                               * size before it touches the mapping; cleared by the check */
+                               * wait on it, so the next call checks the file's size before it
+                               * touches the mapping (the caller clears the bit) */
     RB_HANDLE_CALLER = 16u   /* first bit left to the caller (the extension's call state) */
 };
 
@@ -154,9 +154,8 @@ void rb_handle_detach_memory(rb_handle *h);
  * as RB_STATE_VACANT). Idempotent. */
 void rb_handle_unmap(rb_handle *h);
 
-/* RB_OK if the file still covers the mapping (and RB_HANDLE_UNCHECKED is
- * cleared), else RB_TRUNCATED with `err` filled (FORMAT.md "Truncation").
- * One lseek. */
+/* RB_OK if the file still covers the mapping, else RB_TRUNCATED with `err`
+ * filled (FORMAT.md "Truncation"). One lseek. */
 rb_result rb_handle_check_size(rb_handle *h, rb_error *err);
 
 /* 1 if a live process holds the peer role's lock, 0 if none does, -1 with
