@@ -97,7 +97,8 @@ typedef struct {
     PyObject *weakrefs; /* the asyncio glue keeps its event-loop watch by a weak reference */
     rb_copy_choice copy; /* writer: which copy the parts of long messages take */
     int recheck;         /* this call began with RB_HANDLE_UNCHECKED: see call_end */
-    uint64_t recheck_pos; /* ...and the handle's own position then */
+    uint64_t recheck_pos; /* ...and the handle's own position then, */
+    Py_ssize_t recheck_peeked; /* ...and `peeked` then */
 } HandleObject;
 
 static inline int is_writer(HandleObject *self) { return self->h.role == RB_ROLE_WRITER; }
@@ -227,6 +228,7 @@ static inline int call_begin_allowing(HandleObject *self, unsigned allowed) {
         self->h.flags &= ~(unsigned)RB_HANDLE_UNCHECKED;
         self->recheck = 1;
         self->recheck_pos = own_position(self);
+        self->recheck_peeked = self->peeked;
     }
     self->h.flags |= CALL_ACTIVE;
     return 0;
@@ -234,17 +236,25 @@ static inline int call_begin_allowing(HandleObject *self, unsigned allowed) {
 
 static inline int call_begin(HandleObject *self) { return call_begin_allowing(self, 0); }
 
+/* After a call that began unchecked: did it take or publish nothing (an
+ * argument that raised, a timeout; consume() counts as taking nothing, the
+ * peek_many() before it took the messages)? Then the handle is as idle as
+ * the call found it, and the next call checks again. A call that took or
+ * published (moved its position, peeked messages, opened a slot) disarms
+ * the check: a reader that keeps pace with its writer, zero-copy slots
+ * included, must not pay a system call per message. */
+static inline int took_nothing(const HandleObject *self) {
+    return own_position(self) == self->recheck_pos && self->peeked == self->recheck_peeked &&
+           !(self->h.flags & SLOT_OPEN);
+}
+
 /* Ends it, and unmaps if close() came meanwhile and nothing else uses the
- * mapping. A call that began unchecked and took or published nothing (an
- * argument that raised, a timeout, a slot still open; consume() counts as
- * taking nothing) leaves the handle as idle as it found it: the next call
- * checks again. One that took or published a message does not: a reader
- * that keeps pace with its writer must not pay a system call per message. */
+ * mapping; re-arms the size check after a call that took nothing. */
 static inline void call_end(HandleObject *self) {
     self->h.flags &= ~(unsigned)CALL_ACTIVE;
     if (RB_UNLIKELY(self->recheck)) {
         self->recheck = 0;
-        if (own_position(self) == self->recheck_pos) self->h.flags |= RB_HANDLE_UNCHECKED;
+        if (took_nothing(self)) self->h.flags |= RB_HANDLE_UNCHECKED;
     }
     if (RB_UNLIKELY(self->h.flags & HANDLE_CLOSED)) release_if_idle(self);
 }
@@ -1520,9 +1530,10 @@ static PyObject *reader_consume(PyObject *op, PyObject *arg) {
         self->peeked -= done;
         if (!self->peeked) self->h.flags &= ~(unsigned)MESSAGES_PEEKED;
         if (done == count) result = Py_NewRef(Py_None);
-        /* peek_many() read these; releasing them after an empty peek_many()
+        /* peek_many() took these; releasing them after an empty peek_many()
          * leaves the handle idle, its check armed (call_end). */
         self->recheck_pos = own_position(self);
+        self->recheck_peeked = self->peeked;
     }
     call_end(self);
     return result;
