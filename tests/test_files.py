@@ -562,6 +562,16 @@ def child_calls_after_a_truncation_while_waiting_on_fileno(
                     reader.pop(timeout=-1)
         elif between == "peek-consume":
             reader.consume(1)
+        elif between == "discarded-slot":  # room (or a message), then a slot given back
+            if side == "writer":
+                reader.pop(timeout=5)
+                with contextlib.suppress(KeyError), writer.reserve(10, timeout=5):
+                    raise KeyError("nothing to write after all: the block discards")
+            else:
+                writer.push(b"a")
+                slot = reader.pop_view(timeout=5)
+                with slot:
+                    slot.discard()  # the message stays
         os.truncate(path, int(size))
         select.select([fd], [], [], 0.02)
         try:
@@ -607,15 +617,17 @@ def test_a_call_after_a_wait_on_fileno_across_a_truncation_raises_invalid_ring(
         ("reader", "bad-argument"),
         ("writer", "bad-argument"),
         ("reader", "peek-consume"),
+        ("reader", "discarded-slot"),
+        ("writer", "discarded-slot"),
     ],
 )
 def test_a_call_between_the_arming_and_the_wait_leaves_the_check_armed(
     spawn: Spawn, ring_path: Path, side: str, between: str
 ) -> None:
     """A call after the arming that takes or publishes nothing (stats(), an argument that
-    raises) or leaves the reader with nothing more to read (consume() after an empty
-    peek_many()) leaves the handle idle: the call after the wait still checks. A review
-    proved each of these giving SIGBUS when any check cleared the flag."""
+    raises, consume() after an empty peek_many(), a slot given back) leaves the handle idle:
+    the call after the wait still checks. Reviews proved each of these giving SIGBUS when any
+    check cleared the flag, or a slot's opening disarmed it for good."""
     call = "try_pop()" if side == "reader" else "try_push()"
     child = spawn(
         child_calls_after_a_truncation_while_waiting_on_fileno, ring_path, side, call, 0, between

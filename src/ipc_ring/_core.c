@@ -483,10 +483,15 @@ static int slot_finish(SlotObject *slot, Py_ssize_t size, int consume) {
             raise_unusable(h);
         return -1;
     }
+    if (!(slot->writer ? size >= 0 : consume)) {
+        /* Discarded, or the message left: the slot took and published nothing,
+         * and a watched handle's application may wait next (call_end). */
+        if (h->h.watched) h->h.flags |= RB_HANDLE_UNCHECKED;
+        return 0;
+    }
     /* fileno() armed while the slot was open: the size first (InvalidRing,
      * the ring untouched), as for a call. */
-    int touches = slot->writer ? size >= 0 : consume;
-    if (touches && (h->h.flags & RB_HANDLE_UNCHECKED) && check_intact(h) < 0) return -1;
+    if ((h->h.flags & RB_HANDLE_UNCHECKED) && check_intact(h) < 0) return -1;
     if (slot->writer && size >= 0)
         rb_commit(&h->h.ring.writer, (uint64_t)size);
     else if (!slot->writer && consume)
