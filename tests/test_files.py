@@ -521,6 +521,7 @@ READER_CALLS: dict[str, Callable[[RingReader], object]] = {
     "pop_many(4, timeout=0)": lambda r: r.pop_many(4, timeout=0),
     "peek_many(4, timeout=0)": lambda r: r.peek_many(4, timeout=0),
     "pop_view(timeout=0)": lambda r: r.pop_view(timeout=0),
+    "consume(1)": lambda r: r.consume(1),  # the size check comes before the count's
     "next(reader)": lambda r: next(r),
 }
 WRITER_CALLS: dict[str, Callable[[RingWriter], object]] = {
